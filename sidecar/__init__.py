@@ -1,0 +1,1 @@
+"""mtp security sidecar: the aiohttp proxy in front of the framework."""
