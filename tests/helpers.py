@@ -1,0 +1,94 @@
+"""Process and port helpers shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 15.0,
+                  host: str = "127.0.0.1") -> None:
+    """Block until something accepts on host:port (fail fast if ``proc`` died)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.03)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def wait_for_unix(path: str | Path, proc: subprocess.Popen | None = None,
+                  timeout: float = 15.0) -> None:
+    """Block until a unix socket accepts connections."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(0.2)
+                s.connect(str(path))
+                return
+        except OSError:
+            time.sleep(0.03)
+    raise TimeoutError(f"nothing listening on {path} after {timeout}s")
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    """The test process's environment without MTP_* leaking in, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MTP_")}
+    env.update(extra)
+    return env
+
+
+def spawn(args: list[str], env: Mapping[str, str], log: Path | None = None,
+          cwd: Path | None = None) -> subprocess.Popen:
+    """Start a child in its own process group; output goes to ``log`` when given."""
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen(args, env=dict(env), cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+    """Signal a child and wait; kill its whole group if it does not go in time."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    return proc.returncode
+
+
+def require_binary(name: str) -> str:
+    """Path of a server binary; missing is a skip locally and a failure with CI=true."""
+    path = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None)
+    if path:
+        return path
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{name} is not installed and CI=true: a missing server is a failure")
+    pytest.skip(f"{name} is not installed (run `make servers`)")
+    raise AssertionError  # unreachable: skip raises
