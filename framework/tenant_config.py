@@ -205,7 +205,7 @@ class ServiceSettings:
 @dataclass(frozen=True)
 class JwtSettings:
     algorithms: tuple[str, ...] = ("HS256",)
-    secret_env: str = "MTP_JWT_SECRET"
+    secret_env: str = "MTP_JWT_SECRET"  # noqa: S105 - a variable name, not a secret
     public_key_file: str = ""
     jwks_url: str = ""
     jwks_cache_ttl: float = 300.0
@@ -232,7 +232,7 @@ class LdapSettings:
     enabled: bool = False
     url: str = "ldap://127.0.0.1:389"
     bind_dn: str = ""
-    bind_password_env: str = "MTP_LDAP_PASSWORD"
+    bind_password_env: str = "MTP_LDAP_PASSWORD"  # noqa: S105 - a variable name
     user_base: str = ""
     user_filter: str = "(uid={username})"
     group_base: str = ""
@@ -287,7 +287,7 @@ class BillingSettings:
     per_cpu_second: float = 0.0
     per_gb: float = 0.0
     webhook_url: str = ""
-    webhook_secret_env: str = "MTP_BILLING_SECRET"
+    webhook_secret_env: str = "MTP_BILLING_SECRET"  # noqa: S105 - a variable name
 
 
 @dataclass(frozen=True)
