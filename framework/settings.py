@@ -19,7 +19,8 @@ MIN_SECRET_BYTES = 16
 
 def default_data_dir(environ: Mapping[str, str]) -> Path:
     """``$XDG_CACHE_HOME/mtp`` (or ``~/.cache/mtp``) when MTP_DATA_DIR is unset."""
-    cache = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    home = environ.get("HOME") or str(Path.home())
+    cache = environ.get("XDG_CACHE_HOME") or str(Path(home) / ".cache")
     return Path(cache) / "mtp"
 
 

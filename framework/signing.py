@@ -70,4 +70,5 @@ def verify(secret: bytes, method: str, path: str, headers: Mapping[str, str],
     if abs((time.time() if now is None else now) - int(ts)) > MAX_SKEW:
         return False
     mac = hmac.new(secret, canonical(ts, method, path, headers), hashlib.sha256).hexdigest()
-    return hmac.compare_digest(given[len(VERSION) + 1:], mac)
+    # Compare bytes: compare_digest refuses non-ASCII str, and a forged header may hold any.
+    return hmac.compare_digest(given[len(VERSION) + 1:].encode(), mac.encode())

@@ -328,8 +328,8 @@ def _validate(data: Mapping[str, Any], schema: dict[str, Any], file: str) -> Non
         extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
         key = ".".join(filter(None, [key, extra[0] if extra else ""]))
         raise ConfigError(file, key, "unknown key")
-    if err.validator == "propertyNames":
-        raise ConfigError(file, f"{key}.{err.instance}", "invalid name")
+    if "propertyNames" in err.absolute_schema_path:
+        raise ConfigError(file, f"{key}.{err.instance}", f"invalid name: {err.message}")
     if err.validator == "required":
         missing = next(iter(set(err.validator_value) - set(err.instance)), "")
         raise ConfigError(file, ".".join(filter(None, [key, missing])), "required key missing")
