@@ -69,11 +69,22 @@ class SlapdServer:
     admin_dn: str = f"cn=admin,{SUFFIX}"
     admin_password: str = "admin-pw"
     users: Mapping[str, tuple[str, tuple[str, ...]]] = field(default_factory=lambda: dict(USERS))
+    tls: bool = False  # also serve ldaps:// (and StartTLS) with a certificate from a test CA
+    ldaps_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"ldap://127.0.0.1:{self.port}"
+
+    @property
+    def ldaps_url(self) -> str:
+        return f"ldaps://127.0.0.1:{self.ldaps_port}"
+
+    @property
+    def ca_file(self) -> Path:
+        """PEM of the CA that signed the server certificate (with ``tls=True``)."""
+        return self.workdir / "tls" / "ca.pem"
 
     @property
     def pid(self) -> int | None:
@@ -98,8 +109,14 @@ class SlapdServer:
         slapadd = require_binary("slapadd")
         (self.workdir / "db").mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "slapd.conf"
-        conf.write_text(_SLAPD_CONF.format(dir=self.workdir, suffix=self.suffix,
-                                           rootdn=self.admin_dn, rootpw=self.admin_password))
+        text = _SLAPD_CONF.format(dir=self.workdir, suffix=self.suffix, rootdn=self.admin_dn,
+                                  rootpw=self.admin_password)
+        if self.tls:
+            cert, key = write_test_ca_and_cert(self.workdir / "tls")
+            # Global TLS directives must come before the database section.
+            text = (f"TLSCACertificateFile {self.ca_file}\nTLSCertificateFile {cert}\n"
+                    f"TLSCertificateKeyFile {key}\n") + text
+        conf.write_text(text)
         subprocess.run([slapadd, "-q", "-f", str(conf), "-l", str(self.ldif)], check=True,
                        capture_output=True)
         return self
@@ -107,10 +124,12 @@ class SlapdServer:
     def start(self) -> None:
         """Start slapd in the foreground (``-d 0``) so the child pid is slapd itself."""
         slapd = require_binary("slapd")
-        self.proc = spawn([slapd, "-d", "0", "-f", str(self.workdir / "slapd.conf"),
-                           "-h", f"ldap://127.0.0.1:{self.port}/"], env={},
-                          log=self.workdir / "slapd.log")
+        urls = f"{self.url}/" + (f" {self.ldaps_url}/" if self.tls else "")
+        self.proc = spawn([slapd, "-d", "0", "-f", str(self.workdir / "slapd.conf"), "-h", urls],
+                          env={}, log=self.workdir / "slapd.log")
         wait_for_port(self.port, self.proc)
+        if self.tls:
+            wait_for_port(self.ldaps_port, self.proc)
 
     def stop(self) -> None:
         """Stop slapd by pid with SIGTERM (about 20 ms); the data stays for the next start."""
@@ -161,6 +180,45 @@ class SlapdServer:
             else:
                 lines.append(f"{key} = {value}")
         return "\n".join(lines) + "\n"
+
+
+def write_test_ca_and_cert(directory: Path, name: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A throwaway CA (``ca.pem``) and a server cert/key for 127.0.0.1 and localhost."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mtp test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    (directory / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (directory / "server.pem").write_bytes(cert.public_bytes(pem))
+    (directory / "server.key").write_bytes(key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return directory / "server.pem", directory / "server.key"
 
 
 @dataclass

@@ -1,0 +1,295 @@
+"""LDAP users and groups for the sidecar: Basic logins by bind, group lookups, a TTL cache.
+
+ldap3 is blocking, so every directory call runs on a small bounded thread pool, each thread
+borrowing a service-account connection from a pool of at most ``pool_size``. A connection that
+fails is thrown away and the call is retried once on a fresh one, which is how the directory
+recovers after an outage without a restart. Only successes are cached (``cache_ttl`` seconds);
+a cache hit is served while the directory is down, a miss raises ``DirectoryUnavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import math
+import queue
+import secrets
+import ssl
+from collections.abc import Awaitable, Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import ldap3
+from cachetools import TTLCache
+from ldap3.core.exceptions import LDAPException
+from ldap3.utils.conv import escape_filter_chars
+
+from framework.tenant_config import LdapSettings
+
+log = logging.getLogger("mtp.sidecar.ldap")
+
+T = TypeVar("T")
+
+# Result codes (RFC 4511) that mean "the directory cannot answer now" rather than "no".
+_UNAVAILABLE_CODES = frozenset({51, 52, 80})  # busy, unavailable, other
+_SIZE_LIMIT_EXCEEDED = 4
+_NO_SUCH_OBJECT = 32
+_INVALID_CREDENTIALS = 49
+_CACHE_SIZE = 10_000
+
+
+class DirectoryUnavailable(Exception):
+    """The directory could not be reached or answered with an error (the sidecar answers 503)."""
+
+
+class _Ambiguous(Exception):
+    """More than one entry matched a username: never a valid principal."""
+
+
+class _Broken(LDAPException):
+    """A pooled connection answered like a dead one: replace it and retry."""
+
+
+class LdapClient:
+    """The blocking half: pooled service-account connections, user search, user bind."""
+
+    def __init__(self, cfg: LdapSettings, bind_password: str) -> None:
+        self._cfg = cfg
+        self._bind_password = bind_password
+        self._pool: queue.LifoQueue[ldap3.Connection] = queue.LifoQueue(maxsize=cfg.pool_size)
+        self._tls = _tls(cfg)
+
+    def _server(self) -> ldap3.Server:
+        # get_info=NONE: no schema download on every connect.
+        return ldap3.Server(self._cfg.url, use_ssl=self._cfg.url.startswith("ldaps://"),
+                            tls=self._tls, connect_timeout=self._cfg.timeout,
+                            get_info=ldap3.NONE)
+
+    def _open(self, user: str | None, password: str | None) -> ldap3.Connection:
+        """A connection, TLS upgraded when configured, not bound yet."""
+        # ldap3 packs the receive timeout into SO_RCVTIMEO as whole seconds.
+        conn = ldap3.Connection(self._server(), user=user or None, password=password,
+                                receive_timeout=max(1, math.ceil(self._cfg.timeout)),
+                                auto_bind=ldap3.AUTO_BIND_NONE,
+                                raise_exceptions=False, read_only=True)
+        conn.open()
+        if self._cfg.start_tls and not conn.start_tls():
+            conn.unbind()
+            raise DirectoryUnavailable(f"StartTLS refused: {conn.result.get('description')}")
+        return conn
+
+    def _reader(self) -> ldap3.Connection:
+        """A new service-account connection, bound."""
+        conn = self._open(self._cfg.bind_dn, self._bind_password)
+        if not conn.bind():
+            desc = conn.result.get("description")
+            conn.unbind()
+            log.error("LDAP service account bind failed for %s: %s", self._cfg.bind_dn, desc)
+            raise DirectoryUnavailable(f"service account bind failed: {desc}")
+        return conn
+
+    def _with_reader(self, work: Callable[[ldap3.Connection], T]) -> T:
+        """Run ``work`` on a pooled connection; a broken one is replaced and retried once."""
+        for attempt in (1, 2):
+            try:
+                conn = self._pool.get_nowait()
+            except queue.Empty:
+                conn = None
+            try:
+                if conn is None:
+                    conn = self._reader()
+                result = work(conn)
+            except (LDAPException, OSError) as exc:
+                if conn is not None:
+                    _quietly_unbind(conn)
+                if attempt == 2:
+                    log.warning("LDAP directory unreachable at %s: %s", self._cfg.url, exc)
+                    raise DirectoryUnavailable(str(exc)) from exc
+                continue
+            except BaseException:
+                if conn is not None:
+                    _quietly_unbind(conn)
+                raise
+            try:
+                self._pool.put_nowait(conn)
+            except queue.Full:
+                _quietly_unbind(conn)
+            return result
+        raise AssertionError("unreachable")
+
+    def _search(self, conn: ldap3.Connection, base: str, flt: str, attrs: Any,
+                size_limit: int = 0) -> list[dict[str, Any]]:
+        ok = conn.search(base, flt, search_scope=ldap3.SUBTREE, attributes=attrs,
+                         size_limit=size_limit)
+        code = conn.result.get("result", 0)
+        if not ok and code not in (0, _SIZE_LIMIT_EXCEEDED, _NO_SUCH_OBJECT):
+            if conn.closed or code in _UNAVAILABLE_CODES:
+                raise _Broken(f"search failed: {conn.result.get('description')}")
+            raise DirectoryUnavailable(f"search under {base} failed: "
+                                       f"{conn.result.get('description')}")
+        if code == _SIZE_LIMIT_EXCEEDED:
+            raise _Ambiguous
+        return [e for e in (conn.response or []) if e.get("type") == "searchResEntry"]
+
+    def find_user(self, username: str) -> str | None:
+        """The DN of the one entry matching ``user_filter``; None for none or several."""
+        flt = self._cfg.user_filter.replace("{username}", escape_filter_chars(username))
+
+        def work(conn: ldap3.Connection) -> str | None:
+            try:
+                entries = self._search(conn, self._cfg.user_base, flt, ldap3.NO_ATTRIBUTES,
+                                       size_limit=2)
+            except _Ambiguous:
+                return None
+            return entries[0]["dn"] if len(entries) == 1 else None
+
+        return self._with_reader(work)
+
+    def groups_of(self, username: str, user_dn: str) -> tuple[str, ...]:
+        """The ``group_attr`` values of every group matching ``group_filter`` for this user."""
+        if not (self._cfg.group_base and self._cfg.group_filter):
+            return ()
+        flt = (self._cfg.group_filter.replace("{user_dn}", escape_filter_chars(user_dn))
+               .replace("{username}", escape_filter_chars(username)))
+        attr = self._cfg.group_attr
+
+        def work(conn: ldap3.Connection) -> tuple[str, ...]:
+            found: set[str] = set()
+            for entry in self._search(conn, self._cfg.group_base, flt, [attr]):
+                value = entry.get("attributes", {}).get(attr)
+                found.update(str(v) for v in (value if isinstance(value, list) else [value])
+                             if v not in (None, ""))
+            return tuple(sorted(found))
+
+        return self._with_reader(work)
+
+    def check_password(self, user_dn: str, password: str) -> bool:
+        """Bind as the user on a fresh connection: True on success, False on refusal."""
+        if not password:  # an empty password would be an unauthenticated bind that "succeeds"
+            return False
+        try:
+            conn = self._open(user_dn, password)
+            try:
+                ok = conn.bind()
+                code = conn.result.get("result")
+            finally:
+                _quietly_unbind(conn)
+        except (LDAPException, OSError) as exc:
+            raise DirectoryUnavailable(str(exc)) from exc
+        if ok:
+            return True
+        if code in _UNAVAILABLE_CODES:
+            raise DirectoryUnavailable(f"user bind failed with result {code}")
+        return False
+
+    def close(self) -> None:
+        """Unbind every pooled connection."""
+        while True:
+            try:
+                _quietly_unbind(self._pool.get_nowait())
+            except queue.Empty:
+                return
+
+
+def _quietly_unbind(conn: ldap3.Connection) -> None:
+    try:
+        conn.unbind()
+    except (LDAPException, OSError):
+        log.debug("unbind of a broken LDAP connection failed", exc_info=True)
+
+
+def _tls(cfg: LdapSettings) -> ldap3.Tls | None:
+    """Certificate-checking TLS settings for ldaps:// and StartTLS (CA from ``ca_file``)."""
+    if not (cfg.start_tls or cfg.url.startswith("ldaps://")):
+        return None
+    return ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=cfg.ca_file or None)
+
+
+class LdapDirectory:
+    """The async face the sidecar uses: ``login`` and ``groups_for``, cached, off the event loop."""
+
+    def __init__(self, cfg: LdapSettings, bind_password: str) -> None:
+        self._cfg = cfg
+        self._client = LdapClient(cfg, bind_password)
+        self._executor = ThreadPoolExecutor(max_workers=cfg.pool_size,
+                                            thread_name_prefix="mtp-ldap")
+        ttl = max(cfg.cache_ttl, 0.0)
+        self._logins: TTLCache[Hashable, tuple[str, tuple[str, ...]]] | None = (
+            TTLCache(_CACHE_SIZE, ttl) if ttl else None)
+        self._groups: TTLCache[Hashable, tuple[str, ...]] | None = (
+            TTLCache(_CACHE_SIZE, ttl) if ttl else None)
+        # Per-process key: cached login keys never hold a plain, unsalted password hash.
+        self._pepper = secrets.token_bytes(32)
+        self._inflight: dict[Hashable, asyncio.Future[Any]] = {}
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _once(self, key: Hashable, make: Callable[[], Awaitable[T]]) -> T:
+        """Concurrent callers asking the same question share one directory round trip.
+
+        The lookup runs as its own task, so a caller that goes away (client disconnect) does
+        not cancel the answer the others wait for.
+        """
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(make())
+            self._inflight[key] = task
+            task.add_done_callback(lambda t: self._settled(key, t))
+        return await asyncio.shield(task)
+
+    def _settled(self, key: Hashable, task: asyncio.Future[Any]) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here, so an answer nobody awaited is not logged as lost
+
+    async def login(self, username: str, password: str) -> tuple[str, tuple[str, ...]] | None:
+        """(user DN, groups) when the password binds as the one entry for ``username``."""
+        if not username or not password:
+            return None
+        digest = hmac.new(self._pepper, password.encode(), hashlib.sha256).digest()
+        key = ("login", username, digest)
+        if self._logins is not None and key in self._logins:
+            return self._logins[key]
+
+        async def lookup() -> tuple[str, tuple[str, ...]] | None:
+            user_dn = await self._run(self._client.find_user, username)
+            if user_dn is None:
+                return None
+            if not await self._run(self._client.check_password, user_dn, password):
+                log.info("LDAP login refused for %r", username)
+                return None
+            groups = await self._run(self._client.groups_of, username, user_dn)
+            return user_dn, groups
+
+        answer = await self._once(key, lookup)
+        if answer is not None and self._logins is not None:
+            self._logins[key] = answer
+            if self._groups is not None:
+                self._groups[username] = answer[1]
+        return answer
+
+    async def groups_for(self, user_id: str) -> tuple[str, ...] | None:
+        """The groups of the one directory entry for ``user_id``; None when there is no entry."""
+        if not user_id:
+            return None
+        if self._groups is not None and user_id in self._groups:
+            return self._groups[user_id]
+
+        async def lookup() -> tuple[str, ...] | None:
+            user_dn = await self._run(self._client.find_user, user_id)
+            if user_dn is None:
+                return None
+            return await self._run(self._client.groups_of, user_id, user_dn)
+
+        groups = await self._once(("groups", user_id), lookup)
+        if groups is not None and self._groups is not None:
+            self._groups[user_id] = groups
+        return groups
+
+    async def close(self) -> None:
+        """Unbind pooled connections and stop the worker threads."""
+        await self._run(self._client.close)
+        self._executor.shutdown(wait=False, cancel_futures=True)
