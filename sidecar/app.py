@@ -1,0 +1,270 @@
+"""The sidecar application: one catch-all route whose handler runs the stages in order.
+
+authenticate -> bind tenant -> authorize -> rate limit -> strip/inject + sign
+-> proxy, then audit. A single handler calling plain stage functions costs less
+per request than a stack of aiohttp middlewares, and reads top to bottom.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from framework.problem import request_id as make_request_id
+from framework.settings import Settings
+from framework.tenant_config import ConfigError, TenantConfig
+from sidecar.apikeys import ApiKeys
+from sidecar.audit import AuditLog
+from sidecar.authenticate import Authenticator
+from sidecar.authorize import authorize, service_target
+from sidecar.bind_tenant import bind_tenant
+from sidecar.errors import (
+    PayloadTooLarge,
+    SidecarError,
+    Unavailable,
+    render,
+)
+from sidecar.headers import identity_headers, response_headers, upstream_headers
+from sidecar.limiter import LimiterBackend, MemoryBackend
+from sidecar.metrics import Metrics
+from sidecar.overlay import OverlayWatcher
+from sidecar.principal import Principal
+from sidecar.proxy import Timeouts, Upstream
+from sidecar.ratelimit import RateLimiter
+from sidecar.tokens import TokenVerifier, load_public_key
+
+log = logging.getLogger("mtp.sidecar")
+
+HEALTH = "/healthz"
+READY = "/readyz"
+METRICS = "/metrics"
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass
+class Sidecar:
+    """Everything one running sidecar holds; the request handler is :meth:`handle`."""
+
+    settings: Settings
+    tenant: TenantConfig
+    authenticator: Authenticator
+    limiter: RateLimiter
+    upstream: Upstream
+    audit: AuditLog
+    metrics: Metrics = field(default_factory=Metrics)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Answer one request (never raises: every failure becomes problem+json)."""
+        started = time.perf_counter()
+        rid = make_request_id(request.headers.get("X-Request-ID"))
+        path = request.path
+        if path in (HEALTH, READY):
+            return await self._health(path, rid)
+        tenant = self.tenant
+        principal: Principal | None = None
+        service, operation, rule, slot = "", None, None, None
+        outcome, reason = "allowed", ""
+        try:
+            principal = await self.authenticator.authenticate(request.headers)
+            bind_tenant(principal, tenant.tenant_id)
+            if path == METRICS:
+                response = await self._metrics(principal, rid)
+            else:
+                target = service_target(path)
+                upstream_path = request.raw_path
+                if target is not None:
+                    service, operation = target
+                    rule = self._authorize(tenant, principal, service, operation)
+                    # Forward exactly the path that was authorized (see service_target).
+                    query = request.query_string
+                    upstream_path = f"{path}?{query}" if query else path
+                if (request.content_length or 0) > self.settings.max_body:
+                    raise PayloadTooLarge("declared body over MTP_MAX_BODY")
+                limit_headers, slot, delay = await self._limit(tenant, principal, service,
+                                                               operation)
+                if delay:
+                    reason = f"delayed {delay:.3f}s"
+                response = await self._forward(request, principal, rid, upstream_path)
+                response.headers.update(limit_headers)
+        except SidecarError as exc:
+            outcome, reason = exc.outcome, exc.reason
+            response = render(exc, rid)
+        except Exception:
+            error_id = uuid.uuid4().hex
+            log.exception("unexpected error %s (request %s)", error_id, rid)
+            outcome, reason = "error", f"unexpected error {error_id}"
+            response = render(SidecarError(reason, detail=f"internal error {error_id}"), rid)
+        finally:
+            if slot is not None:
+                await self.limiter.release(slot)
+        self.audit.write(
+            request_id=rid, method=request.method, outcome=outcome, status=response.status,
+            tenant=principal.tenant if principal else "", user=principal.user if principal else "",
+            auth_method=principal.auth_method if principal else "", service=service,
+            operation=operation, reason=reason, rule=rule)
+        self.metrics.observe(tenant.tenant_id, service, operation or "", response.status,
+                             time.perf_counter() - started)
+        return response
+
+    def _authorize(self, tenant: TenantConfig, principal: Principal, service: str,
+                   operation: str | None) -> int | None:
+        try:
+            decision = authorize(tenant.authz, principal, service, operation)
+        except SidecarError:
+            self.metrics.decision(self.metrics.authz, tenant.tenant_id, service,
+                                  operation or "", "denied")
+            raise
+        self.metrics.decision(self.metrics.authz, tenant.tenant_id, service, operation or "",
+                              "allowed")
+        return decision.rule_index
+
+    async def _limit(self, tenant: TenantConfig, principal: Principal, service: str,
+                     operation: str | None) -> tuple[dict[str, str], str | None, float]:
+        try:
+            limit_headers, slot, delay = await self.limiter.admit(
+                tenant.limits, tenant.tenant_id, principal.user)
+        except SidecarError as exc:
+            self.metrics.decision(self.metrics.ratelimit, tenant.tenant_id, service,
+                                  operation or "", exc.reason.replace(" ", "_"))
+            raise
+        self.metrics.decision(self.metrics.ratelimit, tenant.tenant_id, service,
+                              operation or "", "delayed" if delay else "allowed")
+        return limit_headers, slot, delay
+
+    async def _read_body(self, request: web.Request) -> bytes | None:
+        if not request.body_exists:
+            return None
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise PayloadTooLarge("body over MTP_MAX_BODY") from None
+
+    async def _forward(self, request: web.Request, principal: Principal | None, rid: str,
+                       path: str) -> web.Response:
+        body = await self._read_body(request)
+        headers = upstream_headers(
+            request.headers.items(), identity_headers(principal, rid),
+            secret=self.settings.sidecar_secret, method=request.method, path=path,
+            peer=request.remote or "", proto=request.scheme)
+        reply = await self.upstream.send(request.method, path, headers, body)
+        answer = response_headers(reply.headers.items())
+        answer["X-Request-ID"] = rid
+        return web.Response(status=reply.status, body=reply.body, headers=answer)
+
+    async def _health(self, path: str, rid: str) -> web.Response:
+        """Liveness, or readiness: the framework answers and the config is loaded."""
+        if path == READY:
+            try:
+                reply = await self.upstream.send(
+                    "GET", HEALTH, upstream_headers(
+                        (), identity_headers(None, rid), secret=self.settings.sidecar_secret,
+                        method="GET", path=HEALTH, peer="", proto="http"), None)
+            except SidecarError as exc:
+                return render(Unavailable(exc.reason, detail="the framework is not reachable"),
+                              rid)
+            if reply.status >= 500:
+                return render(Unavailable("framework not ready",
+                                          detail="the framework is not ready"), rid)
+        body = json.dumps({"status": "ok", "tenant": self.tenant.tenant_id}).encode()
+        return web.Response(body=body, content_type="application/json",
+                            headers={"X-Request-ID": rid})
+
+    async def _metrics(self, principal: Principal, rid: str) -> web.Response:
+        """The sidecar's metrics followed by the framework's."""
+        text = self.metrics.render()
+        try:
+            reply = await self.upstream.send(
+                "GET", METRICS, upstream_headers(
+                    (), identity_headers(principal, rid), secret=self.settings.sidecar_secret,
+                    method="GET", path=METRICS, peer="", proto="http"), None)
+            if reply.status == 200:
+                text += reply.body
+        except SidecarError as exc:
+            text += f"# framework metrics unavailable: {exc.reason}\n".encode()
+        return web.Response(body=text, headers={"Content-Type": METRICS_TYPE,
+                                                "X-Request-ID": rid})
+
+
+SIDECAR: web.AppKey[Sidecar] = web.AppKey("sidecar", Sidecar)
+
+
+def _identity_modules(tenant: TenantConfig, settings: Settings) -> dict[str, Any]:
+    """LDAP and JWKS clients when configured; imported only then."""
+    found: dict[str, Any] = {"directory": None, "keys": None, "unavailable": (),
+                             "unknown_key": ()}
+    if tenant.ldap.enabled:
+        from sidecar.ldap_directory import DirectoryUnavailable, LdapDirectory
+
+        found["directory"] = LdapDirectory(tenant.ldap,
+                                           settings.secret(tenant.ldap.bind_password_env))
+        found["unavailable"] += (DirectoryUnavailable,)
+    if tenant.jwt.jwks_url:
+        from sidecar.jwks import JwksKeys, JwksUnavailable, UnknownKey
+
+        found["keys"] = JwksKeys(tenant.jwt.jwks_url, tenant.jwt.jwks_cache_ttl)
+        found["unavailable"] += (JwksUnavailable,)
+        found["unknown_key"] = (UnknownKey,)
+    return found
+
+
+def jwt_secret(tenant: TenantConfig, settings: Settings) -> str:
+    """The HS* secret; refuse to run without it when HS* is configured."""
+    if not tenant.jwt.uses_hmac:
+        return ""
+    secret = settings.secret(tenant.jwt.secret_env)
+    if not secret:
+        raise ConfigError("environment", tenant.jwt.secret_env,
+                          "must be set: [auth.jwt] accepts HS* tokens")
+    return secret
+
+
+def create_app(settings: Settings, tenant: TenantConfig, *, timeouts: Timeouts | None = None,
+               backend: LimiterBackend | None = None) -> web.Application:
+    """The sidecar as an aiohttp application (config errors raise before it is built)."""
+    settings.require_sidecar_secret()
+    secret = jwt_secret(tenant, settings)
+    public_key = (load_public_key(tenant.jwt.public_key_file)
+                  if tenant.jwt.public_key_file else None)
+    app = web.Application(client_max_size=settings.max_body)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        ids = _identity_modules(tenant, settings)
+        tokens = TokenVerifier(tenant.jwt, secret=secret, public_key=public_key, keys=ids["keys"])
+        sidecar = Sidecar(
+            settings=settings, tenant=tenant,
+            authenticator=Authenticator(tenant.tenant_id, tokens, ApiKeys(tenant.api_keys),
+                                        ids["directory"], ids["unavailable"],
+                                        ids["unknown_key"]),
+            limiter=RateLimiter(backend or MemoryBackend()),
+            upstream=Upstream(settings, timeouts),
+            audit=AuditLog(settings.audit_file),
+        )
+        app[SIDECAR] = sidecar
+        await sidecar.upstream.start()
+        sidecar.audit.start()
+        watcher = OverlayWatcher(settings.config_overlay, tenant, sidecar)
+        watcher.start()
+        try:
+            yield
+        finally:
+            await watcher.close()
+            await sidecar.upstream.close()
+            await tokens.close()
+            if ids["directory"] is not None:
+                await ids["directory"].close()
+            await sidecar.limiter.backend.close()
+            await sidecar.audit.close()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await request.app[SIDECAR].handle(request)
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_route("*", "/{tail:.*}", handler)
+    return app

@@ -1,0 +1,65 @@
+"""The audit trail: one JSON line per decision, to stdout or MTP_AUDIT_FILE.
+
+Fields: time (UTC, ISO 8601), request_id, tenant, user, auth_method, method,
+service, operation, outcome, reason, rule, status. Never a credential: the line
+is built only from these fields, none of which holds a token, key or password
+(reasons are written by the sidecar, not copied from requests). Lines are
+buffered and flushed at least every FLUSH_SECONDS and at shutdown, so auditing
+costs no system call per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+from datetime import UTC, datetime
+from typing import IO, Any
+
+FLUSH_SECONDS = 0.2
+
+
+class AuditLog:
+    """Writes audit lines to a stream it may own."""
+
+    def __init__(self, path: str = "") -> None:
+        self._own = bool(path)
+        self._out: IO[str] = open(path, "a", buffering=1 << 16) if path else sys.stdout  # noqa: SIM115
+        self._flusher: asyncio.Task[None] | None = None
+        self._encode = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+
+    def write(self, *, request_id: str, method: str, outcome: str, status: int,
+              tenant: str = "", user: str = "", auth_method: str = "", service: str = "",
+              operation: str | None = None, reason: str = "", rule: int | None = None) -> None:
+        """Append one decision."""
+        record: dict[str, Any] = {
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "request_id": request_id, "tenant": tenant, "user": user,
+            "auth_method": auth_method, "method": method, "service": service,
+            "operation": operation, "outcome": outcome, "reason": reason, "rule": rule,
+            "status": status,
+        }
+        self._out.write(self._encode(record) + "\n")
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._out.flush()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            self.flush()
+
+    def start(self) -> None:
+        """Begin periodic flushing (inside the running loop)."""
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        self.flush()
+        if self._own:
+            self._out.close()

@@ -1,0 +1,107 @@
+"""Stage 1: who is calling. JWT bearer, API key or (when enabled) LDAP Basic.
+
+Every failure is :class:`Unauthenticated` with one generic client message; the
+specific reason is only for the audit line. A directory or JWKS endpoint that
+cannot be reached is :class:`Unavailable` (503): fail closed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from typing import Any
+
+from sidecar.apikeys import ApiKeys
+from sidecar.errors import Unauthenticated, Unavailable
+from sidecar.principal import API_KEY, LDAP, BadIdentity, Principal
+from sidecar.tokens import TokenInvalid, TokenVerifier
+
+BEARER_CHALLENGE = 'Bearer realm="mtp"'
+BASIC_CHALLENGE = 'Basic realm="mtp", charset="UTF-8"'
+
+
+class Authenticator:
+    """Turns a request's credentials into a :class:`Principal`."""
+
+    def __init__(self, tenant_id: str, tokens: TokenVerifier | None, keys: ApiKeys,
+                 directory: Any = None, unavailable: tuple[type[Exception], ...] = (),
+                 unknown_key: tuple[type[Exception], ...] = ()) -> None:
+        self.tenant_id = tenant_id
+        self.tokens = tokens
+        self.keys = keys
+        self.directory = directory
+        # Exception types of the optional identity modules, imported only when configured.
+        self._unavailable = unavailable
+        self._unknown_key = unknown_key
+        self.challenge = BEARER_CHALLENGE + (", " + BASIC_CHALLENGE if directory else "")
+
+    def fail(self, reason: str) -> Unauthenticated:
+        """The one 401 every failure becomes."""
+        return Unauthenticated(reason, self.challenge)
+
+    async def authenticate(self, headers: Mapping[str, str]) -> Principal:
+        """The caller's principal, or Unauthenticated / Unavailable."""
+        authorization = headers.get("Authorization")
+        api_key = headers.get("X-API-Key")
+        try:
+            if authorization is not None and api_key is not None:
+                raise self.fail("both Authorization and X-API-Key sent")
+            if authorization is not None:
+                scheme, _, credential = authorization.strip().partition(" ")
+                scheme, credential = scheme.lower(), credential.strip()
+                if scheme == "bearer" and credential:
+                    principal = await self._bearer(credential)
+                elif scheme == "basic" and self.directory is not None:
+                    return await self._basic(credential)
+                else:
+                    raise self.fail(f"unsupported Authorization scheme {scheme[:16]!r}")
+            elif api_key is not None:
+                principal = self._api_key(api_key)
+            else:
+                raise self.fail("no credentials")
+            if self.directory is not None:
+                extra = await self.directory.groups_for(principal.user)
+                if extra:
+                    principal = principal.with_groups(extra)
+            return principal
+        except BadIdentity as exc:
+            raise self.fail(f"identity: {exc}") from None
+        except self._unavailable as exc:
+            raise Unavailable(f"identity provider unavailable: {type(exc).__name__}") from None
+
+    async def _bearer(self, token: str) -> Principal:
+        if self.tokens is None:
+            raise self.fail("JWT authentication not configured")
+        try:
+            return await self.tokens.verify(token)
+        except TokenInvalid as exc:
+            raise self.fail(str(exc)) from None
+        except self._unknown_key:
+            raise self.fail("jwt: unknown signing key") from None
+
+    def _api_key(self, presented: str) -> Principal:
+        found = self.keys.lookup(presented)
+        if found is None:
+            raise self.fail("unknown API key")
+        return Principal.build(self.tenant_id, found.name, found.groups, found.roles, API_KEY)
+
+    async def _basic(self, credential: str) -> Principal:
+        try:
+            decoded = base64.b64decode(credential, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise self.fail("malformed Basic credentials") from None
+        username, sep, password = decoded.partition(":")
+        if not sep or not username or not password:
+            raise self.fail("Basic credentials without username or password")
+        try:
+            found = await self.directory.login(username, password)
+        except self._unavailable as exc:
+            raise Unavailable(f"directory unavailable: {type(exc).__name__}") from None
+        if found is None:
+            raise self.fail("LDAP login refused")
+        _dn, groups = found
+        try:
+            return Principal.build(self.tenant_id, username, groups, (), LDAP)
+        except BadIdentity as exc:
+            raise self.fail(f"identity: {exc}") from None

@@ -1,0 +1,101 @@
+"""The sidecar's error hierarchy and the ONE function that renders it.
+
+Every refusal is application/problem+json (framework/problem.py) with the request
+id. The ``reason`` of an error is for the audit line only; clients get the
+generic ``detail`` so that a 401 is no oracle on which check failed.
+"""
+
+from __future__ import annotations
+
+import math
+
+from aiohttp import web
+
+from framework.problem import CONTENT_TYPE, problem_bytes
+
+
+class SidecarError(Exception):
+    """Base: ``status`` and a client-safe ``detail``; ``reason`` goes to the audit log."""
+
+    status = 500
+    detail = "internal error"
+    outcome = "error"
+    kind: str | None = None
+
+    def __init__(self, reason: str = "", detail: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(reason or self.detail)
+        self.reason = reason or self.detail
+        if detail is not None:
+            self.detail = detail
+        self.headers = headers or {}
+
+
+class Unauthenticated(SidecarError):
+    status = 401
+    detail = "valid credentials are required"
+    outcome = "unauthenticated"
+
+    def __init__(self, reason: str = "", challenge: str = 'Bearer realm="mtp"') -> None:
+        super().__init__(reason, headers={"WWW-Authenticate": challenge})
+
+
+class Forbidden(SidecarError):
+    status = 403
+    detail = "not allowed"
+    outcome = "denied"
+
+
+class NotFound(SidecarError):
+    status = 404
+    detail = "no such resource"
+    outcome = "not_found"
+
+
+class PayloadTooLarge(SidecarError):
+    status = 413
+    detail = "request body too large"
+    outcome = "too_large"
+
+
+class RateLimited(SidecarError):
+    status = 429
+    detail = "rate limit exceeded"
+    outcome = "limited"
+
+    def __init__(self, reason: str, retry_after: float, headers: dict[str, str]) -> None:
+        # Retry-After is whole seconds, rounded up so a client that obeys it is admitted.
+        super().__init__(reason, headers={**headers,
+                                          "Retry-After": str(max(1, math.ceil(retry_after)))})
+
+
+class ResultTooLarge(SidecarError):
+    status = 500
+    detail = "result too large"
+    outcome = "error"
+
+
+class Unavailable(SidecarError):
+    status = 503
+    detail = "a dependency is unavailable"
+    outcome = "unavailable"
+
+
+class BadGateway(SidecarError):
+    status = 502
+    detail = "the framework is unreachable"
+    outcome = "upstream_error"
+
+
+class GatewayTimeout(SidecarError):
+    status = 504
+    detail = "the framework did not answer in time"
+    outcome = "upstream_timeout"
+
+
+def render(exc: SidecarError, request_id: str, extra: dict[str, str] | None = None) -> web.Response:
+    """The problem+json answer for ``exc``; carries X-Request-ID and the error's headers."""
+    headers = {"X-Request-ID": request_id, **exc.headers, **(extra or {})}
+    return web.Response(status=exc.status, headers=headers,
+                        body=problem_bytes(exc.status, exc.detail, request_id, kind=exc.kind),
+                        content_type=CONTENT_TYPE)

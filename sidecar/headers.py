@@ -1,0 +1,102 @@
+"""What crosses the sidecar: pure functions over header sets, no IO.
+
+Towards the framework, the client's headers are copied except anything that
+could claim an identity or steer a proxy: ``X-Tenant-*``, ``X-User-*``,
+``X-Auth-*``, ``X-Sidecar-*``, ``X-Forwarded-*``, ``Forwarded``, ``X-Real-IP``,
+``X-Request-ID``, ``Authorization``, ``X-API-Key``, ``Proxy-*`` and the hop-by-hop
+headers (``Connection`` and every header it names, ``Keep-Alive``, ``TE``,
+``Trailer``, ``Transfer-Encoding``, ``Upgrade``), plus ``Host``, ``Content-Length``
+and ``Expect``, which the proxy sets itself. Names are compared case-insensitively
+with ``_`` read as ``-``, because WSGI servers map both to the same variable.
+Then the identity headers, ``X-Forwarded-For``/``-Proto`` and the signature are added.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from multidict import CIMultiDict
+
+from framework import signing
+from sidecar.principal import Principal
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+    "proxy-connection", "proxy-authenticate", "proxy-authorization",
+})
+STRIPPED = HOP_BY_HOP | frozenset({
+    "authorization", "x-api-key", "forwarded", "x-real-ip", "x-request-id", "host",
+    "content-length", "expect",
+})
+STRIPPED_PREFIXES = ("x-tenant-", "x-user-", "x-auth-", "x-sidecar-", "x-forwarded-", "proxy-")
+# Headers the framework's answer must not pass back as they are (the sidecar sets its own).
+RESPONSE_DROPPED = HOP_BY_HOP | frozenset({"content-length", "date", "server"})
+
+FORWARDED_FOR = "X-Forwarded-For"
+FORWARDED_PROTO = "X-Forwarded-Proto"
+IDENTITY = frozenset(h.lower() for h in (*signing.SIGNED_HEADERS, signing.TIMESTAMP,
+                                          signing.SIGNATURE, FORWARDED_FOR, FORWARDED_PROTO))
+
+
+def normal(name: str) -> str:
+    """The form names are compared in."""
+    return name.lower().replace("_", "-")
+
+
+def connection_named(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
+    """Header names listed in the client's Connection header(s): hop-by-hop too."""
+    named: set[str] = set()
+    for name, value in headers:
+        if normal(name) == "connection":
+            named.update(normal(v.strip()) for v in value.split(",") if v.strip())
+    return frozenset(named)
+
+
+def is_stripped(name: str, extra: frozenset[str] = frozenset()) -> bool:
+    """Whether a client header must not reach the framework."""
+    n = normal(name)
+    return n in STRIPPED or n.startswith(STRIPPED_PREFIXES) or n in extra
+
+
+def identity_headers(principal: Principal | None, request_id: str) -> dict[str, str]:
+    """The identity the framework is told about (empty values when anonymous)."""
+    if principal is None:
+        return {signing.REQUEST_ID: request_id, signing.TENANT: "", signing.USER: "",
+                signing.GROUPS: "", signing.ROLES: "", signing.AUTH_METHOD: ""}
+    return {
+        signing.REQUEST_ID: request_id,
+        signing.TENANT: principal.tenant,
+        signing.USER: principal.user,
+        signing.GROUPS: ",".join(principal.groups),
+        signing.ROLES: ",".join(principal.roles),
+        signing.AUTH_METHOD: principal.auth_method,
+    }
+
+
+def upstream_headers(client: Iterable[tuple[str, str]], identity: dict[str, str], *,
+                     secret: bytes, method: str, path: str, peer: str, proto: str,
+                     now: float | None = None) -> CIMultiDict[str]:
+    """The headers sent to the framework: the client's safe ones, then ours, signed."""
+    items = list(client)
+    extra = connection_named(items)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in items:
+        if not is_stripped(name, extra):
+            out.add(name, value)
+    out.update(identity)
+    out[FORWARDED_FOR] = peer
+    out[FORWARDED_PROTO] = proto
+    out.update(signing.sign(secret, method, path, identity, now))
+    return out
+
+
+def response_headers(upstream: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+    """The framework's answer headers that are passed on to the client."""
+    items = list(upstream)
+    extra = connection_named(items)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in items:
+        n = normal(name)
+        if n not in RESPONSE_DROPPED and n not in extra:
+            out.add(name, value)
+    return out

@@ -1,0 +1,129 @@
+"""JWT bearer tokens: pure verification with PyJWT, and a cache of verified tokens.
+
+Algorithms come only from ``[auth.jwt] algorithms`` (never from the token header,
+``none`` never). ``exp`` and ``sub`` are required; ``exp``, ``nbf`` and ``iat`` are
+checked with ``leeway``; ``iss``/``aud`` when configured. A verified token is
+cached by the SHA-256 of its text until it expires, and the expiry is checked
+again on every hit, so a cache hit is never more permissive than a verification.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import jwt
+from cachetools import TLRUCache
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from framework.tenant_config import ConfigError, JwtSettings
+from sidecar.principal import JWT, BadIdentity, Principal
+
+CACHE_SIZE = 50_000
+
+
+class TokenInvalid(Exception):
+    """The token is not acceptable; the message is the audit reason, never shown to clients."""
+
+
+class KeySource(Protocol):
+    """Where asymmetric keys come from when a JWKS URL is configured (sidecar/jwks.py)."""
+
+    async def key_for(self, kid: str | None) -> Any: ...
+
+    async def close(self) -> None: ...
+
+
+def load_public_key(path: str) -> Any:
+    """The PEM public key of ``public_key_file``, parsed once (ConfigError when unusable)."""
+    try:
+        return load_pem_public_key(Path(path).read_bytes())
+    except OSError as exc:
+        raise ConfigError(path, "auth.jwt.public_key_file",
+                          f"cannot read: {exc.strerror}") from None
+    except ValueError:
+        raise ConfigError(path, "auth.jwt.public_key_file", "not a PEM public key") from None
+
+
+def _str_list(claims: dict[str, Any], name: str) -> tuple[str, ...]:
+    value = claims.get(name, ())
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise TokenInvalid(f"claim {name!r} must be a list of strings")
+    return tuple(value)
+
+
+def principal_from_claims(claims: dict[str, Any], tenant_claim: str) -> Principal:
+    """The principal a verified token names (TokenInvalid on a malformed claim)."""
+    tenant = claims.get(tenant_claim)
+    if not isinstance(tenant, str) or not tenant:
+        raise TokenInvalid(f"claim {tenant_claim!r} missing or not a string")
+    try:
+        return Principal.build(tenant, claims["sub"], _str_list(claims, "groups"),
+                               _str_list(claims, "roles"), JWT)
+    except BadIdentity as exc:
+        raise TokenInvalid(f"claims: {exc}") from None
+
+
+class TokenVerifier:
+    """Verifies bearer tokens for one tenant's ``[auth.jwt]`` settings."""
+
+    def __init__(self, cfg: JwtSettings, *, secret: str = "", public_key: Any = None,
+                 keys: KeySource | None = None, cache_size: int = CACHE_SIZE,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self._algorithms = list(cfg.algorithms)
+        self._key: Any = secret.encode() if cfg.uses_hmac else public_key
+        self._keys = keys
+        self._clock = clock
+        self._options: dict[str, Any] = {"require": ["exp", "sub"],
+                                         "verify_aud": bool(cfg.audience)}
+        self._issuer = cfg.issuer or None
+        self._audience = cfg.audience or None
+        # Entry lives until exp + leeway; TLRU evicts by that time, LRU beyond the size.
+        self._cache: TLRUCache[bytes, tuple[Principal, float]] = TLRUCache(
+            maxsize=cache_size, ttu=lambda _k, v, _now: v[1], timer=clock)
+
+    def decode(self, token: str, key: Any) -> dict[str, Any]:
+        """Verify ``token`` with ``key``; the claims, or TokenInvalid naming the reason."""
+        try:
+            return jwt.decode(token, key=key, algorithms=self._algorithms, options=self._options,
+                              leeway=self.cfg.leeway, issuer=self._issuer,
+                              audience=self._audience)
+        except jwt.PyJWTError as exc:
+            raise TokenInvalid(f"jwt: {type(exc).__name__}: {exc}") from None
+
+    def cached(self, digest: bytes) -> Principal | None:
+        """A still-valid cached principal for a token digest."""
+        hit = self._cache.get(digest)
+        if hit is not None and self._clock() < hit[1]:
+            return hit[0]
+        return None
+
+    async def verify(self, token: str) -> Principal:
+        """The principal of a valid token (TokenInvalid otherwise)."""
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        hit = self.cached(digest)
+        if hit is not None:
+            return hit
+        key = self._key
+        if self._keys is not None:
+            try:
+                kid = jwt.get_unverified_header(token).get("kid")
+            except jwt.PyJWTError as exc:
+                raise TokenInvalid(f"jwt: {type(exc).__name__}: {exc}") from None
+            key = await self._keys.key_for(kid if isinstance(kid, str) else None)
+        claims = self.decode(token, key)
+        principal = principal_from_claims(claims, self.cfg.tenant_claim)
+        expires = float(claims["exp"]) + self.cfg.leeway
+        self._cache[digest] = (principal, expires)
+        return principal
+
+    async def close(self) -> None:
+        """Release the key source, if any."""
+        if self._keys is not None:
+            await self._keys.close()
