@@ -68,6 +68,10 @@ class Settings:
     max_result: int = 10 << 20
     config_overlay: str = ""
     dev: bool = False
+    job_retention: int = 7 * 86400  # seconds finished jobs are kept
+    handler_threads: int = 0  # sync handler threads per worker (running + abandoned); 0: 2*threads
+    job_workers: int = 4  # async job threads per worker
+    job_queue: int = 64  # async jobs waiting per worker before 503
     environ: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -97,6 +101,10 @@ class Settings:
             max_result=_int(env, "MTP_MAX_RESULT", 10 << 20, minimum=1),
             config_overlay=env.get("MTP_CONFIG_OVERLAY", ""),
             dev=env.get("MTP_DEV", "") in ("1", "true", "yes"),
+            job_retention=_int(env, "MTP_JOB_RETENTION", 7 * 86400, minimum=0),
+            handler_threads=_int(env, "MTP_HANDLER_THREADS", 0, minimum=0),
+            job_workers=_int(env, "MTP_JOB_WORKERS", 4, minimum=1),
+            job_queue=_int(env, "MTP_JOB_QUEUE", 64, minimum=0),
             environ=env,
         )
 

@@ -1,0 +1,115 @@
+"""``mtp framework``: gunicorn (gthread) serving the Flask runtime for one tenant."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import click
+from gunicorn.app.base import BaseApplication
+
+from framework.cli import check_version_pin, resolve_tenant_dir
+from framework.settings import Settings
+from framework.tenant_config import TenantConfig
+
+KEEPALIVE = 75  # longer than the sidecar keeps a pooled connection idle
+GRACEFUL_TIMEOUT = 30
+WORKER_TIMEOUT = 60  # heartbeat of a worker's main loop, not a request time limit
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def bind_address(upstream: tuple[str, int] | str) -> str:
+    """settings.upstream in gunicorn's bind syntax."""
+    if isinstance(upstream, str):
+        return f"unix:{upstream}"
+    host, port = upstream
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class FrameworkServer(BaseApplication):
+    """gunicorn configured from Settings; each worker builds its app after the fork."""
+
+    def __init__(self, settings: Settings, tenant: TenantConfig) -> None:
+        self.settings, self.tenant = settings, tenant
+        super().__init__()
+
+    def load_config(self) -> None:
+        from framework import logs, metrics
+        from framework.jobs import SqliteJobStore
+
+        settings = self.settings
+        master_store = SqliteJobStore(settings.data_dir / "jobs.sqlite3")
+
+        def child_exit(server: Any, worker: Any) -> None:
+            metrics.worker_exited(worker.pid)
+            # Jobs of the dead worker are failed now, not at the next periodic sweep.
+            master_store.reap()
+
+        def worker_exit(server: Any, worker: Any) -> None:
+            app = getattr(worker, "wsgi", None)
+            runtime = getattr(app, "extensions", {}).get("mtp")
+            if runtime is not None:
+                runtime.close()
+
+        options = {
+            "bind": [bind_address(settings.upstream)],
+            "workers": settings.workers,
+            "threads": settings.threads,
+            "worker_class": "gthread",
+            "keepalive": KEEPALIVE,
+            "graceful_timeout": GRACEFUL_TIMEOUT,
+            "timeout": WORKER_TIMEOUT,
+            "proc_name": f"mtp-framework-{self.tenant.tenant_id}",
+            "accesslog": None,  # the framework writes its own JSON line per request
+            "logconfig_dict": logs.gunicorn_logconfig(settings.log_level),
+            "umask": 0o007,  # the unix socket: owner and group (the sidecar) only
+            "child_exit": child_exit,
+            "worker_exit": worker_exit,
+            "preload_app": False,
+            # gunicorn's runtime control socket would sit in $HOME, shared by every
+            # instance: the framework is managed by signals alone.
+            "control_socket_disable": True,
+        }
+        for key, value in options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        from framework.app import create_app
+
+        return create_app(self.settings, self.tenant)
+
+
+def prepare(settings: Settings) -> Path:
+    """Data dir, socket dir and a fresh multiprocess metrics dir, before any fork."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(settings.upstream, str):
+        Path(settings.upstream).parent.mkdir(parents=True, exist_ok=True)
+    metrics_dir = Path(tempfile.mkdtemp(prefix="metrics-", dir=settings.data_dir))
+    # prometheus_client reads this at import, in the master and in every worker.
+    os.environ[MULTIPROC_ENV] = str(metrics_dir)
+    return metrics_dir
+
+
+@click.command("framework")
+@click.option("--tenant-dir", type=click.Path(file_okay=False), default=None,
+              help="Tenant (or assembled runtime) directory.")
+def framework(tenant_dir: str | None) -> None:
+    """Run the framework (gunicorn + Flask) alone."""
+    directory = resolve_tenant_dir(tenant_dir)
+    settings = Settings.from_env(tenant_dir=directory)
+    settings.require_sidecar_secret()
+    tenant = settings.load_tenant()
+    check_version_pin(tenant.framework_version, tenant.source)
+    metrics_dir = prepare(settings)
+    from framework import logs
+
+    logs.setup(settings.log_level, tenant.tenant_id).info(
+        "starting framework", extra={"bind": bind_address(settings.upstream),
+                                     "workers": settings.workers, "threads": settings.threads})
+    try:
+        FrameworkServer(settings, tenant).run()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -1,0 +1,179 @@
+"""The routes of DESIGN.md and the one function that renders every error."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+from flask import Flask, Response, g, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from framework import logs, metrics
+from framework.context import Context
+from framework.errors import (
+    Conflict,
+    FrameworkError,
+    NotFound,
+    PayloadTooLarge,
+    Unavailable,
+    new_error_id,
+)
+from framework.execute import Outcome
+from framework.flags import FlagSet
+from framework.inputs import choose, parse_payload, parse_prefer, validate
+from framework.jobs import CANCELLED, FINISHED, Job
+from framework.problem import CONTENT_TYPE, problem_bytes
+from framework.registry import ServiceSpec
+from framework.runtime import Runtime
+from framework.verify import Identity
+
+JOB_ID_RE = re.compile(r"[0-9a-f]{32}")
+JSON = "application/json"
+
+log = logging.getLogger("mtp.framework.controller")
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None,
+                  raw: bytes | None = None) -> Response:
+    data = raw if raw is not None else json.dumps(body, separators=(",", ":")).encode()
+    return Response(data, status=status, headers=headers, content_type=JSON)
+
+
+def render_error(exc: BaseException) -> Response:
+    """Every error answer: problem+json with the request id, never a traceback."""
+    rid = g.get("request_id", "")
+    if isinstance(exc, RequestEntityTooLarge):
+        exc = PayloadTooLarge("request body is too large")
+    if isinstance(exc, FrameworkError):
+        status, kind, detail, extra, headers = (
+            exc.status, exc.kind, exc.detail, exc.extra, exc.headers())
+    elif isinstance(exc, HTTPException):
+        status, kind, detail, extra = exc.code or 500, None, exc.description or "", {}
+        headers = {k: v for k, v in exc.get_headers() if k.lower() == "allow"}
+    else:
+        error_id = new_error_id()
+        log.error("unhandled error", exc_info=exc, extra={"error_id": error_id})
+        status, kind, detail, extra, headers = (
+            500, "internal-error", "internal error", {"error_id": error_id}, {})
+    g.error_kind = kind or str(status)
+    body = problem_bytes(status, detail, rid, kind=kind, **extra)
+    return Response(body, status=status, headers=headers, content_type=CONTENT_TYPE)
+
+
+def register(app: Flask, rt: Runtime) -> None:
+    """Attach the routes to ``app``; every view reads the one Runtime ``rt``."""
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return json_response({"status": "ok"})
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        if not rt.jobs.usable():
+            raise Unavailable("the job store is not usable")
+        return json_response({"status": "ready", "tenant": rt.tenant.tenant_id})
+
+    @app.get("/metrics")
+    def metrics_view() -> Response:
+        data, ctype = metrics.exposition(rt.tenant.tenant_id, rt.jobs.counts)
+        return Response(data, content_type=ctype)
+
+    @app.get("/services")
+    def list_services() -> Response:
+        return json_response({"services": [s.listing() for s in rt.registry.available()]})
+
+    @app.route("/services/<service>", methods=["GET", "POST"], defaults={"operation": None})
+    @app.route("/services/<service>/<operation>", methods=["GET", "POST"])
+    def call_service(service: str, operation: str | None) -> Response:
+        spec = rt.registry.resolve(service)
+        g.service = spec.name
+        if (operation not in spec.operations) if spec.operations else operation is not None:
+            raise NotFound(f"service {spec.name!r} has no operation {(operation or '')[:80]!r}"
+                           if operation else f"service {spec.name!r} needs an operation: "
+                           f"{', '.join(spec.operations)}")
+        g.operation = operation or ""
+        params = request.args.to_dict()
+        dispatch = choose(spec, parse_prefer(request.headers.getlist("Prefer")),
+                          params.pop("mode", None))
+        if request.content_length is not None and request.content_length > rt.settings.max_body:
+            raise PayloadTooLarge(f"request body is over {rt.settings.max_body} bytes")
+        payload = parse_payload(request.get_data(cache=False))
+        validate(spec, payload)
+        ctx = make_context(rt, spec, operation, g.identity, payload, params)
+        if dispatch.run_async:
+            return start_job(rt, spec, ctx, g.identity, dispatch.wait, dispatch.applied)
+        return answer(rt.executor.sync(spec, ctx))
+
+    @app.get("/jobs/<job_id>")
+    def get_job(job_id: str) -> Response:
+        return json_response(visible_job(rt, job_id, g.identity).public())
+
+    @app.delete("/jobs/<job_id>")
+    def cancel_job(job_id: str) -> Response:
+        job = visible_job(rt, job_id, g.identity)
+        if rt.jobs.cancel(job.id):
+            metrics.job_status(job.tenant, job.service, job.operation, CANCELLED)
+            return json_response(visible_job(rt, job_id, g.identity).public())
+        job = visible_job(rt, job_id, g.identity)
+        state = "has finished" if job.status in FINISHED else "is running"
+        raise Conflict(f"job {job.id} {state}; only a queued job can be cancelled",
+                       job_status=job.status)
+
+
+def make_context(rt: Runtime, spec: ServiceSpec, operation: str | None, ident: Identity,
+                 payload: Any, params: dict[str, str]) -> Context:
+    """The handler's context for one call."""
+    tenant = rt.tenant
+    return Context(
+        tenant_id=tenant.tenant_id,
+        service=spec.name,
+        operation=operation,
+        user=ident.user,
+        groups=ident.groups,
+        roles=ident.roles,
+        auth_method=ident.auth_method,
+        payload=payload,
+        params=params,
+        request_id=g.request_id,
+        config=tenant.service(spec.name).config,
+        flags=FlagSet(tenant.flags, tenant.tenant_id, ident.user, ident.groups, ident.roles),
+        logger=logs.service_logger(tenant.tenant_id, g.request_id, spec.name, operation),
+        deadline=time.monotonic() + spec.timeout,
+    )
+
+
+def answer(outcome: Outcome, headers: dict[str, str] | None = None) -> Response:
+    """A finished call as the sync answer: the result, or its error."""
+    if outcome.error is not None:
+        raise outcome.error
+    return json_response(None, 200, headers, raw=outcome.body)
+
+
+def start_job(rt: Runtime, spec: ServiceSpec, ctx: Context, ident: Identity,
+              wait: int | None, applied: str | None) -> Response:
+    """202 with the job's location; or, with ``wait=N`` and done in time, the sync answer."""
+    job, future = rt.runner.submit(spec, ctx, owner=ident.user)
+    if wait:
+        try:
+            outcome = future.result(timeout=wait)
+        except FutureTimeout:
+            outcome = None
+        if outcome is not None:
+            return answer(outcome, {"Preference-Applied": f"wait={wait}"})
+    headers = {"Location": f"/jobs/{job.id}"}
+    if applied:
+        headers["Preference-Applied"] = applied
+    return json_response({"job_id": job.id, "status": "queued"}, 202, headers)
+
+
+def visible_job(rt: Runtime, job_id: str, ident: Identity) -> Job:
+    """The job if this caller may see it (its creator or role admin); else 404."""
+    job = rt.jobs.get(job_id) if JOB_ID_RE.fullmatch(job_id) else None
+    if job is None or job.tenant != ident.tenant or not (
+            job.owner == ident.user or ident.is_admin):
+        raise NotFound("no such job")
+    return job

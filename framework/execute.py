@@ -1,0 +1,165 @@
+"""Running handlers: one call -> an :class:`Outcome`; sync calls on a bounded pool.
+
+A sync call runs on a handler thread while the request thread waits until the
+deadline. Past it the client gets 504 but the handler thread keeps running
+(Python cannot kill a thread) and keeps its slot until it returns: the pool is
+bounded, so hung handlers pile up to at most ``size`` threads, after which new
+calls get 503 with Retry-After instead of more threads.
+
+Two seams, plain attributes, for layers that wrap execution (usage metering,
+circuit breaker): ``Executor.call`` runs one call in the current thread (used by
+sync calls and by job threads); ``Executor.sync`` is the whole sync path
+including 503/504.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any
+
+from framework.context import Context
+from framework.errors import (
+    DeadlineExceeded,
+    FrameworkError,
+    InvalidResult,
+    Saturated,
+    ServiceFailed,
+    new_error_id,
+)
+from framework.registry import ServiceSpec
+
+log = logging.getLogger("mtp.framework.execute")
+
+
+@dataclass
+class Outcome:
+    """What one call produced: status, the JSON body or the error, and its cost."""
+
+    status: int
+    body: bytes | None = None  # the encoded result when status is 200
+    error: FrameworkError | None = None
+    wall: float = 0.0  # seconds, including any wait for a handler thread
+    cpu: float = 0.0  # CPU seconds of the handler thread (time.thread_time)
+    finished: bool = True  # False: answered at the deadline, the handler still runs
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+Call = Callable[[ServiceSpec, Context], Outcome]
+
+
+def encode_result(result: Any, max_result: int) -> bytes:
+    """The result as compact JSON; InvalidResult when it is not JSON or too big."""
+    try:
+        body = json.dumps(result, ensure_ascii=False, allow_nan=False,
+                          separators=(",", ":")).encode()
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidResult(f"the service returned a value that is not JSON "
+                            f"({type(exc).__name__})") from None
+    if len(body) > max_result:
+        raise InvalidResult(
+            f"the service's result is {len(body)} bytes, over the {max_result}-byte limit")
+    return body
+
+
+def run_handler(spec: ServiceSpec, ctx: Context, max_result: int,
+                fn: Callable[[Any], Any] | None = None) -> Outcome:
+    """Run ``fn`` (default ``spec.handle``) in this thread and encode what it returns."""
+    wall0, cpu0 = time.perf_counter(), time.thread_time()
+    try:
+        result = (fn or spec.handle)(ctx)
+        body = encode_result(result, max_result)
+        outcome = Outcome(200, body=body)
+    except InvalidResult as exc:
+        log.error("service %s: %s", spec.name, exc.detail,
+                  extra={"error_id": exc.error_id, "service": spec.name})
+        outcome = Outcome(500, error=exc)
+    except (Exception, SystemExit):
+        error_id = new_error_id()
+        # The traceback goes to the log under the error id, never to the client.
+        log.exception("service %s raised", spec.name,
+                      extra={"error_id": error_id, "service": spec.name,
+                             "operation": ctx.operation})
+        outcome = Outcome(500, error=ServiceFailed("the service raised an error", error_id))
+    outcome.wall = time.perf_counter() - wall0
+    outcome.cpu = time.thread_time() - cpu0
+    return outcome
+
+
+class HandlerPool:
+    """At most ``size`` handler threads, running or abandoned at their deadline."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._slots = threading.BoundedSemaphore(size)
+        self._executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="mtp-handler")
+        self._busy = 0
+        self._busy_lock = threading.Lock()
+
+    @property
+    def busy(self) -> int:
+        """Handler threads holding a slot right now."""
+        return self._busy
+
+    def run(self, call: Call, spec: ServiceSpec, ctx: Context) -> Outcome:
+        """Run ``call`` on a handler thread; wait until ``ctx.deadline``."""
+        start = time.perf_counter()
+        if not self._slots.acquire(blocking=False):
+            return Outcome(503, error=Saturated(
+                f"all {self.size} handler threads are busy; retry shortly"))
+        with self._busy_lock:
+            self._busy += 1
+        context = contextvars.copy_context()  # the request id follows into the log lines
+
+        def task() -> Outcome:
+            try:
+                return context.run(call, spec, ctx)
+            finally:
+                with self._busy_lock:
+                    self._busy -= 1
+                self._slots.release()
+
+        future = self._executor.submit(task)
+        try:
+            outcome = future.result(timeout=max(ctx.deadline - time.monotonic(), 0.0))
+        except FutureTimeout:
+            log.warning("service %s passed its %.3gs deadline; its thread keeps running",
+                        spec.name, spec.timeout, extra={"service": spec.name})
+            return Outcome(504, error=DeadlineExceeded(
+                f"service {spec.name!r} did not answer within {spec.timeout:g}s"),
+                wall=time.perf_counter() - start, finished=False)
+        outcome.wall = time.perf_counter() - start
+        return outcome
+
+    def shutdown(self) -> None:
+        """Stop taking work; running handlers are not waited for."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class Executor:
+    """The execution seams of one worker process."""
+
+    def __init__(self, max_result: int, pool_size: int) -> None:
+        self.max_result = max_result
+        self.pool = HandlerPool(pool_size)
+        self.call: Call = self.run_one
+        self.sync: Call = self.run_sync
+
+    def run_one(self, spec: ServiceSpec, ctx: Context) -> Outcome:
+        """One call of ``spec.handle`` in the current thread."""
+        return run_handler(spec, ctx, self.max_result)
+
+    def run_sync(self, spec: ServiceSpec, ctx: Context) -> Outcome:
+        """A sync call: on the bounded pool, answered by the deadline."""
+        # Late-bound through self.call so a wrapper installed later is used.
+        return self.pool.run(lambda s, c: self.call(s, c), spec, ctx)

@@ -1,0 +1,90 @@
+"""Step 7b: what the caller asked for — payload, schema check, sync or async."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema.exceptions
+
+from framework.errors import BadRequest, InvalidInput
+from framework.registry import ServiceSpec
+
+MAX_WAIT = 60  # seconds a `Prefer: wait=N` may hold a request
+MAX_DETAIL = 300
+
+
+@dataclass(frozen=True)
+class Prefer:
+    """The parts of RFC 7240 ``Prefer`` the framework honours."""
+
+    respond_async: bool = False
+    wait: int | None = None
+
+
+def parse_prefer(values: Iterable[str]) -> Prefer:
+    """Parse every ``Prefer`` header; unknown preferences are ignored as the RFC says."""
+    respond_async, wait = False, None
+    for value in values:
+        for item in value.split(","):
+            name, _, arg = item.split(";", 1)[0].partition("=")
+            name, arg = name.strip().lower(), arg.strip().strip('"')
+            if name == "respond-async":
+                respond_async = True
+            elif name == "wait" and arg.isdigit():
+                wait = min(int(arg), MAX_WAIT)
+    return Prefer(respond_async, wait)
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """How to run this call, and which preferences were applied."""
+
+    run_async: bool
+    wait: int | None
+    applied: str | None  # the Preference-Applied value, or None
+
+
+def choose(spec: ServiceSpec, prefer: Prefer, mode_param: str | None) -> Dispatch:
+    """Apply MODE, ``?mode=`` and ``Prefer`` together."""
+    if mode_param not in (None, "sync", "async"):
+        raise BadRequest("query parameter mode must be 'sync' or 'async'")
+    if spec.mode == "sync":
+        if mode_param == "async":
+            raise BadRequest(f"service {spec.name!r} runs only synchronously")
+        return Dispatch(False, None, None)  # Prefer is ignored, and not acknowledged
+    if spec.mode == "async" or mode_param == "async" or (
+            prefer.respond_async and mode_param != "sync"):
+        wait = prefer.wait if prefer.respond_async else None
+        applied = None
+        if prefer.respond_async:
+            applied = "respond-async" + (f", wait={wait}" if wait is not None else "")
+        return Dispatch(True, wait, applied)
+    return Dispatch(False, None, None)
+
+
+def parse_payload(body: bytes) -> Any:
+    """The JSON body; an empty body is ``{}``."""
+    if not body.strip():
+        return {}
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "too deeply nested"
+        raise BadRequest(f"request body is not valid JSON: {reason}") from None
+
+
+def validate(spec: ServiceSpec, payload: Any) -> None:
+    """Check the payload against the service's INPUT_SCHEMA (400 naming the path)."""
+    if spec.validator is None:
+        return
+    error = jsonschema.exceptions.best_match(spec.validator.iter_errors(payload))
+    if error is None:
+        return
+    message = error.message
+    if len(message) > MAX_DETAIL:
+        message = message[:MAX_DETAIL] + "..."
+    raise InvalidInput(f"payload does not match the input schema: {message}",
+                       path=error.json_path)

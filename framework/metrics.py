@@ -1,0 +1,89 @@
+"""Prometheus metrics, shared by gunicorn workers through multiprocess mode.
+
+``mtp framework`` points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before
+the workers fork (prometheus_client reads it at import), and marks dead workers
+from gunicorn's ``child_exit`` hook. Labels only ever carry names of services
+and operations that exist, so a client cannot grow the label set by asking for
+made-up names.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# prometheus_client picks its storage from this variable once, at import; so do we.
+MULTIPROCESS = bool(os.environ.get(MULTIPROC_ENV))
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+REQUESTS = Counter(
+    "mtp_framework_requests", "Requests answered by the framework.",
+    ["tenant", "service", "operation", "status"])
+LATENCY = Histogram(
+    "mtp_framework_request_duration_seconds", "Time from request to answer in the framework.",
+    ["tenant", "service", "operation", "status"], buckets=BUCKETS)
+ERRORS = Counter(
+    "mtp_framework_errors", "Error answers by problem type.",
+    ["tenant", "service", "operation", "kind"])
+JOB_TRANSITIONS = Counter(
+    "mtp_framework_job_transitions", "Jobs entering a status.",
+    ["tenant", "service", "operation", "status"])
+
+
+def observe(tenant: str, service: str, operation: str, status: int, seconds: float,
+            kind: str | None = None) -> None:
+    """Count one answered request."""
+    code = str(status)
+    REQUESTS.labels(tenant, service, operation, code).inc()
+    LATENCY.labels(tenant, service, operation, code).observe(seconds)
+    if kind is not None:
+        ERRORS.labels(tenant, service, operation, kind).inc()
+
+
+def job_status(tenant: str, service: str, operation: str | None, status: str) -> None:
+    """Count a job entering ``status``."""
+    JOB_TRANSITIONS.labels(tenant, service, operation or "", status).inc()
+
+
+class _JobsCollector:
+    """Jobs per status, read from the shared store at scrape time."""
+
+    def __init__(self, tenant: str, counts: Callable[[], dict[str, int]]) -> None:
+        self.tenant, self.counts = tenant, counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("mtp_framework_jobs", "Jobs in the store by status.",
+                                   labels=["tenant", "status"])
+        for status, n in self.counts().items():
+            family.add_metric([self.tenant, status], n)
+        yield family
+
+
+def exposition(tenant: str, job_counts: Callable[[], dict[str, int]]) -> tuple[bytes, str]:
+    """The text of ``GET /metrics``: every worker's metrics plus the job gauge."""
+    if MULTIPROCESS:
+        base = CollectorRegistry()
+        multiprocess.MultiProcessCollector(base)
+    else:
+        base = REGISTRY
+    jobs = CollectorRegistry(auto_describe=False)
+    jobs.register(_JobsCollector(tenant, job_counts))
+    return generate_latest(base) + generate_latest(jobs), CONTENT_TYPE_LATEST
+
+
+def worker_exited(pid: int) -> None:
+    """gunicorn child_exit: drop the live-gauge files of a dead worker."""
+    if MULTIPROCESS:
+        multiprocess.mark_process_dead(pid)
