@@ -10,6 +10,7 @@ a cache hit is served while the directory is down, a miss raises ``DirectoryUnav
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -48,17 +49,14 @@ class _Ambiguous(Exception):
     """More than one entry matched a username: never a valid principal."""
 
 
-class _Broken(LDAPException):
-    """A pooled connection answered like a dead one: replace it and retry."""
-
-
 class LdapClient:
     """The blocking half: pooled service-account connections, user search, user bind."""
 
     def __init__(self, cfg: LdapSettings, bind_password: str) -> None:
         self._cfg = cfg
         self._bind_password = bind_password
-        self._pool: queue.LifoQueue[ldap3.Connection] = queue.LifoQueue(maxsize=cfg.pool_size)
+        # Unbounded on purpose: the executor's pool_size threads bound how many exist at once.
+        self._pool: queue.LifoQueue[ldap3.Connection] = queue.LifoQueue()
         self._tls = _tls(cfg)
 
     def _server(self) -> ldap3.Server:
@@ -112,25 +110,24 @@ class LdapClient:
                 if conn is not None:
                     _quietly_unbind(conn)
                 raise
-            try:
-                self._pool.put_nowait(conn)
-            except queue.Full:
-                _quietly_unbind(conn)
+            self._pool.put_nowait(conn)
             return result
         raise AssertionError("unreachable")
 
     def _search(self, conn: ldap3.Connection, base: str, flt: str, attrs: Any,
                 size_limit: int = 0) -> list[dict[str, Any]]:
-        ok = conn.search(base, flt, search_scope=ldap3.SUBTREE, attributes=attrs,
-                         size_limit=size_limit)
+        # ldap3's return value is False for "no entries" and True for a size limit hit:
+        # only the result code tells success from failure.
+        conn.search(base, flt, search_scope=ldap3.SUBTREE, attributes=attrs,
+                    size_limit=size_limit)
         code = conn.result.get("result", 0)
-        if not ok and code not in (0, _SIZE_LIMIT_EXCEEDED, _NO_SUCH_OBJECT):
-            if conn.closed or code in _UNAVAILABLE_CODES:
-                raise _Broken(f"search failed: {conn.result.get('description')}")
+        if code == _SIZE_LIMIT_EXCEEDED and size_limit:
+            raise _Ambiguous  # more entries than the caller allowed for
+        if code not in (0, _NO_SUCH_OBJECT):
+            # Including a server size limit hit by a group search: partial groups would
+            # silently drop permissions, so fail closed.
             raise DirectoryUnavailable(f"search under {base} failed: "
                                        f"{conn.result.get('description')}")
-        if code == _SIZE_LIMIT_EXCEEDED:
-            raise _Ambiguous
         return [e for e in (conn.response or []) if e.get("type") == "searchResEntry"]
 
     def find_user(self, username: str) -> str | None:
@@ -194,10 +191,9 @@ class LdapClient:
 
 
 def _quietly_unbind(conn: ldap3.Connection) -> None:
-    try:
+    """Unbind; a connection that is already broken may fail to, which changes nothing."""
+    with contextlib.suppress(LDAPException, OSError):
         conn.unbind()
-    except (LDAPException, OSError):
-        log.debug("unbind of a broken LDAP connection failed", exc_info=True)
 
 
 def _tls(cfg: LdapSettings) -> ldap3.Tls | None:

@@ -40,6 +40,7 @@ include /etc/ldap/schema/cosine.schema
 include /etc/ldap/schema/inetorgperson.schema
 include /etc/ldap/schema/nis.schema
 pidfile {dir}/slapd.pid
+sizelimit {size_limit}
 modulepath /usr/lib/ldap
 moduleload back_mdb
 database mdb
@@ -70,6 +71,7 @@ class SlapdServer:
     admin_password: str = "admin-pw"
     users: Mapping[str, tuple[str, tuple[str, ...]]] = field(default_factory=lambda: dict(USERS))
     tls: bool = False  # also serve ldaps:// (and StartTLS) with a certificate from a test CA
+    size_limit: int = 500  # slapd's default answer size limit
     ldaps_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
 
@@ -110,7 +112,7 @@ class SlapdServer:
         (self.workdir / "db").mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "slapd.conf"
         text = _SLAPD_CONF.format(dir=self.workdir, suffix=self.suffix, rootdn=self.admin_dn,
-                                  rootpw=self.admin_password)
+                                  rootpw=self.admin_password, size_limit=self.size_limit)
         if self.tls:
             cert, key = write_test_ca_and_cert(self.workdir / "tls")
             # Global TLS directives must come before the database section.

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from sidecar.ldap_directory import DirectoryUnavailable, LdapDirectory
+from sidecar.ldap_directory import DirectoryUnavailable, LdapClient, LdapDirectory
 from tests.helpers import free_port
 from tests.servers import AMBIGUOUS_USER, SlapdServer
 
@@ -108,6 +108,42 @@ def test_missing_user_base_finds_nobody(slapd: SlapdServer) -> None:
     answer = run(slapd, lambda d: d.login("alice", "alice-pw"),
                  user_base="ou=nowhere,dc=example,dc=org")
     assert answer is None
+
+
+def test_malformed_base_dn_fails_closed(slapd: SlapdServer) -> None:
+    # A broken config is not "no such user": it is a directory we cannot use (503).
+    with pytest.raises(DirectoryUnavailable):
+        run(slapd, lambda d: d.groups_for("alice"), user_base="this is not a DN")
+
+
+def test_server_size_limit_on_groups_fails_closed(tmp_path: Path) -> None:
+    # Partial group lists would silently drop permissions: an error, not fewer groups.
+    small = SlapdServer(tmp_path, size_limit=2).setup()
+    small.start()
+    try:
+        with pytest.raises(DirectoryUnavailable):
+            run(small, lambda d: d.groups_for("alice"), group_filter="(objectClass=groupOfNames)")
+        assert run(small, lambda d: d.groups_for("alice")) == ("admins", "sales")
+    finally:
+        small.stop()
+
+
+def test_start_tls_refused_by_a_plain_server_fails_closed(slapd: SlapdServer) -> None:
+    with pytest.raises(DirectoryUnavailable):
+        run(slapd, lambda d: d.login("alice", "alice-pw"), start_tls=True)
+
+
+def test_user_bind_checks(slapd: SlapdServer) -> None:
+    client = LdapClient(slapd.settings(), slapd.bind_password)
+    dn = client.find_user("alice")
+    assert dn is not None
+    assert client.check_password(dn, "alice-pw") is True
+    assert client.check_password(dn, "nope") is False
+    assert client.check_password(dn, "") is False
+    client.close()
+    nowhere = SlapdServer(Path("/nonexistent"), port=free_port())
+    with pytest.raises(DirectoryUnavailable):
+        LdapClient(nowhere.settings(), "x").check_password(dn, "alice-pw")
 
 
 def test_concurrent_logins_share_the_pool(slapd: SlapdServer) -> None:
