@@ -173,8 +173,9 @@ class Registry:
             sys.modules.pop(modname, None)
             line = _where(exc, path)
             at = f", line {line}" if line else ""
+            reason = (exc.msg if isinstance(exc, SyntaxError) else str(exc))[:200]
             raise ServiceLoadFailed(
-                f"{self.rel(path)}{at}: {type(exc).__name__} on import") from exc
+                f"{self.rel(path)}{at}: {type(exc).__name__} on import: {reason}") from exc
         return module
 
     def _spec(self, name: str, path: Path, module: types.ModuleType) -> ServiceSpec:

@@ -1,0 +1,123 @@
+"""Calling a tenant's services in-process, no servers: ``mtp invoke`` and tenant tests.
+
+The same registry, context and execution as a request through gunicorn, with
+the identity given by the caller instead of a signed header set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from framework import logs
+from framework.context import Context
+from framework.errors import FrameworkError, NotFound
+from framework.execute import Executor, Outcome
+from framework.flags import FlagSet
+from framework.inputs import validate
+from framework.jobrunner import JobRunner, error_document
+from framework.jobs import Job, SqliteJobStore, runner_id
+from framework.problem import problem, request_id
+from framework.registry import Registry, ServiceSpec
+from framework.settings import Settings
+from framework.tenant_config import TenantConfig
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who the local call pretends to be."""
+
+    user: str = "dev"
+    groups: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+    auth_method: str = "jwt"
+
+
+class ServiceError(Exception):
+    """A local call ended in an error answer; ``problem`` is what a client would get."""
+
+    def __init__(self, status: int, document: dict[str, Any]) -> None:
+        super().__init__(f"{status}: {document.get('detail', '')}")
+        self.status, self.problem = status, document
+
+
+class LocalRunner:
+    """One tenant's services, runnable in this process."""
+
+    def __init__(self, settings: Settings, tenant: TenantConfig) -> None:
+        self.settings, self.tenant = settings, tenant
+        logs.setup(settings.log_level, tenant.tenant_id)
+        self.registry = Registry(settings.tenant_dir, tenant, dev=True)
+        self.executor = Executor(settings.max_result, settings.handler_threads or 4)
+
+    def spec(self, service: str, operation: str | None) -> ServiceSpec:
+        """Resolve and check the operation exactly as the controller does."""
+        spec = self.registry.resolve(service)
+        if (operation not in spec.operations) if spec.operations else operation is not None:
+            raise NotFound(f"service {spec.name!r} has no such operation"
+                           if operation else f"service {spec.name!r} needs an operation: "
+                           f"{', '.join(spec.operations)}")
+        return spec
+
+    def context(self, spec: ServiceSpec, operation: str | None, payload: Any,
+                caller: Caller, params: Mapping[str, str] | None = None) -> Context:
+        """A handler context for ``caller``."""
+        rid = request_id(None)
+        return Context(
+            tenant_id=self.tenant.tenant_id, service=spec.name, operation=operation,
+            user=caller.user, groups=caller.groups, roles=caller.roles,
+            auth_method=caller.auth_method, payload=payload, params=dict(params or {}),
+            request_id=rid, config=self.tenant.service(spec.name).config,
+            flags=FlagSet(self.tenant.flags, self.tenant.tenant_id, caller.user,
+                          caller.groups, caller.roles),
+            logger=logs.service_logger(self.tenant.tenant_id, rid, spec.name, operation),
+            deadline=time.monotonic() + spec.timeout,
+        )
+
+    def run(self, service: str, payload: Any = None, operation: str | None = None,
+            caller: Caller = Caller(), run_async: bool = False) -> Outcome:
+        """Call once; async runs it as a stored job and waits for it."""
+        spec = self.spec(service, operation)
+        payload = {} if payload is None else payload
+        validate(spec, payload)
+        ctx = self.context(spec, operation, payload, caller)
+        if not run_async:
+            return self.executor.sync(spec, ctx)
+        store = SqliteJobStore(self.settings.data_dir / "jobs.sqlite3")
+        runner = JobRunner(store, lambda: self.executor.call, runner_id(), 1, 0)
+        job, future = runner.submit(spec, ctx, owner=caller.user)
+        outcome = future.result()
+        runner.shutdown()
+        return outcome if outcome is not None else Outcome(500, error=FrameworkError(
+            f"job {job.id} did not run"))
+
+    def job(self, job_id: str) -> Job | None:
+        """A stored job (for --async output)."""
+        return SqliteJobStore(self.settings.data_dir / "jobs.sqlite3").get(job_id)
+
+
+def outcome_value(outcome: Outcome, rid: str = "") -> Any:
+    """The handler's result, or ServiceError with the problem document."""
+    if outcome.error is not None:
+        raise ServiceError(outcome.status, error_document(outcome, rid))
+    return json.loads(outcome.body or b"null")
+
+
+def call(tenant_dir: str | Path, service: str, payload: Any = None,
+         operation: str | None = None, user: str = "test", groups: tuple[str, ...] = (),
+         roles: tuple[str, ...] = ()) -> Any:
+    """Call a service of ``tenant_dir`` and return its result (for tenant tests)."""
+    env = dict(os.environ)
+    settings = Settings.from_env(env, tenant_dir=tenant_dir)
+    runner = LocalRunner(settings, settings.load_tenant())
+    try:
+        outcome = runner.run(service, payload, operation, Caller(user, groups, roles))
+    except FrameworkError as exc:
+        raise ServiceError(exc.status, problem(exc.status, exc.detail, "", kind=exc.kind,
+                                               **exc.extra)) from None
+    return outcome_value(outcome)
