@@ -154,7 +154,7 @@ class Sidecar:
             secret=self.settings.sidecar_secret, method=request.method, path=path,
             peer=request.remote or "", proto=request.scheme)
         reply = await self.upstream.send(request.method, path, headers, body)
-        answer = response_headers(reply.headers.items())
+        answer = response_headers(reply.headers)
         answer["X-Request-ID"] = rid
         return web.Response(status=reply.status, body=reply.body, headers=answer)
 

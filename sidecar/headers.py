@@ -75,18 +75,15 @@ def identity_headers(principal: Principal | None, request_id: str) -> dict[str, 
 
 def upstream_headers(client: Iterable[tuple[str, str]], identity: dict[str, str], *,
                      secret: bytes, method: str, path: str, peer: str, proto: str,
-                     now: float | None = None) -> CIMultiDict[str]:
+                     now: float | None = None) -> list[tuple[str, str]]:
     """The headers sent to the framework: the client's safe ones, then ours, signed."""
     items = list(client)
     extra = connection_named(items)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in items:
-        if not is_stripped(name, extra):
-            out.add(name, value)
-    out.update(identity)
-    out[FORWARDED_FOR] = peer
-    out[FORWARDED_PROTO] = proto
-    out.update(signing.sign(secret, method, path, identity, now))
+    out = [(name, value) for name, value in items if not is_stripped(name, extra)]
+    out.extend(identity.items())
+    out.append((FORWARDED_FOR, peer))
+    out.append((FORWARDED_PROTO, proto))
+    out.extend(signing.sign(secret, method, path, identity, now).items())
     return out
 
 
