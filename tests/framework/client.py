@@ -1,0 +1,70 @@
+"""A tiny HTTP client that signs requests the way the sidecar does."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from framework import signing
+from tests.framework.tenant import SECRET, TENANT
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name)
+
+
+def identity(user: str = "alice", groups: str = "", roles: str = "", tenant: str = TENANT,
+             auth: str = "jwt", request_id: str = "req-1") -> dict[str, str]:
+    return {
+        signing.REQUEST_ID: request_id, signing.TENANT: tenant, signing.USER: user,
+        signing.GROUPS: groups, signing.ROLES: roles, signing.AUTH_METHOD: auth,
+    }
+
+
+def signed_headers(method: str, path: str, secret: str = SECRET, now: float | None = None,
+                   **who: str) -> dict[str, str]:
+    headers = identity(**who)
+    headers.update(signing.sign(secret.encode(), method, path, headers, now=now))
+    return headers
+
+
+class Client:
+    """Requests to one framework address; ``sign=False`` sends no signature at all."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        self.host, self.port = host, port
+
+    def request(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
+                sign: bool = True, headers: dict[str, str] | None = None,
+                timeout: float = 20, **who: Any) -> Answer:
+        sent = signed_headers(method, path, **who) if sign else {}
+        sent.update(headers or {})
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None
+                                            else None)
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=data, headers=sent)
+            resp = conn.getresponse()
+            return Answer(resp.status, resp.headers, resp.read())
+        finally:
+            conn.close()
+
+    def get(self, path: str, **kw: Any) -> Answer:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> Answer:
+        return self.request("POST", path, body, **kw)
+
+    def delete(self, path: str, **kw: Any) -> Answer:
+        return self.request("DELETE", path, **kw)

@@ -1,0 +1,57 @@
+"""A gunicorn worker killed mid-job: its jobs end `failed` (interrupted), others' live on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.framework.conftest import Server, start_server
+from tests.helpers import stop
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(tmp_path_factory.mktemp("fw-kill"), MTP_JOB_WORKERS="4")
+    yield srv
+    stop(srv.proc)
+
+
+def runners(server: Server) -> dict[str, str]:
+    with sqlite3.connect(server.data / "jobs.sqlite3") as db:
+        return dict(db.execute("SELECT id, runner FROM jobs WHERE status = 'running'"))
+
+
+def test_killed_worker_fails_only_its_own_jobs(server: Server):
+    c = server.client
+    ids: list[str] = []
+    deadline = time.monotonic() + 20
+    # Submit long jobs until both workers run at least one.
+    while len(set(runners(server).values())) < 2:
+        assert time.monotonic() < deadline, "jobs never spread over both workers"
+        answer = c.post("/services/slow", {"seconds": 4})
+        assert answer.status == 202, answer.body
+        ids.append(answer.json()["job_id"])
+        time.sleep(0.05)
+    running = runners(server)
+    victim = next(iter(running.values()))
+    pid = int(victim.rsplit(":", 2)[1])
+    os.kill(pid, signal.SIGKILL)
+
+    doomed = [j for j, r in running.items() if r == victim]
+    survivors = [j for j, r in running.items() if r != victim]
+    deadline = time.monotonic() + 10
+    for job_id in doomed:
+        while (job := c.get(f"/jobs/{job_id}").json())["status"] == "running":
+            assert time.monotonic() < deadline, "the dead worker's job stayed running"
+            time.sleep(0.1)
+        assert job["status"] == "failed"
+        assert job["error"]["reason"] == "interrupted"
+    for job_id in survivors:
+        assert c.get(f"/jobs/{job_id}").json()["status"] == "running"
+    # The arbiter replaced the worker; the runtime still answers.
+    assert c.post("/services/echo", {}).status == 200
