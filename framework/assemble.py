@@ -2,20 +2,20 @@
 
 The runtime tree is what the image serves from ``/srv/tenant``::
 
-    services/*.py        the tenant's service modules (helpers starting with "_" too)
+    services/            the tenant's service modules
     tenant.toml          the tenant's config, unchanged
     requirements.txt     the tenant's extra dependencies (empty when it has none)
     manifest.json        tenant id, framework version, content hash, time
 
-Tenant code is imported in a child interpreter (``python -m framework.assemble
---probe DIR``), so a module that exits, hangs or pollutes ``sys.modules`` cannot
-take the assembling process with it.
+Services are checked exactly as ``mtp check`` checks them (the framework's
+registry), in a child interpreter (``python -m framework.assemble --probe DIR``),
+so a module that exits, hangs or pollutes ``sys.modules`` cannot take the
+assembling process with it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from framework import __version__
-from framework.tenant_config import SERVICE_NAME_RE, TenantConfig, load_tenant
+from framework.tenant_config import TenantConfig, load_tenant
 
 MANIFEST = "manifest.json"
 REQUIREMENTS = "requirements.txt"
@@ -37,7 +37,7 @@ _IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".pytest_cach
 
 
 class AssembleError(Exception):
-    """A tenant that cannot be assembled; the message is one line for the user."""
+    """A tenant that cannot be assembled; the message is one line per reason."""
 
 
 @dataclass(frozen=True)
@@ -48,59 +48,32 @@ class Assembled:
     manifest: Mapping[str, object]
 
 
-def service_files(services_dir: Path) -> list[Path]:
-    """Service modules in name order; files starting with ``_`` are private helpers."""
-    return sorted(p for p in services_dir.glob("*.py") if not p.name.startswith("_"))
+def _probe_main(tenant_dir: str) -> None:
+    """Child side of :func:`probe_services`: one JSON line {"names", "problems"} on stdout."""
+    import logging
+
+    from framework.registry import Registry
+
+    # The reasons are reported by the parent, once; the registry's log lines would repeat them.
+    logging.getLogger("mtp").handlers[:] = [logging.NullHandler()]
+    logging.getLogger("mtp").propagate = False
+    root = Path(tenant_dir)
+    registry = Registry(root, load_tenant(root / "tenant.toml"))
+    result = {"names": registry.names(), "problems": registry.problems()}
+    sys.stdout.write("\n" + json.dumps(result) + "\n")
 
 
-def check_names(services_dir: Path) -> list[str]:
-    """Every service name matches SERVICE_NAME_RE, else refuse naming the file."""
-    names = []
-    for path in service_files(services_dir):
-        if not SERVICE_NAME_RE.match(path.stem):
-            raise AssembleError(
-                f"services/{path.name}: service name {path.stem!r} must match "
-                f"{SERVICE_NAME_RE.pattern}"
-            )
-        names.append(path.stem)
-    if not names:
-        raise AssembleError(f"{services_dir}: no service modules (services/<name>.py)")
-    return names
+def probe_services(tenant_dir: Path, python: str = sys.executable) -> list[str]:
+    """Check every service as ``mtp check`` does, in a child interpreter; return the names.
 
-
-def probe_module(path: Path) -> str:
-    """Import one service file; '' when it has a callable ``handle``, else the reason."""
-    spec = importlib.util.spec_from_file_location(f"mtp_probe_{path.stem}", path)
-    if spec is None or spec.loader is None:
-        return "cannot be loaded as a Python module"
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except SyntaxError as exc:
-        return f"syntax error at line {exc.lineno}: {exc.msg}"
-    except BaseException as exc:  # SystemExit too: any failure of tenant code is reported
-        return f"raised {type(exc).__name__} on import: {exc}"
-    if not callable(getattr(module, "handle", None)):
-        return "has no callable handle(context)"
-    return ""
-
-
-def _probe_main(services_dir: str) -> None:
-    """Child side of :func:`probe_services`: one JSON object {name: reason} on stdout."""
-    root = Path(services_dir)
-    # Services may import their private helpers (services/_common.py) by plain name.
-    sys.path.insert(0, str(root))
-    results = {p.stem: probe_module(p) for p in service_files(root)}
-    sys.stdout.write("\n" + json.dumps(results) + "\n")
-
-
-def probe_services(services_dir: Path, python: str = sys.executable) -> None:
-    """Import every service in a child interpreter; refuse the first broken one."""
+    Uses the framework's own registry (the loader the runtime serves with), so a
+    tree that assembles is a tree the runtime can load.
+    """
     try:
         proc = subprocess.run(
-            [python, "-m", "framework.assemble", "--probe", str(services_dir)],
+            [python, "-m", "framework.assemble", "--probe", str(tenant_dir)],
             capture_output=True, text=True, timeout=PROBE_TIMEOUT,
-            env=_child_env(), cwd=services_dir.parent, check=False,
+            env=_child_env(), cwd=tenant_dir, check=False,
         )
     except subprocess.TimeoutExpired:
         raise AssembleError(
@@ -108,17 +81,27 @@ def probe_services(services_dir: Path, python: str = sys.executable) -> None:
         ) from None
     lines = proc.stdout.strip().splitlines()
     try:
-        results = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
+        result = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
     except json.JSONDecodeError:
-        results = None
-    if not isinstance(results, dict):
-        # The child died before reporting: a module called sys.exit or os._exit on import.
+        result = None
+    if not isinstance(result, dict):
+        # No report: a module ended the interpreter on import, or wrote over it at exit.
         raise AssembleError(
-            f"importing the services ended the interpreter (exit {proc.returncode})"
+            f"importing the services ended the check without a report (exit {proc.returncode})"
         )
-    for name, reason in sorted(results.items()):
-        if reason:
-            raise AssembleError(f"services/{name}.py: {reason}")
+    if result["problems"]:
+        raise ServiceProblems(result["problems"])
+    if not result["names"]:
+        raise AssembleError(f"{tenant_dir / 'services'}: no service modules (services/<name>.py)")
+    return list(result["names"])
+
+
+class ServiceProblems(AssembleError):
+    """Service modules ``mtp check`` would refuse; one reason per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
 
 
 NO_TESTS_COLLECTED = 5  # pytest's exit code for an empty suite
@@ -226,15 +209,9 @@ def assemble(tenant_dir: Path, out: Path, *, run_tests: bool = True,
     toml = tenant_dir / "tenant.toml"
     cfg = load_tenant(toml)
     check_version_pin(cfg.framework_version, str(toml))
-    services_dir = tenant_dir / "services"
-    if not services_dir.is_dir():
+    if not (tenant_dir / "services").is_dir():
         raise AssembleError(f"{tenant_dir}: no services/ folder")
-    names = check_names(services_dir)
-    for configured in cfg.services:
-        if configured not in names:
-            raise AssembleError(f"{toml}: services.{configured}: no module "
-                                f"services/{configured}.py")
-    probe_services(services_dir)
+    names = probe_services(tenant_dir)
     say(f"checked tenant {cfg.tenant_id}: {len(names)} services ({', '.join(names)})")
     if run_tests and (tenant_dir / "tests").is_dir():
         code = run_tenant_tests(tenant_dir)
@@ -255,8 +232,8 @@ def assemble(tenant_dir: Path, out: Path, *, run_tests: bool = True,
     return Assembled(out=out, manifest=manifest)
 
 
-if __name__ == "__main__":  # pragma: no branch - the probe child's entry point
+if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--probe":
         _probe_main(sys.argv[2])
     else:
-        sys.exit("usage: python -m framework.assemble --probe SERVICES_DIR")
+        sys.exit("usage: python -m framework.assemble --probe TENANT_DIR")

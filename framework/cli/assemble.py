@@ -46,6 +46,7 @@ def assemble(tenant_dir: str | None, out: Path, skip_tests: bool) -> None:
         click.echo(f"mtp assemble: {exc}", err=True)
         sys.exit(1)
     except AssembleError as exc:
-        click.echo(f"mtp assemble: {exc}", err=True)
+        for line in str(exc).splitlines():
+            click.echo(f"mtp assemble: {line}", err=True)
         sys.exit(1)
     click.echo(str(result.out / "manifest.json"))

@@ -1,0 +1,128 @@
+"""Delivery files pass their linters: hadolint, the GitHub workflow and compose schemas,
+zizmor, yamllint and kubernetes-validate. With CI=true a missing linter is a failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import ROOT
+
+WORKFLOWS = sorted((ROOT / ".github/workflows").glob("*.yml")) + sorted(
+    (ROOT / "tenant_template/.github/workflows").glob("*.yml"))
+MANIFESTS = sorted((ROOT / "deploy/kubernetes").glob("*.yaml"))
+DOCKERFILE = ROOT / "docker/Dockerfile"
+HEX40 = re.compile(r"^[0-9a-f]{40}$")
+
+
+def linter(name: str) -> str:
+    """The linter installed next to this interpreter (the venv), else on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if found:
+        return found
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{name} is not installed and CI=true (pip install -e '.[dev]')")
+    pytest.skip(f"{name} is not installed (pip install -e '.[dev]')")
+    raise AssertionError  # unreachable: skip raises
+
+
+def run(args: list[str | Path]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120, check=False)
+
+
+def assert_clean(proc: subprocess.CompletedProcess[str]) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+
+
+def test_there_is_something_to_lint():
+    assert len(WORKFLOWS) >= 3
+    assert {p.name for p in MANIFESTS} >= {"deployment.yaml", "service.yaml", "pdb.yaml",
+                                           "hpa.yaml", "secret.example.yaml"}
+
+
+def test_hadolint_clean_at_warning_level():
+    assert_clean(run([linter("hadolint"), "--failure-threshold", "warning", DOCKERFILE]))
+
+
+def test_workflows_match_the_github_schema():
+    assert_clean(run([linter("check-jsonschema"), "--builtin-schema",
+                      "vendor.github-workflows", *WORKFLOWS]))
+
+
+def test_compose_file_matches_the_compose_spec():
+    assert_clean(run([linter("check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
+                      "docker/docker-compose.yml"]))
+
+
+@pytest.mark.parametrize("target", [".github/workflows", "tenant_template"])
+def test_zizmor_offline_has_no_findings(target):
+    proc = run([linter("zizmor"), "--offline", "--format", "json", target])
+    assert_clean(proc)
+    assert json.loads(proc.stdout) == []
+
+
+def test_yamllint_strict():
+    assert_clean(run([linter("yamllint"), "--strict", ".github", "tenant_template/.github",
+                      "docker", "deploy", ".yamllint"]))
+
+
+def test_kubernetes_manifests_validate_strictly():
+    assert_clean(run([linter("kubernetes-validate"), "--strict", "--quiet", *MANIFESTS]))
+
+
+def test_dockerfile_contract():
+    text = DOCKERFILE.read_text()
+    first_from = text.index("\nFROM ")
+    assert "ARG BASE_IMAGE=python:3.11-slim" in text[:first_from]
+    assert text.count("FROM ${BASE_IMAGE}") == 2  # both stages: the venv moves unchanged
+    user = re.search(r"^USER (\S+)", text, re.M)
+    assert user and user.group(1).split(":")[0] not in ("root", "0")
+    for line in ("STOPSIGNAL SIGTERM", "EXPOSE 8080", 'ENTRYPOINT ["mtp"]', 'CMD ["run"]',
+                 "MTP_TENANT_DIR=/srv/tenant", "MTP_DATA_DIR=/var/lib/mtp",
+                 "MTP_LISTEN=0.0.0.0:8080", "HEALTHCHECK", "/healthz"):
+        assert line in text
+
+
+def test_pod_runs_sidecar_and_framework_from_one_image():
+    doc = yaml.safe_load((ROOT / "deploy/kubernetes/deployment.yaml").read_text())
+    pod = doc["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert containers["sidecar"]["args"] == ["sidecar"]
+    assert containers["framework"]["args"] == ["framework"]
+    assert containers["sidecar"]["image"] == containers["framework"]["image"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    for c in containers.values():
+        env = {e["name"]: e for e in c["env"]}
+        assert env["MTP_UPSTREAM"]["value"] == "unix:/run/mtp/framework.sock"
+        assert "secretKeyRef" in env["MTP_SIDECAR_SECRET"]["valueFrom"]
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert {"name": "run", "mountPath": "/run/mtp"} in c["volumeMounts"]
+    probes = containers["sidecar"]
+    assert probes["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert probes["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert {"emptyDir"} <= {k for v in pod["volumes"] if v["name"] == "run" for k in v}
+
+
+def test_tenant_workflow_calls_the_reusable_pipeline_pinned_by_hash():
+    doc = yaml.safe_load((ROOT / "tenant_template/.github/workflows/build.yml").read_text())
+    job = doc["jobs"]["image"]
+    path, _, ref = job["uses"].partition("@")
+    assert path.endswith("/.github/workflows/tenant-pipeline.yml")
+    assert HEX40.match(ref)
+    assert job["with"]["framework_ref"] == ref
+    pipeline = yaml.safe_load((ROOT / ".github/workflows/tenant-pipeline.yml").read_text())
+    inputs = pipeline[True]["workflow_call"]["inputs"]  # YAML 1.1 reads the key `on` as True
+    assert set(job["with"]) <= set(inputs)
+    assert {"framework_ref", "tenant_id", "image_name", "registry"} <= set(inputs)
