@@ -37,7 +37,6 @@ T = TypeVar("T")
 _UNAVAILABLE_CODES = frozenset({51, 52, 80})  # busy, unavailable, other
 _SIZE_LIMIT_EXCEEDED = 4
 _NO_SUCH_OBJECT = 32
-_INVALID_CREDENTIALS = 49
 _CACHE_SIZE = 10_000
 
 
@@ -74,7 +73,7 @@ class LdapClient:
                                 raise_exceptions=False, read_only=True)
         conn.open()
         if self._cfg.start_tls and not conn.start_tls():
-            conn.unbind()
+            _quietly_unbind(conn)
             raise DirectoryUnavailable(f"StartTLS refused: {conn.result.get('description')}")
         return conn
 
@@ -83,7 +82,7 @@ class LdapClient:
         conn = self._open(self._cfg.bind_dn, self._bind_password)
         if not conn.bind():
             desc = conn.result.get("description")
-            conn.unbind()
+            _quietly_unbind(conn)
             log.error("LDAP service account bind failed for %s: %s", self._cfg.bind_dn, desc)
             raise DirectoryUnavailable(f"service account bind failed: {desc}")
         return conn
