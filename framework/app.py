@@ -11,6 +11,7 @@ from framework.controller import register, render_error
 from framework.execute import Executor
 from framework.jobrunner import JobRunner, Reaper
 from framework.jobs import SqliteJobStore, runner_id
+from framework.operations import install as install_operations
 from framework.problem import request_id
 from framework.registry import Registry
 from framework.runtime import Runtime
@@ -57,6 +58,7 @@ def create_app(settings: Settings, tenant: TenantConfig, background: bool = True
     app.register_error_handler(Exception, render_error)
     install_hooks(app, rt)
     register(app, rt)
+    app.extensions["mtp.operations"] = install_operations(app, rt)
     return app
 
 

@@ -84,6 +84,9 @@ def run_handler(spec: ServiceSpec, ctx: Context, max_result: int,
         log.error("service %s: %s", spec.name, exc.detail,
                   extra={"error_id": exc.error_id, "service": spec.name})
         outcome = Outcome(500, error=exc)
+    except FrameworkError as exc:
+        # e.g. from context.call: the nested call's 403/404/508 is the answer's status.
+        outcome = Outcome(exc.status, error=exc)
     except (Exception, SystemExit):
         error_id = new_error_id()
         # The traceback goes to the log under the error id, never to the client.
