@@ -83,7 +83,7 @@ class Sidecar:
                     service, operation = target
                     rule = self._authorize(tenant, principal, service, operation)
                     # Forward exactly the path that was authorized (see service_target).
-                    query = request.query_string
+                    query = request.rel_url.raw_query_string
                     upstream_path = f"{path}?{query}" if query else path
                 if (request.content_length or 0) > self.settings.max_body:
                     raise PayloadTooLarge("declared body over MTP_MAX_BODY")

@@ -1,0 +1,207 @@
+"""The real `mtp sidecar` in front of a signature-checking echo upstream."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import pytest
+
+from tests.sidecar.conftest import API_KEY, JWT_SECRET, Stack, token
+
+PROBLEM = "application/problem+json"
+
+
+def bearer(tok: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {tok}"}
+
+
+def echoed(stack: Stack, headers, path: str = "/services/hello", body: bytes | None = None):
+    r = stack.call("POST" if body is not None else "GET", path, headers, body)
+    assert r.status == 200, r.body
+    return r, {k.lower(): v for k, v in r.json()["headers"]}
+
+
+def assert_problem(r, status: int) -> dict:
+    assert r.status == status
+    assert r.headers["Content-Type"] == PROBLEM
+    doc = json.loads(r.body)
+    assert doc["status"] == status and doc["request_id"] == r.headers["X-Request-ID"]
+    assert "Traceback" not in r.body.decode()
+    return doc
+
+
+def test_health_routes_need_no_credentials(stack: Stack) -> None:
+    for path in ("/healthz", "/readyz"):
+        r = stack.call("GET", path, {"X-User-ID": "mallory", "X-Request-ID": "probe-1"})
+        assert r.status == 200 and r.json()["status"] == "ok"
+        assert r.headers["X-Request-ID"] == "probe-1"
+
+
+@pytest.mark.parametrize("headers", [
+    {},
+    bearer("garbage"),
+    bearer(token(ttl=-10)),
+    bearer(token(key="wrong-key-" * 5)),
+    {"Authorization": "Bearer " + token().rsplit(".", 1)[0] + "."},
+    {"Authorization": "Digest abc"},
+    {"Authorization": "Basic " + base64.b64encode(b"alice:pw").decode()},  # LDAP is off
+    {"X-API-Key": "not-a-key"},
+    {**bearer(token()), "X-API-Key": API_KEY},
+])
+def test_bad_credentials_get_one_generic_401(stack: Stack, headers) -> None:
+    r = stack.call("GET", "/services/hello", headers)
+    doc = assert_problem(r, 401)
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    assert doc["detail"] == "valid credentials are required"
+
+
+def test_alg_none_token_is_401(stack: Stack) -> None:
+    import jwt as pyjwt
+
+    tok = pyjwt.encode({"sub": "alice", "tenant_id": "acme", "exp": int(time.time()) + 60},
+                       None, algorithm="none")
+    assert_problem(stack.call("GET", "/services/hello", bearer(tok)), 401)
+
+
+def test_other_tenant_is_403(stack: Stack) -> None:
+    assert_problem(stack.call("GET", "/services/hello", bearer(token(tenant="globex"))), 403)
+
+
+def test_spoofed_headers_and_credentials_never_reach_the_service(stack: Stack) -> None:
+    tok = token(groups=["sales"], roles=["viewer"])
+    spoof = [("Authorization", f"Bearer {tok}"), ("X-Tenant-ID", "globex"),
+             ("X-User-ID", "root"), ("x-user-roles", "admin"), ("X_User_Groups", "admins"),
+             ("X-Auth-Method", "ldap"), ("X-Sidecar-Signature", "v1=00"),
+             ("X-Sidecar-Timestamp", "1"), ("X-Forwarded-For", "1.2.3.4"),
+             ("Forwarded", "for=1.2.3.4"), ("Connection", "X-Secret-Hop"),
+             ("X-Secret-Hop", "1"), ("X-Request-ID", "client-rid_1.2"), ("X-Custom", "kept")]
+    r, seen = echoed(stack, spoof, "/services/orders/create", b'{"n": 1}')
+    assert seen["x-tenant-id"] == "acme" and seen["x-user-id"] == "alice"
+    assert seen["x-user-groups"] == "sales" and seen["x-user-roles"] == "viewer"
+    assert seen["x-auth-method"] == "jwt" and seen["x-forwarded-for"] == "127.0.0.1"
+    assert seen["x-request-id"] == "client-rid_1.2" == r.headers["X-Request-ID"]
+    assert seen["x-custom"] == "kept"
+    for gone in ("authorization", "x-api-key", "forwarded", "x-secret-hop", "x_user_groups"):
+        assert gone not in seen
+    text = json.dumps(r.json())
+    assert tok not in text and "root" not in text and "globex" not in text
+    assert r.json()["body"] == '{"n": 1}' and r.json()["path"] == "/services/orders/create"
+
+
+def test_api_key_principal_and_key_not_forwarded(stack: Stack) -> None:
+    r, seen = echoed(stack, {"X-API-Key": API_KEY}, "/services/anything")
+    assert seen["x-user-id"] == "ci-bot" and seen["x-user-roles"] == "deployer"
+    assert seen["x-auth-method"] == "api_key"
+    assert API_KEY not in r.body.decode()
+
+
+def test_authz_denies_what_no_rule_grants(stack: Stack) -> None:
+    assert_problem(stack.call("GET", "/services/orders/create", bearer(token())), 403)
+    assert_problem(stack.call("GET", "/services/nonexistent", bearer(token())), 403)
+    r = stack.call("GET", "/services/orders/create", bearer(token(groups=["sales"])))
+    assert r.status == 200
+
+
+def test_malformed_service_paths_are_404(stack: Stack) -> None:
+    for path in ("/services/Bad", "/services/a/b/c", "/services/a/%20x", "/services/..%2Fjobs"):
+        assert_problem(stack.call("GET", path, bearer(token(roles=["admin"]))), 404)
+
+
+def test_query_string_and_other_routes_are_forwarded(stack: Stack) -> None:
+    r, _ = echoed(stack, bearer(token()), "/services/hello?mode=async&x=%20")
+    assert r.json()["path"] == "/services/hello?mode=async&x=%20"
+    r, _seen = echoed(stack, bearer(token()), "/jobs/abc")
+    assert r.json()["path"] == "/jobs/abc"
+
+
+def test_request_id_invalid_is_replaced(stack: Stack) -> None:
+    r = stack.call("GET", "/services/hello", {**bearer(token()), "X-Request-ID": "bad id!"})
+    assert r.status == 200 and r.headers["X-Request-ID"] != "bad id!"
+    assert len(r.headers["X-Request-ID"]) == 32
+
+
+def test_body_too_large_is_413(stack: Stack) -> None:
+    assert_problem(stack.call("POST", "/services/hello", bearer(token()), b"x" * 5000), 413)
+    # Chunked, without a declared length: caught while reading.
+    chunks = b"1000\r\n" + b"x" * 4096 + b"\r\n10\r\n" + b"y" * 16 + b"\r\n0\r\n\r\n"
+    import socket
+
+    with socket.create_connection(("127.0.0.1", stack.port)) as s:
+        s.sendall(b"POST /services/hello HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                  + token().encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks)
+        answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 413")
+
+
+def test_result_over_cap_is_500(stack: Stack) -> None:
+    admin = bearer(token(roles=["admin"]))
+    assert stack.call("GET", "/big?n=1000", admin).body == b"x" * 1000
+    assert_problem(stack.call("GET", "/big?n=200000", admin), 500)
+    assert_problem(stack.call("GET", "/big?n=200000&chunked=1", admin), 500)
+    r = stack.call("GET", "/big?n=5000&chunked=1", admin)
+    assert r.status == 200 and r.body == b"x" * 5000
+
+
+def test_upstream_errors_pass_through(stack: Stack) -> None:
+    r = stack.call("GET", "/fail", bearer(token()))
+    assert r.status == 503
+
+
+def test_metrics_joins_sidecar_and_framework(stack: Stack) -> None:
+    stack.call("GET", "/services/hello", bearer(token()))
+    assert_problem(stack.call("GET", "/metrics"), 401)
+    r = stack.call("GET", "/metrics", bearer(token()))
+    text = r.body.decode()
+    assert r.status == 200 and "mtp_sidecar_requests_total" in text
+    assert 'service="hello"' in text and "mtp_sidecar_authz_decisions_total" in text
+    assert "framework_up 1" in text
+
+
+def test_overlay_rate_limit_applies_live_and_429_is_complete(stack: Stack) -> None:
+    stack.overlay.write_text("[limits]\nrate = 0.5\nburst = 0\n")
+    try:
+        deadline = time.monotonic() + 5
+        r = None
+        while time.monotonic() < deadline:
+            r = stack.call("GET", "/services/hello", bearer(token(sub="limited")))
+            if r.status == 429:
+                break
+            time.sleep(0.05)
+        doc = assert_problem(r, 429)
+        assert doc["detail"] == "rate limit exceeded"
+        assert 1 <= int(r.headers["Retry-After"]) <= 2
+        assert r.headers["RateLimit-Limit"] == "1" and r.headers["RateLimit-Remaining"] == "0"
+        assert int(r.headers["RateLimit-Reset"]) >= 0
+        assert stack.call("GET", "/healthz").status == 200  # never limited
+        stack.overlay.write_text("[limits]\nrate = oops\n")  # refused: running config kept
+        time.sleep(0.4)
+        assert stack.call("GET", "/services/hello", bearer(token())).status == 429
+    finally:
+        stack.overlay.unlink()
+    deadline = time.monotonic() + 5
+    while stack.call("GET", "/services/hello", bearer(token())).status != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_audit_lines_have_decisions_and_no_secrets(stack: Stack) -> None:
+    tok = token(sub="auditee")
+    stack.call("GET", "/services/hello", bearer(tok))
+    stack.call("GET", "/services/orders/create", bearer(tok))
+    stack.call("GET", "/services/hello", {"X-API-Key": API_KEY})
+    stack.call("GET", "/services/hello", {"X-API-Key": "wrong-key-material"})
+    basic = base64.b64encode(b"alice:hunter2-password").decode()
+    stack.call("GET", "/services/hello", {"Authorization": f"Basic {basic}"})
+    time.sleep(0.5)  # the audit log is flushed every 0.2 s
+    text = stack.audit.read_text()
+    lines = [json.loads(line) for line in text.splitlines()]
+    mine = [line for line in lines if line["user"] == "auditee"]
+    assert [(m["service"], m["operation"], m["outcome"], m["status"]) for m in mine] == [
+        ("hello", None, "allowed", 200), ("orders", "create", "denied", 403)]
+    assert mine[0]["rule"] == 1 and mine[1]["reason"].startswith("no rule")
+    assert {"time", "request_id", "tenant", "method", "reason"} <= set(mine[0])
+    assert any(line["reason"] == "unknown API key" for line in lines)
+    for secret in (tok, API_KEY, "wrong-key-material", basic, "hunter2", JWT_SECRET):
+        assert secret not in text

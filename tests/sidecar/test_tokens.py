@@ -1,0 +1,188 @@
+"""JWT verification: every way a token can be wrong is refused, and the cache is never laxer."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from framework.tenant_config import ConfigError, JwtSettings
+from sidecar.principal import JWT
+from sidecar.tokens import TokenInvalid, TokenVerifier, load_public_key
+
+SECRET = "s3cret-for-tests-" + "0123456789abcdef" * 3
+HS = JwtSettings(algorithms=("HS256",), leeway=0)
+
+
+def claims(**over: object) -> dict[str, object]:
+    base: dict[str, object] = {"sub": "alice", "tenant_id": "acme", "exp": int(time.time()) + 60,
+                               "groups": ["sales"], "roles": ["admin"]}
+    base.update(over)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def verify(verifier: TokenVerifier, token: str):
+    return asyncio.run(verifier.verify(token))
+
+
+@pytest.fixture(scope="module")
+def rsa_key():
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def rsa_pem(rsa_key) -> bytes:
+    return rsa_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                             serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def test_valid_hs256_token_gives_its_principal() -> None:
+    p = verify(TokenVerifier(HS, secret=SECRET), jwt.encode(claims(), SECRET, "HS256"))
+    assert (p.tenant, p.user, p.groups, p.roles, p.auth_method) == (
+        "acme", "alice", ("sales",), ("admin",), JWT)
+
+
+@pytest.mark.parametrize("token_claims, why", [
+    (claims(exp=int(time.time()) - 5), "ExpiredSignatureError"),
+    (claims(nbf=int(time.time()) + 300), "ImmatureSignatureError"),
+    (claims(sub=None), "MissingRequiredClaimError"),
+    (claims(exp=None), "MissingRequiredClaimError"),
+    (claims(tenant_id=None), "tenant_id"),
+    (claims(groups="a,b"), "comma"),
+    (claims(roles=[1]), "roles"),
+    (claims(sub="bad\nuser"), "printable"),
+])
+def test_bad_claims_are_refused(token_claims: dict, why: str) -> None:
+    with pytest.raises(TokenInvalid, match=why):
+        verify(TokenVerifier(HS, secret=SECRET), jwt.encode(token_claims, SECRET, "HS256"))
+
+
+def test_wrong_signature_is_refused() -> None:
+    with pytest.raises(TokenInvalid, match="InvalidSignatureError"):
+        verify(TokenVerifier(HS, secret=SECRET), jwt.encode(claims(), "another-secret-value-" * 4,
+                                                            "HS256"))
+
+
+def test_alg_none_is_refused() -> None:
+    token = jwt.encode(claims(), None, algorithm="none")
+    with pytest.raises(TokenInvalid, match="InvalidAlgorithmError"):
+        verify(TokenVerifier(HS, secret=SECRET), token)
+
+
+def test_algorithm_outside_the_config_is_refused() -> None:
+    token = jwt.encode(claims(), SECRET, "HS512")
+    with pytest.raises(TokenInvalid, match="InvalidAlgorithmError"):
+        verify(TokenVerifier(HS, secret=SECRET), token)
+
+
+def test_garbage_is_refused() -> None:
+    with pytest.raises(TokenInvalid, match="DecodeError"):
+        verify(TokenVerifier(HS, secret=SECRET), "not.a.token")
+
+
+def _forge_hs256(payload: dict, key: bytes) -> str:
+    """An HS256 token MACed with ``key`` (PyJWT refuses to do this with a PEM, on purpose)."""
+    import hashlib
+    import hmac
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps(payload).encode())
+    sig = hmac.new(key, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(sig)}"
+
+
+def test_hs_rs_confusion_public_pem_as_hmac_secret_is_refused(rsa_key, rsa_pem,
+                                                             tmp_path: Path) -> None:
+    pem_file = tmp_path / "pub.pem"
+    pem_file.write_bytes(rsa_pem)
+    rs = JwtSettings(algorithms=("RS256",), public_key_file=str(pem_file), leeway=0)
+    verifier = TokenVerifier(rs, public_key=load_public_key(str(pem_file)))
+    assert verify(verifier, jwt.encode(claims(), rsa_key, "RS256")).user == "alice"
+    forged = _forge_hs256(claims(), rsa_pem)
+    with pytest.raises(TokenInvalid, match="InvalidAlgorithmError"):
+        verify(verifier, forged)
+    # And an HS256 tenant whose secret happened to be that PEM still refuses it as a key.
+    pem_secret = TokenVerifier(HS, secret=rsa_pem.decode())
+    with pytest.raises(TokenInvalid):
+        verify(pem_secret, forged)
+
+
+def test_issuer_and_audience_are_checked_when_set() -> None:
+    cfg = JwtSettings(algorithms=("HS256",), issuer="https://idp", audience="mtp", leeway=0)
+    v = TokenVerifier(cfg, secret=SECRET)
+    good = claims(iss="https://idp", aud="mtp")
+    assert verify(v, jwt.encode(good, SECRET, "HS256")).user == "alice"
+    with pytest.raises(TokenInvalid, match="InvalidIssuerError"):
+        verify(v, jwt.encode({**good, "iss": "https://evil"}, SECRET, "HS256"))
+    with pytest.raises(TokenInvalid, match="InvalidAudienceError"):
+        verify(v, jwt.encode({**good, "aud": "other"}, SECRET, "HS256"))
+    with pytest.raises(TokenInvalid, match="MissingRequiredClaimError"):
+        verify(v, jwt.encode(claims(aud="mtp"), SECRET, "HS256"))
+
+
+def test_custom_tenant_claim() -> None:
+    cfg = JwtSettings(algorithms=("HS256",), tenant_claim="org", leeway=0)
+    token = jwt.encode(claims(tenant_id=None, org="acme"), SECRET, "HS256")
+    assert verify(TokenVerifier(cfg, secret=SECRET), token).tenant == "acme"
+
+
+def test_cache_hit_still_checks_expiry() -> None:
+    now = [1000.0]
+    v = TokenVerifier(HS, secret=SECRET, clock=lambda: now[0])
+    token = jwt.encode(claims(exp=int(time.time()) + 2), SECRET, "HS256")
+    first = verify(v, token)
+    assert verify(v, token) is first  # served from the cache
+    import hashlib
+    digest = hashlib.sha256(token.encode()).digest()
+    _principal, expires = v._cache[digest]
+    # Pretend the clock moved past exp: the cached entry must not be honoured.
+    now[0] = expires + 1
+    assert v.cached(digest) is None
+    with pytest.raises(TokenInvalid, match="Expired"):
+        verify(v, jwt.encode(claims(exp=int(time.time()) - 1), SECRET, "HS256"))
+
+
+def test_public_key_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_public_key(str(tmp_path / "missing.pem"))
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a key")
+    with pytest.raises(ConfigError, match="not a PEM public key"):
+        load_public_key(str(bad))
+
+
+class _Keys:
+    """A key source like sidecar/jwks.py's, for the JWKS code path."""
+
+    def __init__(self, key) -> None:
+        self.key, self.kids, self.closed = key, [], False
+
+    async def key_for(self, kid):
+        self.kids.append(kid)
+        return self.key
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def test_key_source_is_asked_by_kid(rsa_key) -> None:
+    keys = _Keys(rsa_key.public_key())
+    cfg = JwtSettings(algorithms=("RS256",), jwks_url="http://idp/jwks", leeway=0)
+    v = TokenVerifier(cfg, keys=keys)
+    token = jwt.encode(claims(), rsa_key, "RS256", headers={"kid": "k1"})
+    assert verify(v, token).user == "alice"
+    assert keys.kids == ["k1"]
+    with pytest.raises(TokenInvalid, match="DecodeError"):
+        verify(v, "garbage")
+    asyncio.run(v.close())
+    assert keys.closed
