@@ -1,0 +1,195 @@
+"""The tenant pipeline's steps 1-4 with local git repositories, then the assembled runtime
+served exactly as the image serves it (the Dockerfile's ENV, ENTRYPOINT and CMD).
+
+(1) a tenant repository made from tenant_template (git init, commit); (2) this framework
+cloned from the project's own repository and checked out at a tag; (3) tenant tests and
+dependencies; (4) the clone's `mtp assemble` into the clone's build/runtime — the build
+context docker/Dockerfile copies. Step 5 (the image itself) is scripts/image-test.sh.
+The clone runs with this interpreter and PYTHONPATH pointing at it: no fresh venv.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, base_env, free_port, spawn, stop, wait_for_port
+
+pytestmark = pytest.mark.slow
+GIT_ID = {"GIT_AUTHOR_NAME": "pipeline", "GIT_AUTHOR_EMAIL": "pipeline@example.org",
+          "GIT_COMMITTER_NAME": "pipeline", "GIT_COMMITTER_EMAIL": "pipeline@example.org"}
+
+
+def sh(args: list[str | Path], cwd: Path, env: dict[str, str]) -> str:
+    proc = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, f"{args}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def dockerfile_runtime() -> tuple[dict[str, str], list[str]]:
+    """The final stage's ENV (without PATH) and ENTRYPOINT + CMD of docker/Dockerfile."""
+    text = (ROOT / "docker/Dockerfile").read_text().replace("\\\n", " ")
+    final = text[text.rindex("\nFROM "):]
+    env: dict[str, str] = {}
+    for line in final.splitlines():
+        if line.startswith("ENV "):
+            env.update(pair.split("=", 1) for pair in line[4:].split())
+    env.pop("PATH", None)
+    entry = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", final, re.M).group(1))
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", final, re.M).group(1))
+    return env, entry + cmd
+
+
+class Pipeline:
+    """What steps 1-4 produced, and the runtime started from it."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.tenant = tmp / "tenant"
+        self.framework = tmp / "framework"
+        self.runtime = self.framework / "build" / "runtime"
+        self.env = base_env(PYTHONPATH=str(self.framework), PYTHONDONTWRITEBYTECODE="1",
+                            **GIT_ID)
+        self.jwt_secret = secrets.token_hex(32)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log = tmp / "run.log"
+
+    def mtp(self, *args: str | Path, **extra: str) -> str:
+        """The checked-out framework's CLI (what `mtp` is after `pip install ./framework`)."""
+        return sh([sys.executable, "-m", "framework", *args], self.tmp, {**self.env, **extra})
+
+    def step1_tenant_repo(self) -> None:
+        shutil.copytree(ROOT / "tenant_template", self.tenant,
+                        ignore=shutil.ignore_patterns("__pycache__", ".pytest_cache"))
+        sh(["git", "init", "-q", "-b", "main"], self.tenant, self.env)
+        sh(["git", "add", "."], self.tenant, self.env)
+        sh(["git", "commit", "-q", "-m", "tenant from template"], self.tenant, self.env)
+
+    def step2_framework_at_tag(self, tag: str) -> None:
+        sh(["git", "clone", "-q", ROOT, self.framework], self.tmp, self.env)
+        sh(["git", "tag", "-f", tag, "HEAD"], self.framework, self.env)
+        sh(["git", "checkout", "-q", tag], self.framework, self.env)
+
+    def step3_install_and_test(self) -> None:
+        sh([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"],
+           self.tenant, self.env)
+        sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
+           self.tenant, self.env)
+
+    def step4_assemble(self) -> None:
+        self.mtp("assemble", "--tenant-dir", self.tenant, "--out", self.runtime, "--skip-tests")
+
+    def start(self) -> None:
+        """The image's command and environment, with paths and port made local."""
+        image_env, command = dockerfile_runtime()
+        assert command[0] == "mtp"
+        local = {"MTP_TENANT_DIR": str(self.runtime), "MTP_DATA_DIR": str(self.tmp / "data"),
+                 "MTP_LISTEN": f"127.0.0.1:{self.port}"}
+        assert set(local) <= set(image_env)
+        env = {**self.env, **image_env, **local, "MTP_JWT_SECRET": self.jwt_secret}
+        self.proc = spawn([sys.executable, "-m", "framework", *command[1:]], env, log=self.log,
+                          cwd=self.tmp)
+        wait_for_port(self.port, self.proc, timeout=60)
+
+    def token(self, user: str) -> str:
+        return self.mtp("token", "--user", user, MTP_TENANT_DIR=str(self.runtime),
+                        MTP_JWT_SECRET=self.jwt_secret).strip()
+
+    def request(self, path: str, body: object = None, token: str | None = None,
+                method: str | None = None) -> tuple[int, dict[str, str], object]:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
+                                     headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=15) as resp:
+                return resp.status, dict(resp.headers), json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), json.loads(exc.read() or b"null")
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Pipeline:
+    from framework import __version__
+
+    p = Pipeline(tmp_path_factory.mktemp("pipeline"))
+    p.step1_tenant_repo()
+    p.step2_framework_at_tag(f"v{__version__}")
+    p.step3_install_and_test()
+    p.step4_assemble()
+    p.start()
+    yield p
+    if p.proc is not None:
+        stop(p.proc)
+
+
+def test_framework_is_the_tagged_clone(pipeline):
+    from framework import __version__
+
+    where = sh([sys.executable, "-c", "import framework; print(framework.__file__)"],
+               pipeline.tmp, pipeline.env)
+    assert Path(where.strip()).is_relative_to(pipeline.framework)
+    described = sh(["git", "describe", "--tags", "--exact-match"], pipeline.framework,
+                   pipeline.env)
+    assert described.strip() == f"v{__version__}"
+    assert pipeline.mtp("--version").strip() == f"mtp {__version__}"
+
+
+def test_runtime_tree_is_in_the_build_context(pipeline):
+    manifest = json.loads((pipeline.runtime / "manifest.json").read_text())
+    assert manifest["tenant_id"] == "demo"
+    assert manifest["framework_version"] == pipeline.mtp("--version").split()[1]
+    assert sorted(p.name for p in (pipeline.runtime / "services").glob("*.py")) == [
+        "hello.py", "orders.py", "report.py"]
+    assert not (pipeline.runtime / "tests").exists()
+
+
+def test_health_and_readiness_need_no_credentials(pipeline):
+    assert pipeline.request("/healthz")[0] == 200
+    status = None
+    for _ in range(100):  # ready once the framework behind the sidecar answers
+        status = pipeline.request("/readyz")[0]
+        if status == 200:
+            break
+        time.sleep(0.1)
+    assert status == 200
+
+
+def test_service_through_the_sidecar_with_a_jwt(pipeline):
+    token = pipeline.token("alice")
+    status, headers, body = pipeline.request("/services/hello", {"name": "Pipeline"}, token)
+    assert status == 200, body
+    assert body == {"message": "Hello, Pipeline!", "tenant": "demo"}
+    assert headers.get("X-Request-ID")
+    status, _, order = pipeline.request("/services/orders/create", {"item": "book"}, token)
+    assert status == 200, order
+    assert order["created_by"] == "alice" and order["currency"] == "EUR"
+    status, _, listing = pipeline.request("/services", token=token)
+    assert status == 200
+    assert {s["name"] for s in listing["services"]} == {"hello", "orders", "report"}
+
+
+def test_no_token_is_refused_with_a_problem(pipeline):
+    status, headers, body = pipeline.request("/services/hello", {"name": "x"})
+    assert status == 401
+    assert headers["Content-Type"].startswith("application/problem+json")
+    assert body["status"] == 401 and body["request_id"]
+
+
+def test_sigterm_drains_and_exits_cleanly(pipeline):
+    # Last in this module: `podman stop` / Kubernetes send SIGTERM and expect exit 0.
+    assert stop(pipeline.proc, timeout=30) == 0, pipeline.log.read_text()[-3000:]
