@@ -53,7 +53,8 @@ def create_app(settings: Settings, tenant: TenantConfig, background: bool = True
     secret = settings.require_sidecar_secret()
     rt = build_runtime(settings, tenant, background, secret)
     app = Flask("framework")
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body
+    # One byte of headroom: read_body sees that byte and answers 413 itself.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body + 1
     app.extensions["mtp"] = rt
     app.register_error_handler(Exception, render_error)
     install_hooks(app, rt)

@@ -24,7 +24,7 @@ from framework.errors import (
 )
 from framework.execute import Outcome
 from framework.flags import FlagSet
-from framework.inputs import choose, parse_payload, parse_prefer, validate
+from framework.inputs import choose, parse_payload, parse_prefer, read_body, validate
 from framework.jobs import CANCELLED, FINISHED, Job
 from framework.problem import CONTENT_TYPE, problem_bytes
 from framework.registry import ServiceSpec
@@ -99,9 +99,8 @@ def register(app: Flask, rt: Runtime) -> None:
         params = request.args.to_dict()
         dispatch = choose(spec, parse_prefer(request.headers.getlist("Prefer")),
                           params.pop("mode", None))
-        if request.content_length is not None and request.content_length > rt.settings.max_body:
-            raise PayloadTooLarge(f"request body is over {rt.settings.max_body} bytes")
-        payload = parse_payload(request.get_data(cache=False))
+        body = read_body(request.stream, request.content_length, rt.settings.max_body)
+        payload = parse_payload(body)
         validate(spec, payload)
         ctx = make_context(rt, spec, operation, g.identity, payload, params)
         if dispatch.run_async:

@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import jsonschema.exceptions
 
-from framework.errors import BadRequest, InvalidInput
+from framework.errors import BadRequest, InvalidInput, PayloadTooLarge
 from framework.registry import ServiceSpec
 
 MAX_WAIT = 60  # seconds a `Prefer: wait=N` may hold a request
 MAX_DETAIL = 300
+READ_CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,21 @@ def choose(spec: ServiceSpec, prefer: Prefer, mode_param: str | None) -> Dispatc
             applied = "respond-async" + (f", wait={wait}" if wait is not None else "")
         return Dispatch(True, wait, applied)
     return Dispatch(False, None, None)
+
+
+def read_body(stream: IO[bytes], content_length: int | None, max_body: int) -> bytes:
+    """The request body, refused with 413 past ``max_body`` (also when chunked)."""
+    if content_length is not None and content_length > max_body:
+        raise PayloadTooLarge(f"request body is over {max_body} bytes")
+    chunks, total = [], 0
+    while True:
+        chunk = stream.read(min(READ_CHUNK, max_body + 1 - total))
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > max_body:
+            raise PayloadTooLarge(f"request body is over {max_body} bytes")
+        chunks.append(chunk)
 
 
 def parse_payload(body: bytes) -> Any:

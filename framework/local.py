@@ -21,7 +21,7 @@ from framework.execute import Executor, Outcome
 from framework.flags import FlagSet
 from framework.inputs import validate
 from framework.jobrunner import JobRunner, error_document
-from framework.jobs import Job, SqliteJobStore, runner_id
+from framework.jobs import SqliteJobStore, runner_id
 from framework.problem import problem, request_id
 from framework.registry import Registry, ServiceSpec
 from framework.settings import Settings
@@ -95,10 +95,6 @@ class LocalRunner:
         runner.shutdown()
         return outcome if outcome is not None else Outcome(500, error=FrameworkError(
             f"job {job.id} did not run"))
-
-    def job(self, job_id: str) -> Job | None:
-        """A stored job (for --async output)."""
-        return SqliteJobStore(self.settings.data_dir / "jobs.sqlite3").get(job_id)
 
 
 def outcome_value(outcome: Outcome, rid: str = "") -> Any:

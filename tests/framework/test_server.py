@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -9,7 +10,7 @@ import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.framework.client import signed_headers
+from tests.framework.client import Answer, signed_headers
 from tests.framework.conftest import Server
 from tests.framework.tenant import markers
 
@@ -231,6 +232,12 @@ def test_listing_disabled_body_limit_and_methods(server: Server):
                    "operations": ["create", "get"], "mode": "sync"}
     assert_problem(c.post("/services/disabled", {}), 403)
     assert_problem(c.post("/services/echo", raw=b"[" + b"1," * 4000 + b"1]"), 413)
+    chunked = http.client.HTTPConnection("127.0.0.1", c.port, timeout=10)
+    chunked.request("POST", "/services/echo", body=iter([b"[" + b"1," * 3000, b"1]"] * 2),
+                    headers=signed_headers("POST", "/services/echo"), encode_chunked=True)
+    assert_problem(Answer(*(lambda r: (r.status, r.headers, r.read()))(chunked.getresponse())),
+                   413)
+    chunked.close()
     not_allowed = assert_problem(c.request("PUT", "/services/echo"), 405)
     assert not_allowed["status"] == 405
     assert "POST" in c.request("PUT", "/services/echo").header("Allow")

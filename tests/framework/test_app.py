@@ -1,0 +1,135 @@
+"""In-process routes (Flask test client) for what is cheaper to prove without gunicorn."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask import Flask
+
+from framework.app import create_app
+from framework.inputs import Prefer, choose, parse_prefer
+from framework.local import Caller, LocalRunner, ServiceError, call
+from framework.registry import Registry
+from framework.settings import Settings
+from framework.tenant_config import load_tenant
+from tests.framework.client import signed_headers
+from tests.framework.tenant import SECRET, make_tenant
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[Flask]:
+    root = make_tenant(tmp_path / "t")
+    settings = Settings.from_env({
+        "MTP_SIDECAR_SECRET": SECRET, "MTP_DATA_DIR": str(tmp_path / "d"),
+        "MTP_JOB_WORKERS": "1", "MTP_JOB_QUEUE": "2", "MTP_LOG_LEVEL": "WARNING",
+        "MTP_MAX_BODY": "4096",
+    }, tenant_dir=root)
+    app = create_app(settings, settings.load_tenant(), background=False)
+    yield app
+    app.extensions["mtp"].close()
+
+
+def send(app: Flask, method: str, path: str, **kw):
+    who = {k: kw.pop(k) for k in ("user", "roles") if k in kw}
+    headers = signed_headers(method, path, **who)
+    headers.update(kw.pop("headers", {}))
+    return app.test_client().open(path, method=method, headers=headers, **kw)
+
+
+def test_a_queued_job_can_be_cancelled_and_never_runs(app: Flask):
+    first = send(app, "POST", "/services/slow", json={"seconds": 0.5})
+    queued = send(app, "POST", "/services/slow", json={"seconds": 0})
+    assert first.status_code == 202 and queued.status_code == 202
+    location = queued.headers["Location"]
+    cancelled = send(app, "DELETE", location)
+    assert cancelled.status_code == 200 and cancelled.json["status"] == "cancelled"
+    assert cancelled.json["finished_at"]
+    again = send(app, "DELETE", location)
+    assert again.status_code == 409 and again.json["job_status"] == "cancelled"
+    running = send(app, "DELETE", first.headers["Location"])
+    assert running.status_code == 409 and "is running" in running.json["detail"]
+    time.sleep(0.7)
+    assert send(app, "GET", location).json["status"] == "cancelled"
+    assert send(app, "GET", first.headers["Location"], roles="admin",
+                user="root").json["status"] == "succeeded"
+
+
+def test_readiness_fails_closed_when_the_job_store_is_unusable(app: Flask, monkeypatch):
+    client = app.test_client()
+    assert client.get("/readyz").status_code == 200
+    monkeypatch.setattr(app.extensions["mtp"].jobs, "usable", lambda: False)
+    answer = client.get("/readyz")
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "1"
+    assert answer.content_type == "application/problem+json"
+
+
+def test_an_unexpected_error_is_500_with_an_id_and_no_traceback(app: Flask, monkeypatch):
+    def explode(name):
+        raise RuntimeError("framework bug with secret detail")
+
+    monkeypatch.setattr(app.extensions["mtp"].registry, "resolve", explode)
+    answer = send(app, "POST", "/services/echo", json={})
+    assert answer.status_code == 500 and answer.json["error_id"]
+    assert b"secret detail" not in answer.data and b"Traceback" not in answer.data
+
+
+def test_metrics_and_health_in_process(app: Flask):
+    send(app, "GET", "/services/echo")
+    text = app.test_client().get("/metrics").data.decode()
+    assert "mtp_framework_requests_total" in text and "mtp_framework_jobs{" in text
+    assert app.test_client().get("/healthz").json == {"status": "ok"}
+
+
+def test_the_live_config_can_be_swapped(app: Flask):
+    rt = app.extensions["mtp"]
+    newer = load_tenant(rt.settings.tenant_dir / "tenant.toml")
+    rt.set_tenant(newer)
+    assert rt.registry.tenant is newer and rt.tenant is newer
+
+
+@pytest.mark.parametrize(("headers", "expected"), [
+    ([], Prefer(False, None)),
+    (["respond-async"], Prefer(True, None)),
+    (["RESPOND-ASYNC, wait=5"], Prefer(True, 5)),
+    (["wait=5", "respond-async"], Prefer(True, 5)),
+    (['respond-async; x="y", wait="7"'], Prefer(True, 7)),
+    (["respond-async, wait=9999"], Prefer(True, 60)),
+    (["respond-async, wait=soon, handling=lenient"], Prefer(True, None)),
+])
+def test_prefer_parsing(headers, expected):
+    assert parse_prefer(headers) == expected
+
+
+def test_choose_applies_mode_rules(tmp_path: Path):
+    root = make_tenant(tmp_path)
+    reg = Registry(root, load_tenant(root / "tenant.toml"))
+    both, only_async = reg.resolve("echo"), reg.resolve("slow")
+    assert not choose(both, Prefer(), None).run_async
+    assert choose(both, Prefer(), "async").applied is None
+    d = choose(both, Prefer(True, 3), None)
+    assert d.run_async and d.wait == 3 and d.applied == "respond-async, wait=3"
+    assert not choose(both, Prefer(True), "sync").run_async
+    assert choose(only_async, Prefer(), "sync").run_async
+
+
+def test_local_call_api_for_tenant_tests(tmp_path: Path, monkeypatch):
+    root = make_tenant(tmp_path / "t")
+    monkeypatch.setenv("MTP_DATA_DIR", str(tmp_path / "d"))
+    monkeypatch.setenv("MTP_LOG_LEVEL", "WARNING")
+    assert call(root, "echo", {"a": 1}, user="zed")["user"] == "zed"
+    assert call(root, "ops", {"qty": 2}, operation="get") == {"op": "get",
+                                                              "payload": {"qty": 2}}
+    with pytest.raises(ServiceError) as err:
+        call(root, "boom")
+    assert err.value.status == 500 and err.value.problem["error_id"]
+    with pytest.raises(ServiceError) as err:
+        call(root, "ops", operation="nope")
+    assert err.value.status == 404
+    settings = Settings.from_env({"MTP_DATA_DIR": str(tmp_path / "d"),
+                                  "MTP_LOG_LEVEL": "WARNING"}, tenant_dir=root)
+    runner = LocalRunner(settings, settings.load_tenant())
+    outcome = runner.run("slow", {"seconds": 0}, caller=Caller("amy"), run_async=True)
+    assert outcome.ok and b'"by":"amy"' in outcome.body

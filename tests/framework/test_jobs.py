@@ -1,0 +1,148 @@
+"""SQLite job store: atomic transitions, runner identity, reaping, retention."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from framework.jobs import (
+    Job,
+    SqliteJobStore,
+    iso,
+    process_start,
+    runner_alive,
+    runner_id,
+)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SqliteJobStore:
+    return SqliteJobStore(tmp_path / "sub" / "jobs.sqlite3")
+
+
+def job(job_id: str = "a" * 32, runner: str | None = None, **kw) -> Job:
+    return Job(id=job_id, tenant="acme", service="svc", operation=None, owner="alice",
+               request_id="r", created=time.time(), runner=runner or runner_id(), **kw)
+
+
+def dead_runner() -> str:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return f"{socket.gethostname()}:{proc.pid}:{12345}"
+
+
+def test_create_get_and_public_shape(store: SqliteJobStore):
+    store.create(job())
+    got = store.get("a" * 32)
+    assert got is not None and got.status == "queued" and got.owner == "alice"
+    public = got.public()
+    assert public["job_id"] == "a" * 32 and public["status"] == "queued"
+    assert public["started_at"] is None and "result" not in public and "error" not in public
+    assert public["created_at"].endswith("Z")
+    assert store.get("b" * 32) is None
+    assert store.usable()
+
+
+def test_claim_finish_and_cancel_are_conditional(store: SqliteJobStore):
+    store.create(job())
+    assert store.claim("a" * 32, runner_id(), time.time() + 10)
+    assert not store.claim("a" * 32, runner_id(), time.time() + 10)
+    assert not store.cancel("a" * 32)  # running: too late
+    assert store.finish("a" * 32, "succeeded", result_json=b'{"x":1}')
+    assert not store.finish("a" * 32, "failed", error={"status": 500})
+    done = store.get("a" * 32)
+    assert done.status == "succeeded" and done.result == {"x": 1}
+    assert done.public()["result"] == {"x": 1}
+
+
+def test_cancel_versus_claim_only_one_wins(store: SqliteJobStore):
+    ids = [f"{i:032x}" for i in range(40)]
+    for job_id in ids:
+        store.create(job(job_id))
+    wins: dict[str, list[str]] = {"claim": [], "cancel": []}
+
+    def claimer():
+        for job_id in ids:
+            if store.claim(job_id, runner_id(), time.time() + 5):
+                wins["claim"].append(job_id)
+
+    def canceller():
+        for job_id in ids:
+            if store.cancel(job_id):
+                wins["cancel"].append(job_id)
+
+    threads = [threading.Thread(target=claimer), threading.Thread(target=canceller)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(wins["claim"] + wins["cancel"]) == ids
+    assert not set(wins["claim"]) & set(wins["cancel"])
+
+
+def test_reap_fails_jobs_of_dead_processes_only(store: SqliteJobStore):
+    dead = dead_runner()
+    store.create(job("1" * 32, runner=dead))
+    store.create(job("2" * 32, runner=dead))
+    store.claim("2" * 32, dead, time.time() + 100)
+    store.create(job("3" * 32))  # this live process
+    store.create(job("4" * 32, runner="elsewhere:1:1"))  # another host: not ours to judge
+    store.create(job("5" * 32, runner="garbage"))
+    assert store.reap() == 2
+    for job_id in ("1" * 32, "2" * 32):
+        failed = store.get(job_id)
+        assert failed.status == "failed" and failed.error["reason"] == "interrupted"
+        assert failed.public()["error"]["reason"] == "interrupted"
+    for job_id in ("3" * 32, "4" * 32, "5" * 32):
+        assert store.get(job_id).status == "queued"
+
+
+def test_reap_fails_running_jobs_past_their_deadline(store: SqliteJobStore):
+    store.create(job())
+    store.claim("a" * 32, runner_id(), time.time() - 1)
+    assert store.reap() == 1
+    late = store.get("a" * 32)
+    assert late.status == "failed" and late.error["status"] == 504
+
+
+def test_purge_drops_old_finished_jobs_only(store: SqliteJobStore):
+    store.create(job("1" * 32))
+    store.cancel("1" * 32)
+    store.create(job("2" * 32))
+    assert store.purge(time.time() - 60) == 0
+    assert store.purge(time.time() + 1) == 1
+    assert store.get("1" * 32) is None and store.get("2" * 32) is not None
+    assert store.counts() == {"queued": 1, "running": 0, "succeeded": 0, "failed": 0,
+                              "cancelled": 0}
+
+
+def test_runner_identity_tells_a_reused_pid_apart():
+    me = runner_id()
+    assert runner_alive(me)
+    host, pid, start = me.rsplit(":", 2)
+    assert int(pid) == os.getpid() and start == process_start(os.getpid())
+    assert not runner_alive(f"{host}:{pid}:{int(start) + 1}")
+    assert process_start(2**22 + 12345) is None
+
+
+def test_connections_are_per_thread_and_closable(store: SqliteJobStore):
+    store.create(job())
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(store.get("a" * 32)))
+    t.start()
+    t.join()
+    assert seen[0].id == "a" * 32
+    store.close()
+    assert store.get("a" * 32) is not None  # reopens
+
+
+def test_iso_timestamps():
+    assert iso(None) is None
+    assert iso(0.25) == "1970-01-01T00:00:00.250Z"
