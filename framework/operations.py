@@ -15,6 +15,7 @@ whole sync path) and adds the admin routes:
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -258,6 +259,8 @@ def install(app: Flask, rt: Runtime) -> Operations:
     billing = rt.tenant.billing
     ops.exporter = start_exporter(store, rt.tenant.tenant_id, billing,
                                   settings.secret(billing.webhook_secret_env))
+    # gunicorn workers leave through sys.exit: flush usage, hand the export lease over.
+    atexit.register(ops.close)
     executor = rt.executor
     executor.call = ops.metered(ops.guarded_call(executor.call))
     executor.sync = ops.guarded_sync(executor.sync)

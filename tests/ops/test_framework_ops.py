@@ -153,6 +153,12 @@ def test_breaker_opens_falls_back_and_closes(server: Server) -> None:
     assert nofb[-1].json()["type"].endswith("circuit-open")
     assert c.post("/services/echo", {}).status == 200  # other services are unaffected
 
+    job = c.post("/services/flaky", {"fail": True}, headers={"Prefer": "respond-async"})
+    assert job.status == 202  # a job of an open service is answered by the fallback too
+    done = eventually(lambda: (j := c.get(job.headers["Location"]).json())["status"]
+                      in ("succeeded", "failed") and j)
+    assert done["status"] == "succeeded" or done["error"]["status"] == 500
+
     time.sleep(COOLDOWN + 0.1)
     # Each worker lets one trial through; its success closes that worker's breaker.
     answers = [c.post("/services/flaky", {}).json() for _ in range(6)]
@@ -183,6 +189,12 @@ def test_composition_keeps_identity_and_authz(server: Server) -> None:
     allowed = c.post("/services/composer", {"service": "secret"}, user="bob", roles="boss")
     assert allowed.status == 200 and allowed.json()["inner"] == {"secret": 42}
     assert c.post("/services/composer", {"service": "nope"}).status == 404
+    with_op = c.post("/services/composer", {"service": "echo", "operation": "get"})
+    assert with_op.status == 404 and "no operation" in with_op.json()["detail"]
+    inline = c.post("/services/composer", {"service": "later", "payload": {}})
+    assert inline.json()["inner"] == {"done": True}  # async-only services run inline
+    failed = c.post("/services/composer", {"service": "later", "payload": {"fail": 1}})
+    assert failed.status == 500 and failed.json()["error_id"]
     looped = c.post("/services/loop", {})
     assert looped.status == 508 and looped.json()["type"].endswith("call-depth-exceeded")
     assert "traceback" not in looped.body.decode().lower()
