@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,11 +40,24 @@ def signed_headers(method: str, path: str, secret: str = SECRET, now: float | No
     return headers
 
 
+class UnixConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket (the default upstream between sidecar and framework)."""
+
+    def __init__(self, path: str, timeout: float = 20) -> None:
+        super().__init__("framework", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
 class Client:
     """Requests to one framework address; ``sign=False`` sends no signature at all."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
-        self.host, self.port = host, port
+    def __init__(self, port: int = 0, host: str = "127.0.0.1", unix: str = "") -> None:
+        self.host, self.port, self.unix = host, port, unix
 
     def request(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
                 sign: bool = True, headers: dict[str, str] | None = None,
@@ -52,7 +66,8 @@ class Client:
         sent.update(headers or {})
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None
                                             else None)
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        conn = (UnixConnection(self.unix, timeout) if self.unix
+                else http.client.HTTPConnection(self.host, self.port, timeout=timeout))
         try:
             conn.request(method, path, body=data, headers=sent)
             resp = conn.getresponse()

@@ -39,6 +39,7 @@ SERVICES = {
         import time
 
         def handle(context):
+            context.logger.info("echo called", extra={"keys": sorted(context.payload)})
             if context.payload.get("sleep"):
                 time.sleep(context.payload["sleep"])
             return {

@@ -83,6 +83,20 @@ def test_metrics_and_health_in_process(app: Flask):
     assert app.test_client().get("/healthz").json == {"status": "ok"}
 
 
+def test_payload_edge_cases(app: Flask):
+    deep = send(app, "POST", "/services/echo", data=b"[" * 2000 + b"]" * 2000)
+    assert deep.status_code == 400 and "nested" in deep.json["detail"]
+    long = send(app, "POST", "/services/ops/create", json={"x" * 1000: 1})
+    assert long.status_code == 400 and long.json["detail"].endswith("...")
+
+
+def test_the_signature_covers_the_path_even_without_raw_uri(app: Flask):
+    headers = signed_headers("GET", "/services/echo?a=%20b")
+    answer = app.test_client().get("/services/echo", query_string="a=%20b", headers=headers,
+                                   environ_overrides={"RAW_URI": "", "REQUEST_URI": ""})
+    assert answer.status_code == 200 and answer.json["params"] == {"a": " b"}
+
+
 def test_the_live_config_can_be_swapped(app: Flask):
     rt = app.extensions["mtp"]
     newer = load_tenant(rt.settings.tenant_dir / "tenant.toml")

@@ -11,8 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from framework.cli import cli
+from framework.cli.serve import bind_address
+from tests.framework.client import Client
 from tests.framework.tenant import SECRET, TENANT_TOML, make_tenant
-from tests.helpers import ROOT, base_env, free_port
+from tests.helpers import ROOT, base_env, free_port, spawn, stop, wait_for_unix
 
 MTP = [sys.executable, "-m", "framework"]
 
@@ -47,6 +49,29 @@ def test_framework_refuses_another_pinned_version(tmp_path: Path):
     done = run_mtp(["framework", "--tenant-dir", str(root)], MTP_SIDECAR_SECRET=SECRET,
                    MTP_DATA_DIR=str(tmp_path / "d"))
     assert done.returncode == 2 and "9.9.9" in done.stderr and "framework_version" in done.stderr
+
+
+def test_framework_serves_on_a_unix_socket(tenant: Path, tmp_path: Path):
+    sock = tmp_path / "run" / "fw.sock"
+    env = base_env(MTP_SIDECAR_SECRET=SECRET, MTP_DATA_DIR=str(tmp_path / "d"),
+                   MTP_UPSTREAM=f"unix:{sock}", MTP_WORKERS="1", MTP_THREADS="2")
+    proc = spawn([*MTP, "framework", "--tenant-dir", str(tenant)], env,
+                 log=tmp_path / "fw.log")
+    try:
+        wait_for_unix(sock, proc)
+        client = Client(unix=str(sock))
+        assert client.get("/healthz", sign=False).json() == {"status": "ok"}
+        assert client.post("/services/echo", {"u": 1}).json()["payload"] == {"u": 1}
+        assert oct(sock.stat().st_mode & 0o777) == "0o770"  # umask 007: not world-open
+    finally:
+        assert stop(proc) == 0
+    assert "Traceback" not in (tmp_path / "fw.log").read_text()
+
+
+def test_bind_addresses():
+    assert bind_address("/x/fw.sock") == "unix:/x/fw.sock"
+    assert bind_address(("127.0.0.1", 8000)) == "127.0.0.1:8000"
+    assert bind_address(("::1", 8000)) == "[::1]:8000"
 
 
 def test_check_passes_the_template_and_names_every_broken_module(tenant: Path):

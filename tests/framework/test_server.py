@@ -124,6 +124,9 @@ def test_prefer_wait_answers_with_the_sync_body_when_done_in_time(server: Server
     slow = server.client.post("/services/slow", {"seconds": 2},
                               headers={"Prefer": "respond-async; foo=bar, wait=0"})
     assert slow.status == 202 and slow.header("Preference-Applied") == "respond-async, wait=0"
+    late = server.client.post("/services/slow", {"seconds": 2},
+                              headers={"Prefer": "respond-async, wait=1"})
+    assert late.status == 202 and late.header("Preference-Applied") == "respond-async, wait=1"
 
 
 def test_failed_job_keeps_an_error_without_traceback(server: Server):
@@ -220,6 +223,8 @@ def test_log_lines_are_json_with_tenant_and_request_id(server: Server):
     mine = [x for x in lines if x.get("request_id") == "log-check-1"]
     assert mine and all(x["tenant"] == "acme" for x in mine)
     assert mine[-1]["msg"] == "request" and mine[-1]["status"] == 200
+    handler_line = next(x for x in mine if x["msg"] == "echo called")
+    assert handler_line["service"] == "echo" and handler_line["keys"] == []
 
 
 def test_listing_disabled_body_limit_and_methods(server: Server):
