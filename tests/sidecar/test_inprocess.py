@@ -1,0 +1,197 @@
+"""The sidecar app in-process: upstream timeouts and the HTTP/1.1 client's edge cases."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from framework.settings import Settings
+from framework.tenant_config import ConfigError, parse_tenant
+from sidecar.app import create_app
+from sidecar.http1 import Pool, ProtocolViolation, TooLarge, UpstreamClosed, encode_request
+from sidecar.proxy import Timeouts
+from tests.sidecar.conftest import JWT_SECRET, SIDECAR_SECRET, token
+
+TENANT = parse_tenant({"tenant": {"id": "acme"}, "auth": {"jwt": {"algorithms": ["HS256"]}}})
+
+
+def settings_for(sock: Path, **env: str) -> Settings:
+    return Settings.from_env({"MTP_SIDECAR_SECRET": SIDECAR_SECRET, "MTP_JWT_SECRET": JWT_SECRET,
+                              "MTP_UPSTREAM": f"unix:{sock}", **env})
+
+
+Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def raw_upstream(sock: Path, answer: Answer) -> asyncio.AbstractServer:
+    """A unix-socket server that answers every request with ``answer``."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                await answer(reader, writer)
+                if writer.is_closing():
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    return await asyncio.start_unix_server(serve, path=str(sock))
+
+
+def fixed(data: bytes, close: bool = False) -> Answer:
+    async def answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(data)
+        await w.drain()
+        if close:
+            w.close()
+    return answer
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def exchange(tmp_path: Path, answer: Answer, method: str = "GET", max_body: int = 1000,
+             read_timeout: float = 5.0, times: int = 1):
+    async def go():
+        server = await raw_upstream(tmp_path / "u.sock", answer)
+        pool = Pool(str(tmp_path / "u.sock"), connect_timeout=1, read_timeout=read_timeout,
+                    max_body=max_body)
+        try:
+            return [await pool.request(method, "/x", [("A", "b")], b"body" if method == "POST"
+                                       else None) for _ in range(times)]
+        finally:
+            await pool.close()
+            server.close()
+    return run(go())
+
+
+def test_content_length_and_keep_alive_reuse(tmp_path: Path) -> None:
+    replies = exchange(tmp_path, fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\n\r\nok"),
+                       times=3)
+    assert replies == [(200, [("Content-Length", "2"), ("X-A", "1")], b"ok")] * 3
+
+
+def test_chunked_with_extensions_and_trailers(tmp_path: Path) -> None:
+    body = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: t\r\n\r\n")
+    [(status, _, content)] = exchange(tmp_path, fixed(body))
+    assert (status, content) == (200, b"abcde")
+
+
+def test_informational_answer_is_skipped(tmp_path: Path) -> None:
+    body = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"
+    assert exchange(tmp_path, fixed(body), method="POST")[0][0] == 201
+
+
+def test_body_until_close_and_http10(tmp_path: Path) -> None:
+    [(status, _, content)] = exchange(tmp_path, fixed(b"HTTP/1.0 200 OK\r\n\r\nall of it",
+                                                      close=True))
+    assert (status, content) == (200, b"all of it")
+
+
+def test_no_body_statuses_and_head(tmp_path: Path) -> None:
+    assert exchange(tmp_path, fixed(b"HTTP/1.1 204 No Content\r\n\r\n"))[0][2] == b""
+    head = fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nConnection: close\r\n\r\n", True)
+    assert exchange(tmp_path, head, method="HEAD")[0][2] == b""
+
+
+@pytest.mark.parametrize("data, error", [
+    (b"garbage\r\n\r\n", ProtocolViolation),
+    (b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n", ProtocolViolation),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", ProtocolViolation),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", ProtocolViolation),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXY", ProtocolViolation),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n", TooLarge),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n", TooLarge),
+    (b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 2000, TooLarge),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", UpstreamClosed),
+])
+def test_bad_answers_raise(tmp_path: Path, data: bytes, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        exchange(tmp_path, fixed(data, close=True))
+
+
+def test_read_timeout(tmp_path: Path) -> None:
+    async def never(_r, _w) -> None:
+        await asyncio.sleep(5)
+
+    with pytest.raises(TimeoutError):
+        exchange(tmp_path, never, read_timeout=0.2)
+
+
+def test_stale_reused_connection_is_retried_for_idempotent_methods(tmp_path: Path) -> None:
+    answers = iter([fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na"),
+                    fixed(b"", close=True),
+                    fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb")])
+
+    async def answer(r, w) -> None:
+        await next(answers)(r, w)
+
+    assert [c for _, _, c in exchange(tmp_path, answer, times=2)] == [b"a", b"b"]
+
+
+def test_encode_request() -> None:
+    assert encode_request("GET", "/a", "h", [("X", "1")], None) == (
+        b"GET /a HTTP/1.1\r\nHost: h\r\nX: 1\r\n\r\n")
+    assert encode_request("POST", "/a", "h", [], None).endswith(b"Content-Length: 0\r\n\r\n")
+    assert encode_request("PUT", "/a", "h", [], b"xy").endswith(b"Content-Length: 2\r\n\r\nxy")
+
+
+async def _client(app: web.Application) -> TestClient:
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    return client
+
+
+def test_slow_framework_is_504_and_unexpected_errors_are_500(tmp_path: Path) -> None:
+    async def slow(_r, _w) -> None:
+        await asyncio.sleep(3)
+
+    async def go() -> None:
+        server = await raw_upstream(tmp_path / "u.sock", slow)
+        app = create_app(settings_for(tmp_path / "u.sock"), TENANT,
+                         timeouts=Timeouts(connect=1, read=0.3))
+        client = await _client(app)
+        try:
+            auth = {"Authorization": f"Bearer {token()}"}
+            r = await client.get("/services/hello", headers=auth)
+            assert r.status == 504
+            doc = json.loads(await r.read())
+            assert doc["detail"] == "the framework did not answer in time"
+            # A stage that breaks unexpectedly: 500 problem with an error id, no traceback.
+            from sidecar.app import SIDECAR
+
+            sidecar = app[SIDECAR]
+
+            async def broken(*_a, **_k):
+                raise RuntimeError("boom")
+
+            sidecar.limiter.admit = broken  # type: ignore[method-assign]
+            r = await client.get("/services/hello", headers=auth)
+            body = await r.text()
+            assert r.status == 500 and "boom" not in body and "internal error" in body
+        finally:
+            await client.close()
+            server.close()
+
+    run(go())
+
+
+def test_create_app_refuses_missing_secrets(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="MTP_SIDECAR_SECRET"):
+        create_app(Settings.from_env({}), TENANT)
+    with pytest.raises(ConfigError, match="MTP_JWT_SECRET"):
+        create_app(Settings.from_env({"MTP_SIDECAR_SECRET": SIDECAR_SECRET}), TENANT)

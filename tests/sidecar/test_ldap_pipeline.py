@@ -1,0 +1,85 @@
+"""LDAP through the real sidecar: Basic logins, groups merged into tokens, directory down."""
+
+from __future__ import annotations
+
+import base64
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from tests.helpers import base_env, free_port, spawn, stop, wait_for_port
+from tests.servers import SlapdServer
+from tests.sidecar.conftest import JWT_SECRET, SIDECAR_SECRET, Stack, start_upstream, token
+
+
+@pytest.fixture(scope="module")
+def ldap_stack(tmp_path_factory, slapd_server: SlapdServer) -> Iterator[Stack]:
+    d = tmp_path_factory.mktemp("sidecar-ldap")
+    (d / "tenant.toml").write_text(
+        '[tenant]\nid = "acme"\n\n[auth.jwt]\nalgorithms = ["HS256"]\n\n'
+        + slapd_server.toml(cache_ttl=0) + "\n")
+    sock = d / "up.sock"
+    upstream = start_upstream(sock, d / "upstream.log")
+    port = free_port()
+    env = base_env(MTP_SIDECAR_SECRET=SIDECAR_SECRET, MTP_JWT_SECRET=JWT_SECRET,
+                   MTP_LDAP_PASSWORD=slapd_server.bind_password, MTP_TENANT_DIR=str(d),
+                   MTP_UPSTREAM=f"unix:{sock}", MTP_LISTEN=f"127.0.0.1:{port}",
+                   MTP_AUDIT_FILE=str(d / "audit.log"))
+    sidecar = spawn([sys.executable, "-m", "framework", "sidecar"], env, log=d / "sidecar.log")
+    try:
+        wait_for_port(port, sidecar)
+        yield Stack(port, d, d / "overlay.toml", d / "audit.log", sock)
+    finally:
+        stop(sidecar)
+        stop(upstream)
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def seen(reply) -> dict[str, str]:
+    return {k.lower(): v for k, v in reply.json()["headers"]}
+
+
+def test_basic_login_gives_directory_groups(ldap_stack: Stack, slapd_server) -> None:
+    r = ldap_stack.call("GET", "/services/hello", basic("alice", slapd_server.password("alice")))
+    assert r.status == 200, r.body
+    h = seen(r)
+    assert h["x-user-id"] == "alice" and h["x-auth-method"] == "ldap"
+    assert set(h["x-user-groups"].split(",")) == set(slapd_server.groups("alice"))
+    assert "authorization" not in h
+
+
+@pytest.mark.parametrize("user, password", [("alice", "wrong"), ("nobody", "x"),
+                                            ("alice", ""), ("twin", "twin-pw")])
+def test_bad_logins_are_401_offering_basic(ldap_stack: Stack, user: str, password: str) -> None:
+    r = ldap_stack.call("GET", "/services/hello", basic(user, password))
+    assert r.status == 401
+    assert "Basic" in r.headers["WWW-Authenticate"] and "Bearer" in r.headers["WWW-Authenticate"]
+
+
+def test_malformed_basic_is_401(ldap_stack: Stack) -> None:
+    r = ldap_stack.call("GET", "/services/hello", {"Authorization": "Basic %%%"})
+    assert r.status == 401
+
+
+def test_jwt_principal_gets_directory_groups_merged(ldap_stack: Stack, slapd_server) -> None:
+    r = ldap_stack.call("GET", "/services/hello",
+                        {"Authorization": f"Bearer {token(sub='bob', groups=['from-token'])}"})
+    assert r.status == 200
+    assert seen(r)["x-user-groups"].split(",") == ["from-token",
+                                                   *slapd_server.groups("bob")]
+
+
+def test_directory_down_fails_closed_with_503(ldap_stack: Stack, slapd_server) -> None:
+    slapd_server.stop()
+    try:
+        r = ldap_stack.call("GET", "/services/hello", basic("carol", "carol-pw"))
+        assert r.status == 503 and r.headers["Content-Type"] == "application/problem+json"
+        r = ldap_stack.call("GET", "/services/hello",
+                            {"Authorization": f"Bearer {token(sub='carol')}"})
+        assert r.status == 503
+    finally:
+        slapd_server.start()
