@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import Gauge
 
 from framework.problem import request_id as make_request_id
 from framework.settings import Settings
@@ -172,7 +173,11 @@ class Sidecar:
             if reply.status >= 500:
                 return render(Unavailable("framework not ready",
                                           detail="the framework is not ready"), rid)
-        body = json.dumps({"status": "ok", "tenant": self.tenant.tenant_id}).encode()
+        status = {"status": "ok", "tenant": self.tenant.tenant_id}
+        if path == READY:
+            # Degraded limits still serve requests: readiness stays 200 and says so.
+            status["limiter"] = getattr(self.limiter.backend, "state", "memory")
+        body = json.dumps(status).encode()
         return web.Response(body=body, content_type="application/json",
                             headers={"X-Request-ID": rid})
 
@@ -225,6 +230,23 @@ def jwt_secret(tenant: TenantConfig, settings: Settings) -> str:
     return secret
 
 
+def limiter_backend(settings: Settings) -> LimiterBackend:
+    """Shared limits in Redis when MTP_REDIS_URL is set (imported only then), else in memory."""
+    if not settings.redis_url:
+        return MemoryBackend()
+    from sidecar.limiter_redis import RedisBackend, connect
+
+    return RedisBackend(connect(settings.redis_url))
+
+
+def degraded_gauge(sidecar: Sidecar) -> None:
+    """``mtp_limiter_degraded``: 1 while Redis is away and each replica limits alone."""
+    backend = sidecar.limiter.backend
+    Gauge("mtp_limiter_degraded", "1 while shared (Redis) limits fell back to local ones",
+          registry=sidecar.metrics.registry).set_function(
+        lambda: float(getattr(backend, "degraded", False)))
+
+
 def create_app(settings: Settings, tenant: TenantConfig, *, timeouts: Timeouts | None = None,
                backend: LimiterBackend | None = None) -> web.Application:
     """The sidecar as an aiohttp application (config errors raise before it is built)."""
@@ -242,11 +264,12 @@ def create_app(settings: Settings, tenant: TenantConfig, *, timeouts: Timeouts |
             authenticator=Authenticator(tenant.tenant_id, tokens, ApiKeys(tenant.api_keys),
                                         ids["directory"], ids["unavailable"],
                                         ids["unknown_key"]),
-            limiter=RateLimiter(backend or MemoryBackend()),
+            limiter=RateLimiter(backend or limiter_backend(settings)),
             upstream=Upstream(settings, timeouts),
             audit=AuditLog(settings.audit_file),
         )
         app[SIDECAR] = sidecar
+        degraded_gauge(sidecar)
         await sidecar.upstream.start()
         sidecar.audit.start()
         watcher = OverlayWatcher(settings.config_overlay, tenant, sidecar)
