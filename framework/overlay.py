@@ -170,19 +170,21 @@ class OverlayWatcher:
             return self.base, None
 
     def _publish(self, config: TenantConfig, text: str | None) -> None:
-        version_id = None
-        if self.versions is not None:
-            version = self.versions.record(config, text, self._source(text),
-                                           seen=self.holder.version_id)
-            version_id = version.id
-        old = self.holder.swap(config, version_id)
+        # Swap first, book-keep after: recording may wait for another process's write.
+        seen = self.holder.version_id
+        old = self.holder.swap(config, seen)
         if old is not config:
-            log.info("config applied: version %s hash %s", version_id, config.digest[:12])
             for listener in self._listeners:
                 try:
                     listener(old, config)
                 except Exception:
                     log.exception("config listener failed")
+        if self.versions is not None:
+            version = self.versions.record(config, text, self._source(text), seen=seen)
+            self.holder.version_id = version.id
+        if old is not config:
+            log.info("config applied: version %s hash %s", self.holder.version_id,
+                     config.digest[:12])
 
     def _source(self, text: str | None) -> str:
         if text is None:
