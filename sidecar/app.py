@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -64,7 +65,9 @@ class Sidecar:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer one request (never raises: every failure becomes problem+json)."""
         started = time.perf_counter()
-        rid = make_request_id(request.headers.get("X-Request-ID"))
+        given = request.headers.get("X-Request-ID")
+        # A new id needs no UUID object: 16 random bytes in hex, like uuid4().hex.
+        rid = make_request_id(given) if given else os.urandom(16).hex()
         path = request.path
         if path in (HEALTH, READY):
             return await self._health(path, rid)
@@ -119,10 +122,10 @@ class Sidecar:
         try:
             decision = authorize(tenant.authz, principal, service, operation)
         except SidecarError:
-            self.metrics.decision(self.metrics.authz, tenant.tenant_id, service,
+            self.metrics.decision(Metrics.AUTHZ, tenant.tenant_id, service,
                                   operation or "", "denied")
             raise
-        self.metrics.decision(self.metrics.authz, tenant.tenant_id, service, operation or "",
+        self.metrics.decision(Metrics.AUTHZ, tenant.tenant_id, service, operation or "",
                               "allowed")
         return decision.rule_index
 
@@ -132,10 +135,10 @@ class Sidecar:
             limit_headers, slot, delay = await self.limiter.admit(
                 tenant.limits, tenant.tenant_id, principal.user)
         except SidecarError as exc:
-            self.metrics.decision(self.metrics.ratelimit, tenant.tenant_id, service,
+            self.metrics.decision(Metrics.RATELIMIT, tenant.tenant_id, service,
                                   operation or "", exc.reason.replace(" ", "_"))
             raise
-        self.metrics.decision(self.metrics.ratelimit, tenant.tenant_id, service,
+        self.metrics.decision(Metrics.RATELIMIT, tenant.tenant_id, service,
                               operation or "", "delayed" if delay else "allowed")
         return limit_headers, slot, delay
 

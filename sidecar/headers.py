@@ -43,6 +43,11 @@ def normal(name: str) -> str:
     return name.lower().replace("_", "-")
 
 
+def is_connection(name: str) -> bool:
+    """Whether a header name is Connection (any case)."""
+    return len(name) == 10 and name.lower() == "connection"
+
+
 def connection_named(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
     """Header names listed in the client's Connection header(s): hop-by-hop too."""
     named: set[str] = set()
@@ -52,10 +57,25 @@ def connection_named(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
     return frozenset(named)
 
 
+def _stripped(name: str) -> bool:
+    n = normal(name)
+    return n in STRIPPED or n.startswith(STRIPPED_PREFIXES)
+
+
+# Header names repeat from request to request: remember each spelling's verdict
+# (bounded, so hostile names cannot grow it without limit).
+_VERDICTS: dict[str, bool] = {}
+_VERDICTS_MAX = 4096
+
+
 def is_stripped(name: str, extra: frozenset[str] = frozenset()) -> bool:
     """Whether a client header must not reach the framework."""
-    n = normal(name)
-    return n in STRIPPED or n.startswith(STRIPPED_PREFIXES) or n in extra
+    verdict = _VERDICTS.get(name)
+    if verdict is None:
+        verdict = _stripped(name)
+        if len(_VERDICTS) < _VERDICTS_MAX:
+            _VERDICTS[name] = verdict
+    return verdict or (bool(extra) and normal(name) in extra)
 
 
 def identity_headers(principal: Principal | None, request_id: str) -> dict[str, str]:
@@ -78,7 +98,7 @@ def upstream_headers(client: Iterable[tuple[str, str]], identity: dict[str, str]
                      now: float | None = None) -> list[tuple[str, str]]:
     """The headers sent to the framework: the client's safe ones, then ours, signed."""
     items = list(client)
-    extra = connection_named(items)
+    extra = connection_named(items) if any(is_connection(n) for n, _ in items) else frozenset()
     out = [(name, value) for name, value in items if not is_stripped(name, extra)]
     out.extend(identity.items())
     out.append((FORWARDED_FOR, peer))

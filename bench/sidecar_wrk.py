@@ -1,0 +1,241 @@
+"""Sidecar benchmark: direct to the framework vs through the sidecar (JWT) vs nginx.
+
+Everything runs in one invocation on this machine, on loopback, with ``wrk --latency``:
+
+1. the framework (``mtp framework``, gunicorn gthread) on 127.0.0.1 TCP, hit directly with
+   valid sidecar-signed identity headers (the baseline);
+2. nginx as a reference reverse proxy (keep-alive upstream) in front of the same framework;
+3. ``mtp sidecar`` with JWT bearer auth in front of the same framework (TCP upstream);
+4. then the framework again on a unix socket (the default deployment), with the sidecar and
+   nginx in front of it.
+
+For each: requests/s, p50/p99 latency, CPU time per request of each process tree (utime +
+stime of the process and its descendants, from /proc), and the ratio to direct. A second,
+light pass (1 connection) gives the latency the sidecar adds when it is not saturated.
+Usage: ``bench/sidecar_wrk.sh [seconds] [connections]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jwt
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from framework import signing  # noqa: E402
+from tests.helpers import free_port, wait_for_port, wait_for_unix  # noqa: E402
+
+SIDECAR_SECRET = "bench-sidecar-secret-" + "x" * 32
+JWT_SECRET = "bench-jwt-secret-" + "y" * 48
+PATH = "/services/hello"
+TICK = os.sysconf("SC_CLK_TCK")
+
+TENANT = """
+[tenant]
+id = "bench"
+framework_version = "0.1.0"
+[auth.jwt]
+algorithms = ["HS256"]
+[limits]
+rate = 1000000
+burst = 1000000
+"""
+SERVICE = '''"""Trivial service for the benchmark."""
+
+
+def handle(context):
+    return {"ok": True}
+'''
+
+NGINX = """
+worker_processes 1;
+user root;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+    upstream framework {{ server {upstream}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://framework;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+def tree_cpu_ticks(pid: int) -> int:
+    """utime+stime of ``pid`` and every live descendant."""
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        p = int(stat.parent.name)
+        children.setdefault(int(fields[1]), []).append(p)
+        ticks[p] = int(fields[11]) + int(fields[12])
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += ticks.get(p, 0)
+        todo.extend(children.get(p, []))
+    return total
+
+
+@dataclass
+class Result:
+    name: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
+    cpu_us: dict[str, float]
+
+
+def _ms(text: str, pct: str) -> float:
+    m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+    if not m:
+        return float("nan")
+    value, unit = float(m.group(1)), m.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+def wrk(name: str, port: int, headers: dict[str, str], seconds: int, conns: int,
+        trees: dict[str, int]) -> Result:
+    args = ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency"]
+    for k, v in headers.items():
+        args += ["-H", f"{k}: {v}"]
+    url = f"http://127.0.0.1:{port}{PATH}"
+    subprocess.run([*args[:3], "-d1s", url], capture_output=True, check=True)  # warm up
+    before = {k: tree_cpu_ticks(p) for k, p in trees.items()}
+    out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
+    after = {k: tree_cpu_ticks(p) for k, p in trees.items()}
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = sum(int(x) for x in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+    errors += sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    cpu = {k: (after[k] - before[k]) / TICK * 1e6 / max(requests, 1) for k in trees}
+    return Result(name, rps, _ms(out, "50"), _ms(out, "99"), requests, errors, cpu)
+
+
+def signed_headers() -> dict[str, str]:
+    ident = {"X-Request-ID": "bench", "X-Tenant-ID": "bench", "X-User-ID": "alice",
+             "X-User-Groups": "", "X-User-Roles": "", "X-Auth-Method": "jwt"}
+    return {**ident, **signing.sign(SIDECAR_SECRET.encode(), "GET", PATH, ident)}
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def phase(tmp: Path, upstream: str, seconds: int, conns: int, direct: bool) -> list[Result]:
+    """One framework on ``upstream``; direct (TCP only), nginx, sidecar in front of it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MTP_")}
+    env.update(MTP_TENANT_DIR=str(tmp / "tenant"), MTP_SIDECAR_SECRET=SIDECAR_SECRET,
+               MTP_JWT_SECRET=JWT_SECRET, MTP_DATA_DIR=str(tmp / "data"),
+               MTP_UPSTREAM=upstream, MTP_WORKERS="2", MTP_THREADS="8",
+               MTP_LOG_LEVEL="WARNING", MTP_AUDIT_FILE=str(tmp / "audit.log"))
+    py = sys.executable
+    fw = start([py, "-m", "framework", "framework"], env, tmp / "framework.log")
+    if upstream.startswith("unix:"):
+        wait_for_unix(upstream[5:], fw, timeout=30)
+        nginx_up = upstream
+    else:
+        wait_for_port(int(upstream.rsplit(":", 1)[1]), fw, timeout=30)
+        nginx_up = upstream
+    sc_port, ng_port = free_port(), free_port()
+    sc = start([py, "-m", "framework", "sidecar"], {**env, "MTP_LISTEN": f"127.0.0.1:{sc_port}"},
+               tmp / "sidecar.log")
+    ndir = tmp / f"nginx-{ng_port}"
+    ndir.mkdir()
+    (ndir / "nginx.conf").write_text(NGINX.format(dir=ndir, upstream=nginx_up, port=ng_port))
+    ng = start(["nginx", "-p", str(ndir), "-c", str(ndir / "nginx.conf"), "-g", "daemon off;"],
+               env, ndir / "stdout.log")
+    results = []
+    try:
+        wait_for_port(sc_port, sc, timeout=30)
+        wait_for_port(ng_port, ng, timeout=30)
+        where = "unix" if upstream.startswith("unix:") else "tcp"
+        token = jwt.encode({"sub": "alice", "tenant_id": "bench",
+                            "exp": int(time.time()) + 3600}, JWT_SECRET, "HS256")
+        bearer = {"Authorization": f"Bearer {token}"}
+        if direct:
+            results.append(wrk("direct (tcp)", int(upstream.rsplit(":", 1)[1]),
+                               signed_headers(), seconds, conns, {"framework": fw.pid}))
+        results.append(wrk(f"nginx -> {where}", ng_port, signed_headers(), seconds, conns,
+                           {"framework": fw.pid, "proxy": ng.pid}))
+        results.append(wrk(f"sidecar+JWT -> {where}", sc_port, bearer, seconds, conns,
+                           {"framework": fw.pid, "proxy": sc.pid}))
+        if direct:
+            results.append(wrk("direct (tcp), 1 conn", int(upstream.rsplit(":", 1)[1]),
+                               signed_headers(), max(3, seconds // 2), 1, {"framework": fw.pid}))
+        results.append(wrk(f"sidecar+JWT -> {where}, 1 conn", sc_port, bearer,
+                           max(3, seconds // 2), 1, {"framework": fw.pid, "proxy": sc.pid}))
+    finally:
+        for proc in (sc, ng, fw):
+            stop(proc)
+    return results
+
+
+def main() -> None:
+    seconds = int(sys.argv[1]) if len(sys.argv) > 1 else 10
+    conns = int(sys.argv[2]) if len(sys.argv) > 2 else 32
+    if not shutil.which("wrk") or not shutil.which("nginx"):
+        sys.exit("wrk and nginx are needed (apt-get install wrk nginx)")
+    tmp = Path(tempfile.mkdtemp(prefix="mtp-bench-"))
+    try:
+        (tmp / "tenant" / "services").mkdir(parents=True)
+        (tmp / "tenant" / "tenant.toml").write_text(TENANT)
+        (tmp / "tenant" / "services" / "hello.py").write_text(SERVICE)
+        results = phase(tmp, f"127.0.0.1:{free_port()}", seconds, conns, direct=True)
+        results += phase(tmp, f"unix:{tmp / 'data' / 'fw.sock'}", seconds, conns, direct=False)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    base = next(r for r in results if r.name == "direct (tcp)")
+    print(f"wrk -t1 -c{conns} -d{seconds}s --latency, GET {PATH}; CPU µs per request per "
+          f"process tree; {os.cpu_count()} cores; config digest "
+          f"{hashlib.sha256(TENANT.encode()).hexdigest()[:8]}")
+    print("| variant | req/s | ratio to direct | p50 ms | p99 ms | framework CPU µs/req "
+          "| proxy CPU µs/req | errors |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        proxy = f"{r.cpu_us['proxy']:.0f}" if "proxy" in r.cpu_us else "-"
+        print(f"| {r.name} | {r.rps:.0f} | {r.rps / base.rps:.2f} | {r.p50_ms:.2f} | "
+              f"{r.p99_ms:.2f} | {r.cpu_us['framework']:.0f} | {proxy} | {r.errors} |")
+
+
+if __name__ == "__main__":
+    main()
