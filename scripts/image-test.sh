@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Build docker/Dockerfile with podman on a local Debian base and prove the image works:
-# it starts, answers /healthz, serves a service through the sidecar with a JWT, runs as
-# non-root, and stops cleanly on SIGTERM. Prints the image size and build time.
+# it starts (read-only root, no capabilities), answers /healthz, serves a service through
+# the sidecar with a JWT, runs as non-root, and stops cleanly on SIGTERM; then the same
+# as the Kubernetes pod does it (two containers sharing a unix socket). Prints the image
+# size and build time.
 #
 # No Docker engine and no registry are needed: the base image is made with debootstrap
 # (cached under $MTP_PODMAN_DIR, default /var/tmp/mtp-podman, never in the repo) and the
@@ -90,36 +92,44 @@ start=$(date +%s)
   . >/dev/null
 build_seconds=$(( $(date +%s) - start ))
 
-# 5. Run it with secrets in the environment (passed by name: values stay off argv).
-PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# 5. Run it with secrets in the environment (passed by name: values stay off argv), with
+#    the restrictions docker-compose.yml and the Kubernetes manifests use: read-only root,
+#    no capabilities, no privilege escalation; only MTP_DATA_DIR and /tmp are writable.
+free_port() {
+  "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
 MTP_JWT_SECRET=$("$PY" -c 'import secrets; print(secrets.token_hex(32))')
 MTP_SIDECAR_SECRET=$("$PY" -c 'import secrets; print(secrets.token_hex(32))')
 export MTP_JWT_SECRET MTP_SIDECAR_SECRET
-cleanup() { "${P[@]}" rm -f -t 1 "$NAME" >/dev/null 2>&1 || true; }
-trap cleanup EXIT
-# --health-interval=disable: no systemd timer here; step 7 runs the HEALTHCHECK once.
-quiet "${P[@]}" run -d --name "$NAME" -p "127.0.0.1:$PORT:8080" --health-interval=disable \
-  -e MTP_JWT_SECRET -e MTP_SIDECAR_SECRET "$IMAGE" >/dev/null
-log "container $NAME on 127.0.0.1:$PORT"
-healthy() {
-  "$PY" -c 'import sys, urllib.request
-urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/healthz", timeout=2)' "$PORT" 2>/dev/null
+POD="$NAME-pod"
+cleanup() {
+  "${P[@]}" rm -f -t 1 "$NAME" >/dev/null 2>&1 || true
+  "${P[@]}" pod rm -f -t 1 "$POD" >/dev/null 2>&1 || true
+  "${P[@]}" volume rm -f "$NAME-solo" "$NAME-run" "$NAME-data" >/dev/null 2>&1 || true
 }
-for _ in $(seq 120); do
-  healthy && break
-  running=$("${P[@]}" inspect --format '{{.State.Running}}' "$NAME")
-  if [ "$running" != "true" ]; then
-    "${P[@]}" logs "$NAME" >&2 || true
-    fail "the container exited before answering /healthz"
-  fi
-  sleep 0.5
-done
-healthy || fail "no /healthz within 60s"
+trap cleanup EXIT
+HARDENED=(--read-only --cap-drop ALL --security-opt no-new-privileges
+          --tmpfs /tmp:rw,nosuid,nodev --health-interval=disable)
 
-# 6. Checks from outside, through the sidecar.
-TOKEN=$(MTP_TENANT_DIR=build/runtime "$VENV/bin/mtp" token --user alice --roles admin)
-export PORT TOKEN
-"$PY" - <<'PYCHECK' || { "${P[@]}" logs "$NAME" >&2 || true; fail "HTTP checks"; }
+wait_healthy() {  # PORT CONTAINER...: /healthz answers, or a container died
+  local port=$1; shift
+  for _ in $(seq 120); do
+    if "$PY" -c 'import sys, urllib.request
+urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/healthz", timeout=2)' "$port" 2>/dev/null
+    then return 0; fi
+    for c in "$@"; do
+      if [ "$("${P[@]}" inspect --format '{{.State.Running}}' "$c")" != "true" ]; then
+        "${P[@]}" logs "$c" >&2 || true
+        fail "container $c exited before /healthz answered"
+      fi
+    done
+    sleep 0.5
+  done
+  fail "no /healthz on port $port within 60s"
+}
+
+http_checks() {  # PORT: through the sidecar, with and without a token
+  PORT=$1 "$PY" - <<'PYCHECK'
 import json, os, time, urllib.error, urllib.request
 
 base = f"http://127.0.0.1:{os.environ['PORT']}"
@@ -128,7 +138,7 @@ for _ in range(60):  # ready once the framework behind the sidecar answers
         with urllib.request.urlopen(base + "/readyz", timeout=5) as r:
             if r.status == 200:
                 break
-    except urllib.error.HTTPError:
+    except OSError:
         time.sleep(0.5)
 else:
     raise SystemExit("/readyz never answered 200")
@@ -145,10 +155,25 @@ try:
 except urllib.error.HTTPError as exc:
     assert exc.code == 401, exc.code
     assert exc.headers["Content-Type"].startswith("application/problem+json")
-print("image-test: /healthz, /readyz, POST /services/hello (200), no token (401): ok")
+print(f"image-test: {base}: /healthz, /readyz, POST /services/hello 200, no token 401: ok")
 PYCHECK
+}
 
-# 7. Every process in the container runs as the image's non-root user.
+TOKEN=$(MTP_TENANT_DIR=build/runtime "$VENV/bin/mtp" token --user alice)
+export TOKEN
+
+# 6. One container, `mtp run` (the image's default command): both processes, supervised.
+#    A new named volume starts with the image's /var/lib/mtp, owned by uid 10001.
+PORT=$(free_port)
+"${P[@]}" volume create "$NAME-solo" >/dev/null
+quiet "${P[@]}" run -d --name "$NAME" -p "127.0.0.1:$PORT:8080" "${HARDENED[@]}" \
+  -v "$NAME-solo:/var/lib/mtp" \
+  -e MTP_JWT_SECRET -e MTP_SIDECAR_SECRET "$IMAGE" >/dev/null
+log "container $NAME (mtp run) on 127.0.0.1:$PORT"
+wait_healthy "$PORT" "$NAME"
+http_checks "$PORT" || { "${P[@]}" logs "$NAME" >&2 || true; fail "HTTP checks (mtp run)"; }
+
+# 7. Every process in the container runs as the image's non-root user; HEALTHCHECK works.
 uids=$("${P[@]}" exec "$NAME" python -c \
   'import glob, os; print(" ".join(sorted({str(os.stat(p).st_uid) for p in glob.glob("/proc/[0-9]*")})))')
 [ "$uids" = "10001" ] || fail "process uids in the container: $uids (want only 10001)"
@@ -164,6 +189,29 @@ code=$("${P[@]}" inspect --format '{{.State.ExitCode}}' "$NAME")
 [ "$code" = "0" ] || { "${P[@]}" logs "$NAME" >&2 || true; fail "exit code $code after SIGTERM"; }
 [ "$stop_seconds" -lt "$GRACE" ] || fail "stop took ${stop_seconds}s (grace ${GRACE}s)"
 log "SIGTERM: exit 0 after ${stop_seconds}s"
+
+# 9. The Kubernetes layout: one pod, two containers of the same image (`mtp framework`,
+#    `mtp sidecar`) sharing the framework's unix socket through a volume at /run/mtp.
+PORT=$(free_port)
+"${P[@]}" volume create "$NAME-run" >/dev/null
+"${P[@]}" volume create "$NAME-data" >/dev/null
+"${P[@]}" pod create --name "$POD" -p "127.0.0.1:$PORT:8080" >/dev/null
+SHARED=(--pod "$POD" "${HARDENED[@]}" -v "$NAME-run:/run/mtp" -v "$NAME-data:/var/lib/mtp"
+        -e MTP_UPSTREAM=unix:/run/mtp/framework.sock -e MTP_SIDECAR_SECRET)
+quiet "${P[@]}" run -d --name "$POD-framework" "${SHARED[@]}" "$IMAGE" framework >/dev/null
+quiet "${P[@]}" run -d --name "$POD-sidecar" "${SHARED[@]}" -e MTP_JWT_SECRET \
+  "$IMAGE" sidecar >/dev/null
+log "pod $POD (mtp framework + mtp sidecar) on 127.0.0.1:$PORT"
+wait_healthy "$PORT" "$POD-framework" "$POD-sidecar"
+http_checks "$PORT" || {
+  "${P[@]}" logs "$POD-framework" >&2 || true; "${P[@]}" logs "$POD-sidecar" >&2 || true
+  fail "HTTP checks (two-container pod)"; }
+quiet "${P[@]}" pod stop -t "$GRACE" "$POD" >/dev/null
+for c in "$POD-framework" "$POD-sidecar"; do
+  code=$("${P[@]}" inspect --format '{{.State.ExitCode}}' "$c")
+  [ "$code" = "0" ] || { "${P[@]}" logs "$c" >&2 || true; fail "$c: exit $code after SIGTERM"; }
+done
+log "pod: both containers exit 0 on SIGTERM"
 
 # Earlier builds and the build stage stay behind as dangling images in the private store.
 "${P[@]}" image prune -f >/dev/null
