@@ -105,6 +105,8 @@ class Registry:
         settings = self.tenant.services.get(name)
         if settings is not None and not settings.enabled:
             raise Forbidden(f"service {name!r} is disabled")
+        if not self.tenant.entitled(name):
+            raise Forbidden(f"service {name!r} is not included in plan {self.tenant.plan!r}")
         with self._lock:
             entry = self._cache.get(name)
         if entry is not None and not self.dev:

@@ -155,6 +155,12 @@ TENANT_SCHEMA: dict[str, Any] = _table({
     "authz": _AUTHZ,
     "limits": _LIMITS,
     "flags": _FLAGS,
+    # Entitlements: [plans.<name>] services = [...]; [tenant] plan picks one.
+    "plans": {
+        "type": "object",
+        "propertyNames": {"pattern": "^[a-z0-9][a-z0-9_-]{0,63}$"},
+        "additionalProperties": _table({"services": _strs()}, required=("services",)),
+    },
     "billing": _table({
         "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
         "per_call": _NUM,
@@ -306,6 +312,7 @@ class TenantConfig:
     limits: LimitSettings = LimitSettings()
     flags: Mapping[str, FlagSettings] = field(default_factory=lambda: MappingProxyType({}))
     billing: BillingSettings = BillingSettings()
+    plans: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
     source: str = ""
     raw: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), repr=False)
     digest: str = ""  # sha256 of the canonical JSON of raw: the config version's hash
@@ -313,6 +320,11 @@ class TenantConfig:
     def service(self, name: str) -> ServiceSettings:
         """Settings of one service; defaults when tenant.toml has no table for it."""
         return self.services.get(name) or ServiceSettings()
+
+    def entitled(self, name: str) -> bool:
+        """Whether the tenant's plan includes service ``name`` (no plan table: all do)."""
+        allowed = self.plans.get(self.plan)
+        return allowed is None or "*" in allowed or name in allowed
 
 
 def _validate(data: Mapping[str, Any], schema: dict[str, Any], file: str) -> None:
@@ -373,6 +385,9 @@ def _build(data: Mapping[str, Any], file: str) -> TenantConfig:
         for name, key in auth.get("api_keys", {}).items()
     )
     ldap = LdapSettings(**auth.get("ldap", {}))
+    plans = {name: tuple(plan["services"]) for name, plan in data.get("plans", {}).items()}
+    if plans and tenant.get("plan", "") not in plans:
+        raise ConfigError(file, "tenant.plan", f"must name one of [plans]: {', '.join(plans)}")
     if ldap.enabled and not ldap.user_base:
         raise ConfigError(file, "auth.ldap.user_base", "required when LDAP is enabled")
     return TenantConfig(
@@ -392,6 +407,7 @@ def _build(data: Mapping[str, Any], file: str) -> TenantConfig:
             for name, flag in data.get("flags", {}).items()
         }),
         billing=BillingSettings(**data.get("billing", {})),
+        plans=MappingProxyType(plans),
         source=file,
         raw=_frozen(data),
         digest=config_digest(data),
