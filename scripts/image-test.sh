@@ -10,14 +10,14 @@
 # wheels are built on the host into build/wheelhouse, installed offline in the build.
 #
 #   make image-test                      # or: bash scripts/image-test.sh
-#   TENANT_DIR=../acme bash scripts/image-test.sh
+#   NO_CACHE=1 make image-test           # rebuild every layer (to time a cold build)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
-TENANT_DIR=${TENANT_DIR:-tenant_template}
+TENANT_DIR=tenant_template   # the checks below call its hello service
 WORK=${MTP_PODMAN_DIR:-/var/tmp/mtp-podman}
 BASE=localhost/mtp-base:bookworm-slim
 IMAGE=${IMAGE:-localhost/mtp-image-test:latest}
