@@ -16,6 +16,7 @@ import hmac
 import logging
 import math
 import queue
+import re
 import secrets
 import ssl
 from collections.abc import Awaitable, Callable, Hashable
@@ -38,6 +39,8 @@ _UNAVAILABLE_CODES = frozenset({51, 52, 80})  # busy, unavailable, other
 _SIZE_LIMIT_EXCEEDED = 4
 _NO_SUCH_OBJECT = 32
 _CACHE_SIZE = 10_000
+# The attribute a user filter compares with the username, e.g. uid in "(uid={username})".
+_USER_ATTR = re.compile(r"\(\s*([A-Za-z][A-Za-z0-9-]*)\s*=\s*\{username\}\s*\)")
 
 
 class DirectoryUnavailable(Exception):
@@ -57,6 +60,10 @@ class LdapClient:
         # Unbounded on purpose: the executor's pool_size threads bound how many exist at once.
         self._pool: queue.LifoQueue[ldap3.Connection] = queue.LifoQueue()
         self._tls = _tls(cfg)
+        # Only a filter with one {username} names "the" attribute: "(|(uid=…)(mail=…))" does not.
+        named = _USER_ATTR.search(cfg.user_filter)
+        one = cfg.user_filter.count("{username}") == 1
+        self._user_attr = named.group(1) if named and one else None
 
     def _server(self) -> ldap3.Server:
         # get_info=NONE: no schema download on every connect.
@@ -130,16 +137,27 @@ class LdapClient:
         return [e for e in (conn.response or []) if e.get("type") == "searchResEntry"]
 
     def find_user(self, username: str) -> str | None:
-        """The DN of the one entry matching ``user_filter``; None for none or several."""
+        """The DN of the one entry matching ``user_filter``; None for none or several.
+
+        When the filter names the attribute (``(uid={username})``), the entry must also hold
+        ``username`` exactly: the directory matches ``ALICE`` or `` alice`` to alice, and
+        accepting those would let one person appear as several user ids (own rate limits,
+        jobs, audit trail).
+        """
         flt = self._cfg.user_filter.replace("{username}", escape_filter_chars(username))
+        attr = self._user_attr
 
         def work(conn: ldap3.Connection) -> str | None:
             try:
-                entries = self._search(conn, self._cfg.user_base, flt, ldap3.NO_ATTRIBUTES,
-                                       size_limit=2)
+                entries = self._search(conn, self._cfg.user_base, flt,
+                                       [attr] if attr else ldap3.NO_ATTRIBUTES, size_limit=2)
             except _Ambiguous:
                 return None
-            return entries[0]["dn"] if len(entries) == 1 else None
+            if len(entries) != 1:
+                return None
+            if attr and username not in _values(entries[0], attr):
+                return None
+            return entries[0]["dn"]
 
         return self._with_reader(work)
 
@@ -154,9 +172,7 @@ class LdapClient:
         def work(conn: ldap3.Connection) -> tuple[str, ...]:
             found: set[str] = set()
             for entry in self._search(conn, self._cfg.group_base, flt, [attr]):
-                value = entry.get("attributes", {}).get(attr)
-                found.update(str(v) for v in (value if isinstance(value, list) else [value])
-                             if v not in (None, ""))
+                found.update(v for v in _values(entry, attr) if v)
             return tuple(sorted(found))
 
         return self._with_reader(work)
@@ -187,6 +203,14 @@ class LdapClient:
                 _quietly_unbind(self._pool.get_nowait())
             except queue.Empty:
                 return
+
+
+def _values(entry: dict[str, Any], attr: str) -> list[str]:
+    """The values of one attribute of a search entry (attribute names are case-insensitive)."""
+    for name, value in entry.get("attributes", {}).items():
+        if name.lower() == attr.lower():
+            return [str(v) for v in (value if isinstance(value, list) else [value])]
+    return []
 
 
 def _quietly_unbind(conn: ldap3.Connection) -> None:

@@ -73,6 +73,25 @@ def test_injection_usernames_never_match(slapd: SlapdServer, username: str) -> N
     assert run(slapd, scenario) == [None, None]
 
 
+@pytest.mark.parametrize("username", ["ALICE", "Alice", " alice", "alice "])
+def test_username_variants_the_directory_would_match_are_refused(slapd: SlapdServer,
+                                                                 username: str) -> None:
+    # uid matching ignores case and outer spaces; one person must not get several user ids.
+    async def scenario(d: LdapDirectory) -> list[Any]:
+        return [await d.login(username, "alice-pw"), await d.groups_for(username)]
+    assert run(slapd, scenario) == [None, None]
+
+
+@pytest.mark.parametrize("user_filter, username", [
+    ("(&(objectClass=inetOrgPerson)(uid={username}))", "alice"),
+    ("(|(uid={username})(mail={username}))", "alice@example.org"),
+    ("(|(uid={username})(mail={username}))", "alice"),
+])
+def test_other_user_filters(slapd: SlapdServer, user_filter: str, username: str) -> None:
+    answer = run(slapd, lambda d: d.login(username, "alice-pw"), user_filter=user_filter)
+    assert answer is not None and answer[1] == ("admins", "sales")
+
+
 def test_ambiguous_user_is_refused(slapd: SlapdServer) -> None:
     async def scenario(d: LdapDirectory) -> list[Any]:
         return [await d.login(AMBIGUOUS_USER, "twin-pw"), await d.groups_for(AMBIGUOUS_USER)]
