@@ -30,6 +30,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from redis import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 from rq import Callback, Queue, Retry
@@ -100,7 +101,10 @@ def connect(url: str, pool_size: int = 32) -> Redis:
     """A bounded, thread-safe client (RQ wants bytes, not decoded strings)."""
     return Redis(connection_pool=BlockingConnectionPool.from_url(
         url, max_connections=pool_size, timeout=POOL_WAIT, socket_connect_timeout=2.0,
-        health_check_interval=30))
+        health_check_interval=30,
+        # Given, so a new connection (each work horse opens its own) does not look the
+        # version up in the package metadata again (~9 ms each).
+        lib_version=redis.__version__))
 
 
 def queue_name(tenant: str) -> str:
