@@ -89,6 +89,19 @@ class Stack:
     jwks: JwksServer
     keys: dict[str, SigningKey]
     log: Path
+    audit: Path
+
+    def audit_line(self, request_id: str) -> dict[str, Any]:
+        """The audit record of one request (lines are flushed within a fraction of a second)."""
+        deadline = time.monotonic() + 5
+        while True:
+            if self.audit.exists():
+                for line in self.audit.read_text().splitlines():
+                    record = json.loads(line)
+                    if record["request_id"] == request_id:
+                        return record
+            assert time.monotonic() < deadline, f"no audit line for {request_id}"
+            time.sleep(0.05)
 
     def call(self, path: str, auth: str | None = None, method: str = "POST") -> Reply:
         headers = {"Content-Type": "application/json"}
@@ -138,7 +151,9 @@ def stack(slapd_server: SlapdServer, tmp_path_factory: pytest.TempPathFactory) -
     tenant = write_tenant(tmp / "tenant", slapd_server, jwks)
     port = free_port()
     log = tmp / "run.log"
-    env = base_env(MTP_LISTEN=f"127.0.0.1:{port}", MTP_DATA_DIR=str(tmp / "data"),
+    audit = tmp / "audit.jsonl"
+    env = base_env(MTP_AUDIT_FILE=str(audit), MTP_LISTEN=f"127.0.0.1:{port}",
+                   MTP_DATA_DIR=str(tmp / "data"),
                    MTP_LDAP_PASSWORD=slapd_server.bind_password,
                    MTP_SIDECAR_SECRET="e2e-ldap-sidecar-secret-0123456789abcdef",
                    MTP_WORKERS="1", MTP_THREADS="4")
@@ -146,7 +161,7 @@ def stack(slapd_server: SlapdServer, tmp_path_factory: pytest.TempPathFactory) -
                  log=log)
     try:
         wait_for_port(port, proc, timeout=30)
-        s = Stack(port, slapd_server, jwks, keys, log)
+        s = Stack(port, slapd_server, jwks, keys, log, audit)
         deadline = time.monotonic() + 30
         while s.call("/readyz", method="GET").status != 200:  # framework behind it is up
             assert time.monotonic() < deadline, log.read_text(errors="replace")
@@ -255,6 +270,8 @@ def test_slapd_outage_is_503_then_recovers_without_restart(stack: Stack) -> None
     try:
         down = stack.call("/services/whoami", basic("bob", "bob-pw"))
         assert_problem(down, 503)
+        record = stack.audit_line(down.headers["X-Request-ID"])
+        assert record["status"] == 503 and record["outcome"] != "allow"
         # A JWT principal needs its directory groups too: fail closed, not fewer groups.
         assert_problem(stack.call("/services/whoami", bearer(stack.keys["ES256"], "bob")), 503)
     finally:
@@ -264,3 +281,27 @@ def test_slapd_outage_is_503_then_recovers_without_restart(stack: Stack) -> None
     assert back.body["groups"] == ["support"]
     jwt_back = stack.call("/services/orders/get", bearer(stack.keys["ES256"], "bob"))
     assert jwt_back.status == 200, jwt_back.body
+
+
+def test_jwks_outage_keeps_cached_keys(stack: Stack) -> None:
+    key = stack.keys["EdDSA"]
+    assert stack.call("/services/whoami", bearer(key, "carol")).status == 200
+    stack.jwks.stop()
+    try:
+        time.sleep(JWKS_TTL + 0.2)  # the held keys are past their TTL and a refetch fails
+        reply = stack.call("/services/whoami", bearer(key, "carol"))
+        assert reply.status == 200, reply.body
+        # A kid only the unreachable IdP could vouch for: 503, not 401.
+        stray = SigningKey.generate("published-during-outage", "EdDSA")
+        assert_problem(stack.call("/services/whoami", bearer(stray, "carol")), 503)
+    finally:
+        stack.jwks.start()
+
+
+def test_no_password_reaches_logs_or_audit(stack: Stack) -> None:
+    stack.call("/services/whoami", basic("alice", "alice-pw"))
+    stack.call("/services/whoami", basic("alice", "wrong-secret-pw"))
+    stack.audit_line(stack.call("/services/whoami", basic("bob", "bob-pw")).headers["X-Request-ID"])
+    text = stack.log.read_text(errors="replace") + stack.audit.read_text()
+    for secret in ("alice-pw", "wrong-secret-pw", "bob-pw", stack.slapd.bind_password):
+        assert secret not in text
