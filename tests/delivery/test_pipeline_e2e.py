@@ -5,17 +5,23 @@ served exactly as the image serves it (the Dockerfile's ENV, ENTRYPOINT and CMD)
 cloned from the project's own repository and checked out at a tag; (3) tenant tests and
 dependencies; (4) the clone's `mtp assemble` into the clone's build/runtime — the build
 context docker/Dockerfile copies. Step 5 (the image itself) is scripts/image-test.sh.
-The clone runs with this interpreter and PYTHONPATH pointing at it: no fresh venv.
+
+No fresh venv (too slow): the clone runs on the base interpreter with PYTHONPATH = the
+clone, then this venv's site-packages. Added that way, the venv's .pth files are not
+run, so the editable install's import hook cannot fill a gap in the clone with a file
+from the working tree: only committed code at the tag is exercised.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.error
 import urllib.request
@@ -26,8 +32,10 @@ import pytest
 from tests.helpers import ROOT, base_env, free_port, spawn, stop, wait_for_port
 
 pytestmark = pytest.mark.slow
-GIT_ID = {"GIT_AUTHOR_NAME": "pipeline", "GIT_AUTHOR_EMAIL": "pipeline@example.org",
-          "GIT_COMMITTER_NAME": "pipeline", "GIT_COMMITTER_EMAIL": "pipeline@example.org"}
+# A git of its own: no user config (signing, hooks, default branch) changes what runs.
+GIT_ENV = {"GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1",
+           "GIT_AUTHOR_NAME": "pipeline", "GIT_AUTHOR_EMAIL": "pipeline@example.org",
+           "GIT_COMMITTER_NAME": "pipeline", "GIT_COMMITTER_EMAIL": "pipeline@example.org"}
 
 
 def sh(args: list[str | Path], cwd: Path, env: dict[str, str]) -> str:
@@ -58,9 +66,13 @@ class Pipeline:
         self.tmp = tmp
         self.tenant = tmp / "tenant"
         self.framework = tmp / "framework"
+        self.deps = tmp / "tenant-deps"
         self.runtime = self.framework / "build" / "runtime"
-        self.env = base_env(PYTHONPATH=str(self.framework), PYTHONDONTWRITEBYTECODE="1",
-                            **GIT_ID)
+        self.python = getattr(sys, "_base_executable", "") or sys.executable
+        path = [self.framework, self.deps, sysconfig.get_path("purelib"),
+                sysconfig.get_path("platlib")]
+        self.env = base_env(PYTHONPATH=os.pathsep.join(map(str, dict.fromkeys(path))),
+                            PYTHONNOUSERSITE="1", PYTHONDONTWRITEBYTECODE="1", **GIT_ENV)
         self.jwt_secret = secrets.token_hex(32)
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -68,7 +80,7 @@ class Pipeline:
 
     def mtp(self, *args: str | Path, **extra: str) -> str:
         """The checked-out framework's CLI (what `mtp` is after `pip install ./framework`)."""
-        return sh([sys.executable, "-m", "framework", *args], self.tmp, {**self.env, **extra})
+        return sh([self.python, "-m", "framework", *args], self.tmp, {**self.env, **extra})
 
     def step1_tenant_repo(self) -> None:
         shutil.copytree(ROOT / "tenant_template", self.tenant,
@@ -83,9 +95,9 @@ class Pipeline:
         sh(["git", "checkout", "-q", tag], self.framework, self.env)
 
     def step3_install_and_test(self) -> None:
-        sh([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"],
-           self.tenant, self.env)
-        sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
+        sh([self.python, "-m", "pip", "install", "-q", "--target", self.deps,
+            "-r", "requirements.txt"], self.tenant, self.env)
+        sh([self.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
            self.tenant, self.env)
 
     def step4_assemble(self) -> None:
@@ -99,7 +111,7 @@ class Pipeline:
                  "MTP_LISTEN": f"127.0.0.1:{self.port}"}
         assert set(local) <= set(image_env)
         env = {**self.env, **image_env, **local, "MTP_JWT_SECRET": self.jwt_secret}
-        self.proc = spawn([sys.executable, "-m", "framework", *command[1:]], env, log=self.log,
+        self.proc = spawn([self.python, "-m", "framework", *command[1:]], env, log=self.log,
                           cwd=self.tmp)
         wait_for_port(self.port, self.proc, timeout=60)
 
@@ -137,12 +149,22 @@ def pipeline(tmp_path_factory) -> Pipeline:
         stop(p.proc)
 
 
+LOADED = """
+import sys
+import framework.app, framework.cli.run, framework.assemble, sidecar.app
+for name, module in sorted(sys.modules.items()):
+    if name.split(".")[0] in ("framework", "sidecar") and getattr(module, "__file__", None):
+        print(module.__file__)
+"""
+
+
 def test_framework_is_the_tagged_clone(pipeline):
     from framework import __version__
 
-    where = sh([sys.executable, "-c", "import framework; print(framework.__file__)"],
-               pipeline.tmp, pipeline.env)
-    assert Path(where.strip()).is_relative_to(pipeline.framework)
+    loaded = sh([pipeline.python, "-c", LOADED], pipeline.tmp, pipeline.env).split()
+    assert loaded, "nothing of framework/ or sidecar/ was imported"
+    outside = [f for f in loaded if not Path(f).is_relative_to(pipeline.framework)]
+    assert not outside, f"modules loaded from outside the tagged clone: {outside}"
     described = sh(["git", "describe", "--tags", "--exact-match"], pipeline.framework,
                    pipeline.env)
     assert described.strip() == f"v{__version__}"
@@ -161,7 +183,7 @@ def test_runtime_tree_is_in_the_build_context(pipeline):
 def test_health_and_readiness_need_no_credentials(pipeline):
     assert pipeline.request("/healthz")[0] == 200
     status = None
-    for _ in range(100):  # ready once the framework behind the sidecar answers
+    for _ in range(300):  # ready once the framework behind the sidecar answers
         status = pipeline.request("/readyz")[0]
         if status == 200:
             break
