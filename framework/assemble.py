@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -33,11 +34,30 @@ MANIFEST = "manifest.json"
 REQUIREMENTS = "requirements.txt"
 PROBE_TIMEOUT = 60.0
 TEST_TIMEOUT = 900.0
+NO_TESTS_COLLECTED = 5  # pytest's exit code for an empty suite
 _IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".pytest_cache")
 
 
 class AssembleError(Exception):
     """A tenant that cannot be assembled; the message is one line per reason."""
+
+
+class ServiceProblems(AssembleError):
+    """Service modules ``mtp check`` would refuse; one reason per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class TestsFailed(AssembleError):
+    """The tenant's own tests failed; carries pytest's output for the user."""
+
+    __test__ = False  # not a pytest test class, whatever its name says
+
+    def __init__(self, code: int, output: str) -> None:
+        self.output = output
+        super().__init__(f"tenant tests failed (pytest exit {code}); nothing was assembled")
 
 
 @dataclass(frozen=True)
@@ -96,17 +116,6 @@ def probe_services(tenant_dir: Path, python: str = sys.executable) -> list[str]:
     return list(result["names"])
 
 
-class ServiceProblems(AssembleError):
-    """Service modules ``mtp check`` would refuse; one reason per line."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__("\n".join(problems))
-
-
-NO_TESTS_COLLECTED = 5  # pytest's exit code for an empty suite
-
-
 def run_tenant_tests(tenant_dir: Path, python: str = sys.executable) -> int:
     """Run the tenant's pytest suite; return pytest's exit code (0, or 5: none collected).
 
@@ -123,19 +132,7 @@ def run_tenant_tests(tenant_dir: Path, python: str = sys.executable) -> int:
     return proc.returncode
 
 
-class TestsFailed(AssembleError):
-    """The tenant's own tests failed; carries pytest's output for the user."""
-
-    __test__ = False  # not a pytest test class, whatever its name says
-
-    def __init__(self, code: int, output: str) -> None:
-        self.output = output
-        super().__init__(f"tenant tests failed (pytest exit {code}); nothing was assembled")
-
-
 def _child_env() -> dict[str, str]:
-    import os
-
     # The children run tenant code: keep it from writing bytecode into the tenant repo.
     return {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
 

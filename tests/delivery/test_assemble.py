@@ -176,43 +176,45 @@ def test_an_empty_tests_folder_is_not_a_failure(tenant, tmp_path):
     assert "no tests collected" in proc.stdout
 
 
-def test_bad_service_name_refuses(tenant, tmp_path):
-    (tenant / "services/Bad-Name.py").write_text("def handle(context):\n    return 1\n")
-    err = refused(mtp("assemble", "--tenant-dir", tenant, "--out", tmp_path / "rt",
-                      "--skip-tests"))
-    assert "services/Bad-Name.py" in err and "not a valid service name" in err
+BROKEN = {
+    "Bad-Name.py": "def handle(context):\n    return 1\n",
+    "nohandle.py": '"""No entry point."""\nVALUE = 1\n',
+    "syntax.py": "def handle(context:\n    return 1\n",
+    "imports.py": "import no_such_module_here\n\ndef handle(context):\n    return 1\n",
+    "exits.py": "raise SystemExit(3)\n",
+}
 
 
-def test_module_without_handle_refuses(tenant, tmp_path):
-    (tenant / "services/nohandle.py").write_text('"""No entry point."""\nVALUE = 1\n')
-    err = refused(mtp("assemble", "--tenant-dir", tenant, "--out", tmp_path / "rt",
-                      "--skip-tests"))
-    assert "services/nohandle.py" in err and "handle" in err
+def test_every_service_problem_is_named_in_one_run(tenant, tmp_path):
+    for name, source in BROKEN.items():
+        (tenant / "services" / name).write_text(source)
+    (tenant / "services/orders.py").unlink()  # still configured in tenant.toml
+    out = tmp_path / "rt"
+    err = refused(mtp("assemble", "--tenant-dir", tenant, "--out", out, "--skip-tests"))
+    lines = err.strip().splitlines()
+    assert all(line.startswith("mtp assemble: ") for line in lines)
 
+    def reason(fragment: str) -> str:
+        return next(line for line in lines if fragment in line)
 
-@pytest.mark.parametrize(("source", "expected"), [
-    ("def handle(context:\n    return 1\n", "SyntaxError"),
-    ("import no_such_module_here\n\ndef handle(context):\n    return 1\n",
-     "ModuleNotFoundError"),
-    ("raise SystemExit(3)\n", "SystemExit"),
-])
-def test_module_failing_on_import_is_named_with_the_reason(tenant, tmp_path, source, expected):
-    (tenant / "services/broken.py").write_text(source)
-    err = refused(mtp("assemble", "--tenant-dir", tenant, "--out", tmp_path / "rt",
-                      "--skip-tests"))
-    assert "services/broken.py" in err and expected in err
-    assert len(err.strip().splitlines()) == 1
+    assert "not a valid service name" in reason("services/Bad-Name.py")
+    assert "handle" in reason("services/nohandle.py")
+    assert "SyntaxError" in reason("services/syntax.py") and "line 1" in reason("syntax.py")
+    assert "ModuleNotFoundError" in reason("services/imports.py")
+    assert "SystemExit" in reason("services/exits.py")
+    assert "no module services/orders.py" in reason("services.orders")
+    assert len(lines) == 6
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(("source", "code"), [
     ("import os\nos._exit(7)\n", 7),
     ("import atexit\natexit.register(print, 'junk')\n\ndef handle(context):\n    return 1\n", 0),
 ])
-def test_module_that_ends_the_check_refuses(tenant, tmp_path, source, code):
+def test_module_that_ends_the_check_refuses(tenant, source, code):
     (tenant / "services/killer.py").write_text(source)
-    err = refused(mtp("assemble", "--tenant-dir", tenant, "--out", tmp_path / "rt",
-                      "--skip-tests"))
-    assert f"ended the check without a report (exit {code})" in err
+    with pytest.raises(AssembleError, match=rf"ended the check without a report \(exit {code}\)"):
+        assemble_module.probe_services(tenant)
 
 
 def test_slow_imports_and_slow_tests_time_out(tenant, monkeypatch):
