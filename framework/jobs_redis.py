@@ -32,6 +32,7 @@ from typing import Any
 
 import redis
 from redis import BlockingConnectionPool, Redis
+from redis.driver_info import DriverInfo
 from redis.exceptions import RedisError
 from rq import Callback, Queue, Retry
 from rq.exceptions import AbandonedJobError
@@ -104,7 +105,7 @@ def connect(url: str, pool_size: int = 32) -> Redis:
         health_check_interval=30,
         # Given, so a new connection (each work horse opens its own) does not look the
         # version up in the package metadata again (~9 ms each).
-        lib_version=redis.__version__))
+        driver_info=DriverInfo(lib_version=redis.__version__)))
 
 
 def queue_name(tenant: str) -> str:
