@@ -184,7 +184,8 @@ class UsageStore:
 
     def hourly(self, tenant: str, prices: BillingSettings, start: float | None = None,
                end: float | None = None) -> list[HourTotal]:
-        """Calls and cost per hour, hours without calls filled with zeros."""
+        """Calls and cost per hour, gaps between the first and last hour with calls filled
+        with zeros."""
         where, args = _range(tenant, start, end)
         sql = ("SELECT hour, SUM(calls), SUM(cpu_seconds), SUM(bytes_in + bytes_out) "  # noqa: S608
                f"FROM usage_hourly WHERE {where} GROUP BY hour ORDER BY hour")
@@ -193,8 +194,8 @@ class UsageStore:
                      for h, c, cpu, b in conn.execute(sql, args)}
         if not found:
             return []
-        first = min(found) if start is None else hour_of(start)
-        last = max(found)
+        # From the first hour with calls: a range reaching back years adds no information.
+        first, last = min(found), max(found)
         return [found.get(h, HourTotal(h, 0, 0.0)) for h in range(first, last + HOUR, HOUR)]
 
     def hour_rows(self, tenant: str, hour: int) -> list[tuple[Any, ...]]:
@@ -354,7 +355,7 @@ class Anomaly:
 
 
 def anomalies(series: Sequence[HourTotal], window: int = 24, threshold: float = 3.5,
-              min_history: int = 6) -> list[Anomaly]:
+              min_history: int = 6, last: int = 30 * 24) -> list[Anomaly]:
     """Hours whose calls or cost deviate more than ``threshold`` robust sigmas.
 
     The median and MAD of the ``window`` hours before each hour are the baseline
@@ -363,7 +364,7 @@ def anomalies(series: Sequence[HourTotal], window: int = 24, threshold: float = 
     cost of one call) to keep small wobbles on a steady load from being flagged.
     """
     found = []
-    for i in range(min_history, len(series)):
+    for i in range(max(min_history, len(series) - last), len(series)):  # the ``last`` hours
         past = series[max(0, i - window):i]
         seen = [*past, series[i]]
         calls = sum(h.calls for h in seen)

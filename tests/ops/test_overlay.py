@@ -78,6 +78,7 @@ def test_change_is_applied_and_versioned(env) -> None:
         first = holder.current
         write(path, '[limits]\nrate = 5\nburst = 0\n[services.orders.config]\ncurrency = "USD"\n')
         wait_for(lambda: holder.current is not first)
+        wait_for(lambda: len(versions.list()) == 2)  # recorded just after the swap
         now = holder.current
         # a new overlay replaces the previous one: beta is back to tenant.toml's value
         assert not now.flags["beta"].enabled
@@ -267,6 +268,7 @@ def test_rollback_writes_the_version_back_and_watchers_converge(env) -> None:
         wait_for(lambda: holder.current.limits.rate == 9)
         assert rollback(versions, v1, str(path)).id == v1
         wait_for(lambda: holder.current.limits.rate == 7)
+        wait_for(lambda: len(versions.list()) == 3)
         newest = versions.list()[0]
         assert newest.source == f"{path} (rollback to version {v1})"
         assert newest.hash == versions.get(v1).hash

@@ -93,7 +93,8 @@ def test_hourly_fills_missing_hours_with_zero(store: UsageStore) -> None:
     meter.record("s", None, "u", 200, 0.0, 0.0, 0, 0)
     meter.flush()
     assert [h.calls for h in store.hourly("acme", PRICES)] == [1, 0, 0, 1]
-    assert [h.calls for h in store.hourly("acme", PRICES, start=T0 - HOUR)] == [0, 1, 0, 0, 1]
+    assert [h.calls for h in store.hourly("acme", PRICES, start=T0 - 9 * HOUR)] == [1, 0, 0, 1]
+    assert [h.calls for h in store.hourly("acme", PRICES, start=T0 + HOUR)] == [1]
     assert store.hourly("nobody", PRICES) == []
 
 
@@ -199,6 +200,7 @@ def test_anomalies_flag_spikes_and_drops_not_noise() -> None:
     # a flat zero history does not flag a single call
     assert anomalies(_series([0] * 10 + [1])) == []
     assert anomalies(_series([5, 500])) == []  # too little history to judge
+    assert anomalies(_series([*steady, 400, 100]), last=1) == []  # only the newest hour
 
 
 def test_forecast_is_trailing_mean_times_horizon() -> None:
