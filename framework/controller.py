@@ -89,22 +89,25 @@ def register(app: Flask, rt: Runtime) -> None:
     @app.route("/services/<service>", methods=["GET", "POST"], defaults={"operation": None})
     @app.route("/services/<service>/<operation>", methods=["GET", "POST"])
     def call_service(service: str, operation: str | None) -> Response:
+        state, req = g._get_current_object(), request._get_current_object()
         spec = rt.registry.resolve(service)
-        g.service = spec.name
+        state.service = spec.name
         if (operation not in spec.operations) if spec.operations else operation is not None:
             raise NotFound(f"service {spec.name!r} has no operation {(operation or '')[:80]!r}"
                            if operation else f"service {spec.name!r} needs an operation: "
                            f"{', '.join(spec.operations)}")
-        g.operation = operation or ""
-        params = request.args.to_dict()
-        dispatch = choose(spec, parse_prefer(request.headers.getlist("Prefer")),
+        state.operation = operation or ""
+        params = req.args.to_dict()
+        # The WSGI server joins repeated Prefer headers with commas.
+        dispatch = choose(spec, parse_prefer([req.environ.get("HTTP_PREFER", "")]),
                           params.pop("mode", None))
-        body = read_body(request.stream, request.content_length, rt.settings.max_body)
+        body = read_body(req.stream, req.content_length, rt.settings.max_body)
         payload = parse_payload(body)
         validate(spec, payload)
-        ctx = make_context(rt, spec, operation, g.identity, payload, params)
+        ctx = make_context(rt, spec, operation, state.identity, payload, params,
+                           state.request_id)
         if dispatch.run_async:
-            return start_job(rt, spec, ctx, g.identity, dispatch.wait, dispatch.applied)
+            return start_job(rt, spec, ctx, state.identity, dispatch.wait, dispatch.applied)
         return answer(rt.executor.sync(spec, ctx))
 
     @app.get("/jobs/<job_id>")
@@ -124,7 +127,7 @@ def register(app: Flask, rt: Runtime) -> None:
 
 
 def make_context(rt: Runtime, spec: ServiceSpec, operation: str | None, ident: Identity,
-                 payload: Any, params: dict[str, str]) -> Context:
+                 payload: Any, params: dict[str, str], rid: str) -> Context:
     """The handler's context for one call."""
     tenant = rt.tenant
     return Context(
@@ -137,10 +140,10 @@ def make_context(rt: Runtime, spec: ServiceSpec, operation: str | None, ident: I
         auth_method=ident.auth_method,
         payload=payload,
         params=params,
-        request_id=g.request_id,
+        request_id=rid,
         config=tenant.service(spec.name).config,
         flags=FlagSet(tenant.flags, tenant.tenant_id, ident.user, ident.groups, ident.roles),
-        logger=logs.service_logger(tenant.tenant_id, g.request_id, spec.name, operation),
+        logger=logs.service_logger(tenant.tenant_id, rid, spec.name, operation),
         deadline=time.monotonic() + spec.timeout,
     )
 

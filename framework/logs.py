@@ -17,7 +17,7 @@ from typing import Any
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("mtp_request_id", default="")
 
 LOGGER_NAME = "mtp.framework"
-_process = {"tenant": ""}
+_process: dict[str, Any] = {"tenant": "", "handler": None}
 
 # Attributes every LogRecord has; anything else came in through ``extra=``.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
@@ -25,13 +25,17 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
 }
 
 
+def _timestamp(created: float) -> str:
+    return (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+            + f".{int(created * 1000) % 1000:03d}Z")
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, tenant, request id, extras."""
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": _timestamp(record.created),
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
@@ -55,23 +59,26 @@ def setup(level: str, tenant_id: str, stream: Any = None) -> logging.Logger:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    _process["handler"] = handler
     return logging.getLogger(LOGGER_NAME)
 
 
-def gunicorn_logconfig(level: str) -> dict[str, Any]:
-    """logging.config dict that makes gunicorn's own lines JSON too."""
-    return {
-        "version": 1,
-        "disable_existing_loggers": False,
-        "formatters": {"json": {"()": JsonFormatter}},
-        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json",
-                                "stream": "ext://sys.stderr"}},
-        "root": {"level": "WARNING", "handlers": ["stderr"]},
-        "loggers": {
-            "gunicorn.error": {"level": level, "handlers": ["stderr"], "propagate": False},
-            "gunicorn.access": {"level": "WARNING", "handlers": ["stderr"], "propagate": False},
-        },
-    }
+def access(logger: logging.Logger, request_id: str, fields: dict[str, Any]) -> None:
+    """The request line: the same JSON as any other line, without a LogRecord.
+
+    It is written once per request, so it skips the logging machinery (record,
+    filters, formatter lookup) that costs more than the line itself.
+    """
+    handler = _process["handler"]
+    if handler is None or not logger.isEnabledFor(logging.INFO):
+        return
+    now = time.time()
+    line = {"ts": _timestamp(now), "level": "INFO", "logger": logger.name, "msg": "request",
+            "tenant": _process["tenant"], "request_id": request_id, **fields}
+    text = json.dumps(line, default=str) + "\n"
+    with handler.lock:
+        handler.stream.write(text)
+        handler.stream.flush()
 
 
 class ServiceLogger(logging.LoggerAdapter):
@@ -84,9 +91,15 @@ class ServiceLogger(logging.LoggerAdapter):
         return msg, kwargs
 
 
+_service_loggers: dict[str, logging.Logger] = {}
+
+
 def service_logger(tenant: str, request_id: str, service: str,
                    operation: str | None) -> ServiceLogger:
     """The logger a handler gets in its context."""
-    return ServiceLogger(logging.getLogger("mtp.service." + service), {
+    base = _service_loggers.get(service)
+    if base is None:  # logging.getLogger takes a global lock: look each name up once
+        base = _service_loggers[service] = logging.getLogger("mtp.service." + service)
+    return ServiceLogger(base, {
         "tenant": tenant, "request_id": request_id, "service": service, "operation": operation,
     })

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -42,12 +43,20 @@ JOB_TRANSITIONS = Counter(
     ["tenant", "service", "operation", "status"])
 
 
+_children: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
+
+
 def observe(tenant: str, service: str, operation: str, status: int, seconds: float,
             kind: str | None = None) -> None:
     """Count one answered request."""
-    code = str(status)
-    REQUESTS.labels(tenant, service, operation, code).inc()
-    LATENCY.labels(tenant, service, operation, code).observe(seconds)
+    key = (tenant, service, operation, status)
+    pair = _children.get(key)
+    if pair is None:  # labels() locks and hashes; the set of keys is small and bounded
+        code = str(status)
+        pair = _children[key] = (REQUESTS.labels(tenant, service, operation, code),
+                                 LATENCY.labels(tenant, service, operation, code))
+    pair[0].inc()
+    pair[1].observe(seconds)
     if kind is not None:
         ERRORS.labels(tenant, service, operation, kind).inc()
 

@@ -47,6 +47,17 @@ def raw_target(environ: Mapping[str, object]) -> str:
     return f"{path}?{query}" if query else path
 
 
+_WSGI_KEYS = tuple(
+    (name, "HTTP_" + name.upper().replace("-", "_"))
+    for name in (*signing.SIGNED_HEADERS, signing.TIMESTAMP, signing.SIGNATURE)
+)
+
+
+def signed_headers(environ: Mapping[str, object]) -> dict[str, str]:
+    """The headers the signature covers, read once from the WSGI environ."""
+    return {name: str(environ.get(key, "")) for name, key in _WSGI_KEYS}
+
+
 def identify(secret: bytes, tenant_id: str, method: str, target: str,
              headers: Mapping[str, str]) -> Identity:
     """The caller's identity from signed headers; raises 401/403 errors."""

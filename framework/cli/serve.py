@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger as GunicornLogger
 
 from framework.cli import check_version_pin, resolve_tenant_dir
 from framework.settings import Settings
@@ -29,6 +30,24 @@ def bind_address(upstream: tuple[str, int] | str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class JsonGunicornLogger(GunicornLogger):
+    """gunicorn's own lines as JSON, and no access log: the framework writes that line.
+
+    (A ``logconfig_dict`` would do the formatting too, but makes gunicorn build
+    access-log atoms for every request even when they are dropped.)
+    """
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        from framework.logs import JsonFormatter
+
+        for handler in self.error_log.handlers:
+            handler.setFormatter(JsonFormatter())
+
+    def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
+        return None
+
+
 class FrameworkServer(BaseApplication):
     """gunicorn configured from Settings; each worker builds its app after the fork."""
 
@@ -37,7 +56,7 @@ class FrameworkServer(BaseApplication):
         super().__init__()
 
     def load_config(self) -> None:
-        from framework import logs, metrics
+        from framework import metrics
         from framework.jobs import SqliteJobStore
 
         settings = self.settings
@@ -64,7 +83,8 @@ class FrameworkServer(BaseApplication):
             "timeout": WORKER_TIMEOUT,
             "proc_name": f"mtp-framework-{self.tenant.tenant_id}",
             "accesslog": None,  # the framework writes its own JSON line per request
-            "logconfig_dict": logs.gunicorn_logconfig(settings.log_level),
+            "logger_class": JsonGunicornLogger,
+            "loglevel": settings.log_level.lower(),
             "umask": 0o007,  # the unix socket: owner and group (the sidecar) only
             "child_exit": child_exit,
             "worker_exit": worker_exit,

@@ -40,10 +40,14 @@ def send(app: Flask, method: str, path: str, **kw):
 
 
 def test_a_queued_job_can_be_cancelled_and_never_runs(app: Flask):
-    first = send(app, "POST", "/services/slow", json={"seconds": 0.5})
+    first = send(app, "POST", "/services/slow", json={"seconds": 1})
     queued = send(app, "POST", "/services/slow", json={"seconds": 0})
     assert first.status_code == 202 and queued.status_code == 202
     location = queued.headers["Location"]
+    deadline = time.monotonic() + 5
+    while send(app, "GET", first.headers["Location"]).json["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     cancelled = send(app, "DELETE", location)
     assert cancelled.status_code == 200 and cancelled.json["status"] == "cancelled"
     assert cancelled.json["finished_at"]
@@ -51,7 +55,10 @@ def test_a_queued_job_can_be_cancelled_and_never_runs(app: Flask):
     assert again.status_code == 409 and again.json["job_status"] == "cancelled"
     running = send(app, "DELETE", first.headers["Location"])
     assert running.status_code == 409 and "is running" in running.json["detail"]
-    time.sleep(0.7)
+    deadline = time.monotonic() + 10
+    while send(app, "GET", first.headers["Location"]).json["status"] == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     assert send(app, "GET", location).json["status"] == "cancelled"
     assert send(app, "GET", first.headers["Location"], roles="admin",
                 user="root").json["status"] == "succeeded"

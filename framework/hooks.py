@@ -1,0 +1,63 @@
+"""Around every request: request id and signature check before; header, metrics, log after.
+
+Runs on every call, so it reads the WSGI environ and Flask's ``g`` once each
+instead of going through the context-local proxies again and again.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flask import Flask, Response, g, request
+
+from framework import logs, metrics
+from framework.problem import request_id
+from framework.runtime import Runtime
+from framework.signing import REQUEST_ID
+from framework.verify import EXEMPT, identify, raw_target, signed_headers
+
+MAX_LOGGED_PATH = 200
+
+
+def install_hooks(app: Flask, rt: Runtime) -> None:
+    """Attach the before/after/teardown hooks for ``rt`` to ``app``."""
+
+    @app.before_request
+    def before() -> None:
+        state = g._get_current_object()
+        state.start = time.perf_counter()
+        environ = request.environ
+        state.request_id = rid = request_id(environ.get("HTTP_X_REQUEST_ID"))
+        state.service, state.operation, state.error_kind, state.identity = "", "", None, None
+        logs.REQUEST_ID.set(rid)
+        if environ.get("PATH_INFO") not in EXEMPT:
+            state.identity = identify(rt.secret, rt.tenant.tenant_id, environ["REQUEST_METHOD"],
+                                      raw_target(environ), signed_headers(environ))
+
+    @app.after_request
+    def after(response: Response) -> Response:
+        state = g._get_current_object()
+        start = getattr(state, "start", None)
+        if start is None:  # pragma: no cover - a failure before our first hook ran
+            return response
+        response.headers[REQUEST_ID] = state.request_id
+        elapsed = time.perf_counter() - start
+        status = response.status_code
+        metrics.observe(rt.tenant.tenant_id, state.service, state.operation, status, elapsed,
+                        state.error_kind)
+        environ = request.environ
+        ident = state.identity
+        logs.access(rt.log, state.request_id, {
+            "method": environ.get("REQUEST_METHOD"),
+            "path": str(environ.get("PATH_INFO", ""))[:MAX_LOGGED_PATH],
+            "status": status,
+            "ms": round(elapsed * 1000, 3),
+            "service": state.service or None,
+            "operation": state.operation or None,
+            "user": ident.user if ident is not None else None,
+        })
+        return response
+
+    @app.teardown_request
+    def teardown(exc: BaseException | None) -> None:
+        logs.REQUEST_ID.set("")  # gthread reuses threads: no id may leak into the next lines
