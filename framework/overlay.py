@@ -59,13 +59,13 @@ def _stat(path: Path) -> tuple[int, int, int, int] | None:
 
 
 def _read(path: Path) -> bytes | None:
+    """The file's bytes; None when there is no file (an unreadable one is refused)."""
     try:
         return path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as exc:
-        log.warning("config overlay %s: cannot read: %s", path, exc.strerror)
-        return None
+        raise ConfigError(str(path), "", f"cannot read: {exc.strerror}") from None
 
 
 def _digest(content: bytes | None) -> str:
@@ -100,9 +100,9 @@ class OverlayWatcher:
         """Apply the overlay once, at start. A refused overlay falls back to the overlay
         of the newest recorded version, so a restarted worker runs what the others run."""
         self._stat = _stat(self.path)
-        content = _read(self.path)
-        self._content = _digest(content)
         try:
+            content = _read(self.path)
+            self._content = _digest(content)
             config, text = self._build(content)
         except ConfigError as exc:
             log.error("config overlay refused at start: %s", exc)
@@ -133,17 +133,18 @@ class OverlayWatcher:
         if stat == self._stat and not force:
             return False
         self._stat = stat
-        content = _read(self.path)
-        digest = _digest(content)
-        if digest == self._content:
-            return False
-        self._content = digest
         try:
+            content = _read(self.path)
+            digest = _digest(content)
+            if digest == self._content:
+                return False
+            self._content = digest
             config, text = self._build(content)
+            changed = _digest(_read(self.path)) != digest
         except ConfigError as exc:
             log.error("config overlay refused, keeping the running config: %s", exc)
             return False
-        if _digest(_read(self.path)) != digest:
+        if changed:
             self._stat = None  # changed while it was parsed: look again next poll
             self._content = ""
             return False
@@ -155,8 +156,12 @@ class OverlayWatcher:
     def _build(self, content: bytes | None) -> tuple[TenantConfig, str | None]:
         if content is None:
             return self.base, None  # no overlay file: tenant.toml alone
+        try:
+            text = content.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(str(self.path), "", "not UTF-8 text") from None
         data = load_overlay(self.path)
-        return apply_overlay(self.base, data, str(self.path)), content.decode("utf-8")
+        return apply_overlay(self.base, data, str(self.path)), text
 
     def _last_good(self) -> tuple[TenantConfig, str | None]:
         latest = self.versions.latest() if self.versions else None

@@ -326,6 +326,43 @@ def test_watcher_survives_errors_and_restarts_after_fork(env, monkeypatch) -> No
     assert watcher._thread is None
 
 
+def test_unreadable_or_binary_overlay_is_refused(env, caplog) -> None:
+    base, versions, path = env
+    path.mkdir()  # reading a directory fails: refused at start, tenant.toml runs
+    with caplog.at_level(logging.ERROR, logger="mtp.overlay"):
+        holder, watcher = live_config(base, str(path), versions, interval=60)
+    watcher.stop()
+    assert holder.current is base and "cannot read" in caplog.text
+    path.rmdir()
+    write(path, "[limits]\nrate = 3\n")
+    assert watcher.poll() and holder.current.limits.rate == 3
+    path.write_bytes(b"[limits]\nrate = 4 # \xff\xfe\n")
+    with caplog.at_level(logging.ERROR, logger="mtp.overlay"):
+        assert watcher.poll() is False
+    assert holder.current.limits.rate == 3 and "not UTF-8" in caplog.text
+
+
+def test_a_file_changing_while_parsed_is_read_again(env, monkeypatch) -> None:
+    base, versions, path = env
+    write(path, "[limits]\nrate = 3\n")
+    holder, watcher = live_config(base, str(path), versions, interval=60)
+    watcher.stop()
+    import framework.overlay as overlay
+
+    original = overlay.load_overlay
+
+    def racing(p):
+        data = original(p)
+        write(path, "[limits]\nrate = 5\n")  # the writer was faster than the parser
+        monkeypatch.setattr(overlay, "load_overlay", original)
+        return data
+
+    monkeypatch.setattr(overlay, "load_overlay", racing)
+    write(path, "[limits]\nrate = 4\n")
+    assert watcher.poll() is False and holder.current.limits.rate == 3
+    assert watcher.poll() is True and holder.current.limits.rate == 5
+
+
 def test_diff_and_flatten() -> None:
     assert flatten({"a": {"b": 1, "c": {}}, "d": [1]}) == {"a.b": 1, "a.c": {}, "d": [1]}
     assert diff(None, {"a": 1}) == [{"key": "a", "old": None, "new": 1}]

@@ -148,6 +148,15 @@ def test_a_failed_flush_keeps_the_counts(tmp_path: Path) -> None:
     assert store.query("acme", PRICES)[0]["calls"] == 2
 
 
+def test_a_bad_batch_is_rolled_back_whole(store: UsageStore) -> None:
+    good = ("acme", T0, "s", "", "u", 1, 0, 0.0, 0.0, 0, 0, 0.0)
+    with pytest.raises(sqlite3.Error):
+        store.add([good, ("acme", T0)])
+    assert store.query("acme", PRICES) == []
+    store.add([good])
+    assert store.query("acme", PRICES)[0]["calls"] == 1
+
+
 def test_after_fork_the_child_starts_fresh(store: UsageStore) -> None:
     meter = UsageMeter(store, "acme", flush_interval=0.01)
     meter.record("s", None, "u", 200, 0.0, 0.0, 0, 0)

@@ -162,6 +162,22 @@ def test_start_exporter_needs_url_and_secret(store, caplog) -> None:
     running.stop()
 
 
+def test_a_failing_round_does_not_stop_the_exporter(store, monkeypatch, caplog) -> None:
+    exporter = WebhookExporter(store, "acme", prices("http://127.0.0.1:1/x"), SECRET, FAST)
+    rounds = []
+
+    def broken() -> int:
+        rounds.append(1)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(exporter, "run_once", broken)
+    with caplog.at_level(logging.ERROR, logger="mtp.webhook"):
+        exporter.start()
+        wait_for(lambda: len(rounds) >= 2)
+        exporter.stop()
+    assert "round failed" in caplog.text
+
+
 def test_signature_and_backoff_helpers() -> None:
     body = json.dumps({"a": 1}).encode()
     assert sign(b"k", body).startswith("sha256=") and verify(b"k", body, sign(b"k", body))
