@@ -147,11 +147,20 @@ class Replica:
         return env
 
     def start(self, timeout: float = 30.0) -> Replica:
+        return self.launch().ready(timeout)
+
+    def launch(self) -> Replica:
+        """Start `mtp run` without waiting (start several, then wait for each)."""
         self.port = self.port or free_port()
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "framework", "run", "--tenant-dir", str(self.tenant_dir)],
                 env=self.env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def ready(self, timeout: float = 30.0) -> Replica:
+        """Wait until /readyz answers 200 and the job workers are up."""
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
