@@ -17,7 +17,6 @@ Usage: ``bench/sidecar_wrk.sh [seconds] [connections]``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -58,6 +57,16 @@ SERVICE = '''"""Trivial service for the benchmark."""
 def handle(context):
     return {"ok": True}
 '''
+# The issue's reference upstream: a trivial Flask route, gunicorn gthread, 2 workers.
+TRIVIAL = '''from flask import Flask
+
+app = Flask(__name__)
+
+
+@app.route("/services/hello")
+def hello():
+    return {"ok": True}
+'''
 
 NGINX = """
 worker_processes 1;
@@ -82,10 +91,10 @@ http {{
 """
 
 
-def tree_cpu_ticks(pid: int) -> int:
-    """utime+stime of ``pid`` and every live descendant."""
+def tree_cpu_ticks(pid: int) -> tuple[int, int]:
+    """(utime, stime) of ``pid`` and every live descendant."""
     children: dict[int, list[int]] = {}
-    ticks: dict[int, int] = {}
+    ticks: dict[int, tuple[int, int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
@@ -93,13 +102,15 @@ def tree_cpu_ticks(pid: int) -> int:
             continue
         p = int(stat.parent.name)
         children.setdefault(int(fields[1]), []).append(p)
-        ticks[p] = int(fields[11]) + int(fields[12])
-    total, todo = 0, [pid]
+        ticks[p] = (int(fields[11]), int(fields[12]))
+    user = system = 0
+    todo = [pid]
     while todo:
         p = todo.pop()
-        total += ticks.get(p, 0)
+        u, s = ticks.get(p, (0, 0))
+        user, system = user + u, system + s
         todo.extend(children.get(p, []))
-    return total
+    return user, system
 
 
 @dataclass
@@ -111,6 +122,7 @@ class Result:
     requests: int
     errors: int
     cpu_us: dict[str, float]
+    proxy_user_us: float = 0.0
 
 
 def _ms(text: str, pct: str) -> float:
@@ -135,8 +147,10 @@ def wrk(name: str, port: int, headers: dict[str, str], seconds: int, conns: int,
     errors = sum(int(x) for x in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
     errors += sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    cpu = {k: (after[k] - before[k]) / TICK * 1e6 / max(requests, 1) for k in trees}
-    return Result(name, rps, _ms(out, "50"), _ms(out, "99"), requests, errors, cpu)
+    per = 1e6 / TICK / max(requests, 1)
+    cpu = {k: (sum(after[k]) - sum(before[k])) * per for k in trees}
+    user = (after["proxy"][0] - before["proxy"][0]) * per if "proxy" in trees else 0.0
+    return Result(name, rps, _ms(out, "50"), _ms(out, "99"), requests, errors, cpu, user)
 
 
 def signed_headers() -> dict[str, str]:
@@ -161,15 +175,25 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def phase(tmp: Path, upstream: str, seconds: int, conns: int, direct: bool) -> list[Result]:
-    """One framework on ``upstream``; direct (TCP only), nginx, sidecar in front of it."""
+def phase(tmp: Path, upstream: str, seconds: int, conns: int, direct: bool,
+          trivial: bool) -> list[Result]:
+    """One upstream on ``upstream``; direct (TCP only), nginx, sidecar in front of it.
+
+    ``trivial``: the upstream is a bare Flask route under gunicorn (the issue's reference
+    point) instead of the full framework.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("MTP_")}
     env.update(MTP_TENANT_DIR=str(tmp / "tenant"), MTP_SIDECAR_SECRET=SIDECAR_SECRET,
                MTP_JWT_SECRET=JWT_SECRET, MTP_DATA_DIR=str(tmp / "data"),
                MTP_UPSTREAM=upstream, MTP_WORKERS="2", MTP_THREADS="8",
                MTP_LOG_LEVEL="WARNING", MTP_AUDIT_FILE=str(tmp / "audit.log"))
     py = sys.executable
-    fw = start([py, "-m", "framework", "framework"], env, tmp / "framework.log")
+    if trivial:
+        fw = start([py, "-m", "gunicorn", "-w", "2", "-k", "gthread", "--threads", "8",
+                    "--keep-alive", "75", "-b", upstream, "--chdir", str(tmp),
+                    "--no-control-socket", "trivial:app"], env, tmp / "trivial.log")
+    else:
+        fw = start([py, "-m", "framework", "framework"], env, tmp / "framework.log")
     if upstream.startswith("unix:"):
         wait_for_unix(upstream[5:], fw, timeout=30)
         nginx_up = upstream
@@ -188,19 +212,20 @@ def phase(tmp: Path, upstream: str, seconds: int, conns: int, direct: bool) -> l
     try:
         wait_for_port(sc_port, sc, timeout=30)
         wait_for_port(ng_port, ng, timeout=30)
-        where = "unix" if upstream.startswith("unix:") else "tcp"
+        where = ("unix" if upstream.startswith("unix:") else "tcp") + (
+            ", flask" if trivial else ", framework")
         token = jwt.encode({"sub": "alice", "tenant_id": "bench",
                             "exp": int(time.time()) + 3600}, JWT_SECRET, "HS256")
         bearer = {"Authorization": f"Bearer {token}"}
         if direct:
-            results.append(wrk("direct (tcp)", int(upstream.rsplit(":", 1)[1]),
+            results.append(wrk(f"direct ({where})", int(upstream.rsplit(":", 1)[1]),
                                signed_headers(), seconds, conns, {"framework": fw.pid}))
         results.append(wrk(f"nginx -> {where}", ng_port, signed_headers(), seconds, conns,
                            {"framework": fw.pid, "proxy": ng.pid}))
         results.append(wrk(f"sidecar+JWT -> {where}", sc_port, bearer, seconds, conns,
                            {"framework": fw.pid, "proxy": sc.pid}))
         if direct:
-            results.append(wrk("direct (tcp), 1 conn", int(upstream.rsplit(":", 1)[1]),
+            results.append(wrk(f"direct ({where}), 1 conn", int(upstream.rsplit(":", 1)[1]),
                                signed_headers(), max(3, seconds // 2), 1, {"framework": fw.pid}))
         results.append(wrk(f"sidecar+JWT -> {where}, 1 conn", sc_port, bearer,
                            max(3, seconds // 2), 1, {"framework": fw.pid, "proxy": sc.pid}))
@@ -215,27 +240,41 @@ def main() -> None:
     conns = int(sys.argv[2]) if len(sys.argv) > 2 else 32
     if not shutil.which("wrk") or not shutil.which("nginx"):
         sys.exit("wrk and nginx are needed (apt-get install wrk nginx)")
+    load_before = f"{os.getloadavg()[0]:.2f}"
     tmp = Path(tempfile.mkdtemp(prefix="mtp-bench-"))
     try:
         (tmp / "tenant" / "services").mkdir(parents=True)
         (tmp / "tenant" / "tenant.toml").write_text(TENANT)
         (tmp / "tenant" / "services" / "hello.py").write_text(SERVICE)
-        results = phase(tmp, f"127.0.0.1:{free_port()}", seconds, conns, direct=True)
-        results += phase(tmp, f"unix:{tmp / 'data' / 'fw.sock'}", seconds, conns, direct=False)
+        (tmp / "trivial.py").write_text(TRIVIAL)
+        (tmp / "data").mkdir()
+        results = []
+        for trivial in (True, False):
+            group = phase(tmp, f"127.0.0.1:{free_port()}", seconds, conns, True, trivial)
+            group += phase(tmp, f"unix:{tmp / 'data' / 'up.sock'}", seconds, conns, False,
+                           trivial)
+            results.append(group)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    base = next(r for r in results if r.name == "direct (tcp)")
-    print(f"wrk -t1 -c{conns} -d{seconds}s --latency, GET {PATH}; CPU µs per request per "
-          f"process tree; {os.cpu_count()} cores; config digest "
-          f"{hashlib.sha256(TENANT.encode()).hexdigest()[:8]}")
-    print("| variant | req/s | ratio to direct | p50 ms | p99 ms | framework CPU µs/req "
+    print(f"wrk -t1 -c{conns} -d{seconds}s --latency, GET {PATH}; CPU µs per request of each "
+          f"process tree; {os.cpu_count()} cores; load average before/after: {load_before} / "
+          f"{os.getloadavg()[0]:.2f}")
+    print("| variant | req/s | ratio to direct | p50 ms | p99 ms | upstream CPU µs/req "
           "| proxy CPU µs/req | errors |")
     print("|---|---|---|---|---|---|---|---|")
-    for r in results:
-        proxy = f"{r.cpu_us['proxy']:.0f}" if "proxy" in r.cpu_us else "-"
-        print(f"| {r.name} | {r.rps:.0f} | {r.rps / base.rps:.2f} | {r.p50_ms:.2f} | "
-              f"{r.p99_ms:.2f} | {r.cpu_us['framework']:.0f} | {proxy} | {r.errors} |")
-
+    for group in results:
+        base = group[0]
+        light = next(r for r in group if r.name.endswith("1 conn"))
+        for r in group:
+            ref = light if r.name.endswith("1 conn") else base
+            proxy = (f"{r.cpu_us['proxy']:.0f} ({r.proxy_user_us:.0f} user)"
+                     if "proxy" in r.cpu_us else "-")
+            print(f"| {r.name} | {r.rps:.0f} | {r.rps / ref.rps:.2f} | {r.p50_ms:.2f} | "
+                  f"{r.p99_ms:.2f} | {r.cpu_us['framework']:.0f} | {proxy} | {r.errors} |")
+        for r in group:
+            if r.name.startswith("sidecar") and r.name.endswith("1 conn"):
+                print(f"| added p50 at 1 connection, {r.name} | | | "
+                      f"{r.p50_ms - light.p50_ms:+.2f} | | | | |")
 
 if __name__ == "__main__":
     main()
