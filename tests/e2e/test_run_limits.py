@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.helpers import stop
-from tests.sidecar.conftest import token
+from tests.sidecar.conftest import Reply, token
 from tests.sidecar.run_stack import RunStack, start_default, tenant_toml
 
 pytestmark = pytest.mark.slow
@@ -29,10 +29,20 @@ def run(tmp_path_factory) -> Iterator[RunStack]:
         stop(stack.proc)
 
 
-def overlay(run: RunStack, limits: str) -> None:
-    """Apply an overlay and wait until the sidecar answers under it."""
-    run.overlay.write_text(f"[limits]\n{limits}\n")
-    time.sleep(0.6)  # both processes poll the overlay well within this
+def overlay(run: RunStack, limits: str, burst: int) -> Reply:
+    """Apply an overlay and wait until the sidecar answers under it.
+
+    ``burst`` is unique per overlay and shows in RateLimit-Limit (burst + 1), so the
+    first answer carrying it is the first request served under the new limits.
+    """
+    run.overlay.write_text(f"[limits]\nrate = 10000\nburst = {burst}\n{limits}\n")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        r = run.call("POST", "/services/whoami", auth(), b"{}")
+        if r.headers.get("RateLimit-Limit") == str(burst + 1):
+            return r
+        time.sleep(0.05)
+    raise AssertionError("overlay not applied")
 
 
 def auth(user: str = "alice") -> dict[str, str]:
@@ -40,7 +50,7 @@ def auth(user: str = "alice") -> dict[str, str]:
 
 
 def test_concurrency_cap(run: RunStack) -> None:
-    overlay(run, "rate = 10000\nburst = 10000\nconcurrency = 2")
+    overlay(run, "concurrency = 2", burst=9001)
     try:
         statuses: list[int] = []
 
@@ -61,9 +71,10 @@ def test_concurrency_cap(run: RunStack) -> None:
 
 
 def test_daily_quota_warns_then_refuses(run: RunStack) -> None:
-    overlay(run, "rate = 10000\nburst = 10000\ndaily_quota = 5")
+    first = overlay(run, "daily_quota = 5", burst=9002)  # counted: used = 1
     try:
-        answers = [run.call("POST", "/services/whoami", auth(), b"{}") for _ in range(6)]
+        answers = [first] + [run.call("POST", "/services/whoami", auth(), b"{}")
+                             for _ in range(5)]
         assert [a.status for a in answers] == [200, 200, 200, 200, 200, 429]
         warned = ["X-Quota-Warning" in a.headers for a in answers[:5]]
         assert warned == [False, False, False, False, True]
@@ -72,11 +83,16 @@ def test_daily_quota_warns_then_refuses(run: RunStack) -> None:
         assert refused.headers["Content-Type"] == "application/problem+json"
     finally:
         run.overlay.unlink()
-    time.sleep(0.6)
 
 
 def test_rate_limit_admits_rate_times_time_plus_burst(run: RunStack) -> None:
     """The one slow test: 10 s of load against rate 50, burst 20, nodelay."""
+    deadline = time.monotonic() + 10  # the overlays of the tests above are gone
+    while run.call("POST", "/services/whoami", auth(), b"{}").headers.get(
+            "RateLimit-Limit") != str(BURST + 1):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(1.0)  # let the bucket drain so the burst is whole again
     counts: Counter[int] = Counter()
     lock = threading.Lock()
     stop_at = time.monotonic() + 10.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from framework import signing
@@ -44,7 +44,7 @@ def header_name(draw) -> str:
 values = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=20)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(header_name(), values), max_size=25))
 def test_nothing_spoofable_survives_and_identity_is_exactly_ours(headers) -> None:
     # Sometimes the client names extra hop-by-hop headers in Connection.

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from fractions import Fraction
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from framework.tenant_config import LimitSettings
@@ -35,7 +35,7 @@ class NginxModel:
         return True, excess / self.rate  # nginx delays by excess / rate
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rate=st.integers(1, 50), burst=st.integers(0, 10),
        gaps=st.lists(st.integers(0, 400), min_size=1, max_size=60))
 def test_gcra_matches_nginx_reference(rate: int, burst: int, gaps: list[int]) -> None:
