@@ -20,8 +20,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,54 +97,109 @@ def run_handler(spec: ServiceSpec, ctx: Context, max_result: int,
     return outcome
 
 
+class _Call:
+    """One handed-over call: the waiter blocks on ``done`` until ``outcome`` is set."""
+
+    __slots__ = ("call", "context", "ctx", "done", "outcome", "spec")
+
+    def __init__(self, call: Call, spec: ServiceSpec, ctx: Context) -> None:
+        self.call, self.spec, self.ctx = call, spec, ctx
+        self.context = contextvars.copy_context()  # the request id follows into log lines
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.outcome: Outcome | None = None
+
+
+class _Thread:
+    """A handler thread and the lock that hands it its next call."""
+
+    __slots__ = ("go", "work")
+
+    def __init__(self) -> None:
+        self.go = threading.Lock()
+        self.go.acquire()
+        self.work: _Call | None = None
+
+
 class HandlerPool:
-    """At most ``size`` handler threads, running or abandoned at their deadline."""
+    """At most ``size`` handler threads, running or abandoned at their deadline.
+
+    Each thread waits on its own lock, so a hand-over is one release and one
+    acquire each way (no queue, no Future). The threads are daemons: a handler
+    that never returns does not keep a stopping worker process alive.
+    """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._slots = threading.BoundedSemaphore(size)
-        self._executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="mtp-handler")
-        self._busy = 0
-        self._busy_lock = threading.Lock()
+        self._idle: list[_Thread] = []  # LIFO: the most recently used (warm) thread first
+        self._lock = threading.Lock()
+        self._started = 0
+        self._closed = False
 
     @property
     def busy(self) -> int:
-        """Handler threads holding a slot right now."""
-        return self._busy
+        """Handler threads running a call (or abandoned in one) right now."""
+        return self._started - len(self._idle)
+
+    def _take(self) -> _Thread | None:
+        with self._lock:
+            if self._closed:
+                return None
+            if self._idle:
+                return self._idle.pop()
+            if self._started >= self.size:
+                return None
+            self._started += 1
+        worker = _Thread()
+        threading.Thread(target=self._loop, args=(worker,), daemon=True,
+                         name=f"mtp-handler-{self._started}").start()
+        return worker
+
+    def _loop(self, worker: _Thread) -> None:
+        while True:
+            worker.go.acquire()
+            work = worker.work
+            if work is None:
+                return  # shut down
+            try:
+                work.outcome = work.context.run(work.call, work.spec, work.ctx)
+            except BaseException:  # the seams catch what handlers raise; this is a last guard
+                error_id = new_error_id()
+                log.exception("handler thread failed", extra={"error_id": error_id})
+                work.outcome = Outcome(500, error=ServiceFailed("internal error", error_id))
+            worker.work = None
+            with self._lock:
+                self._idle.append(worker)
+            work.done.release()
 
     def run(self, call: Call, spec: ServiceSpec, ctx: Context) -> Outcome:
         """Run ``call`` on a handler thread; wait until ``ctx.deadline``."""
         start = time.perf_counter()
-        if not self._slots.acquire(blocking=False):
+        worker = self._take()
+        if worker is None:
             return Outcome(503, error=Saturated(
                 f"all {self.size} handler threads are busy; retry shortly"))
-        with self._busy_lock:
-            self._busy += 1
-        context = contextvars.copy_context()  # the request id follows into the log lines
-
-        def task() -> Outcome:
-            try:
-                return context.run(call, spec, ctx)
-            finally:
-                with self._busy_lock:
-                    self._busy -= 1
-                self._slots.release()
-
-        future = self._executor.submit(task)
-        try:
-            outcome = future.result(timeout=max(ctx.deadline - time.monotonic(), 0.0))
-        except FutureTimeout:
+        work = _Call(call, spec, ctx)
+        worker.work = work
+        worker.go.release()
+        if not work.done.acquire(timeout=max(ctx.deadline - time.monotonic(), 0.0)):
             log.warning("service %s passed its %.3gs deadline; its thread keeps running",
                         spec.name, spec.timeout, extra={"service": spec.name})
             return Outcome(504, error=DeadlineExceeded(
                 f"service {spec.name!r} did not answer within {spec.timeout:g}s"),
                 wall=time.perf_counter() - start, finished=False)
+        outcome = work.outcome
+        assert outcome is not None
         outcome.wall = time.perf_counter() - start
         return outcome
 
     def shutdown(self) -> None:
-        """Stop taking work; running handlers are not waited for."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop taking work and let idle threads end; running handlers are not waited for."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.go.release()
 
 
 class Executor:

@@ -196,3 +196,16 @@ def test_reaper_runs_at_start_and_periodically(store: SqliteJobStore):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     reaper.stop()
+
+
+def test_the_pool_survives_a_call_that_escapes_the_seams_and_stops_cleanly():
+    pool = HandlerPool(1)
+
+    def escapes(s, c):
+        raise KeyboardInterrupt
+
+    outcome = pool.run(escapes, spec(lambda c: 1), ctx())
+    assert outcome.status == 500 and outcome.error.error_id
+    assert pool.run(lambda s, c: run_handler(s, c, 100), spec(lambda c: 2), ctx()).body == b"2"
+    pool.shutdown()
+    assert pool.run(escapes, spec(lambda c: 1), ctx()).status == 503
