@@ -16,6 +16,7 @@ import sqlite3
 import statistics
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ CREATE TABLE IF NOT EXISTS usage_hourly (
     queue_seconds REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (tenant, hour, service, operation, user_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 _UPSERT = """
@@ -128,6 +130,14 @@ class UsageStore:
     def connect(self) -> _Conn:
         """A short-lived connection, closed by ``with``."""
         return _Conn(self.path, self.timeout)
+
+    @property
+    def store_id(self) -> str:
+        """A random id made once per database: tells replicas' exports apart."""
+        with self.connect() as conn:
+            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)",
+                         (uuid.uuid4().hex,))
+            return conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
 
     def add(self, rows: Iterable[tuple[Any, ...]]) -> None:
         """Add bucket deltas (UPSERT rows) in one transaction."""

@@ -2,11 +2,13 @@
 
 One POST per finished hour of the tenant, body JSON, signed
 ``X-MTP-Signature: sha256=<hex HMAC-SHA256 of the body>`` with the secret from
-``billing.webhook_secret_env``, and ``Idempotency-Key: usage-<tenant>-<hour>``
+``billing.webhook_secret_env``, and ``Idempotency-Key: usage-<tenant>-<hour>-<source>``
 (stable: a retry of the same hour carries the same key, so the receiver drops
-duplicates). Delivery is at-least-once: an hour is marked sent in SQLite only
-after a 2xx, failures are retried with exponential backoff and jitter, and a
-restart resumes from the table.
+duplicates). ``source`` is the usage database's id: replicas with their own data
+dir each send their share of an hour under their own key (the receiver adds
+them up), never one replica's share under another's key. Delivery is
+at-least-once: an hour is marked sent in SQLite only after a 2xx, failures are
+retried with exponential backoff and jitter, and a restart resumes from the table.
 
 It runs in a daemon thread of the framework (the process that owns the usage
 database; the sidecar may not even share the data dir), never on a request
@@ -71,9 +73,10 @@ def verify(secret: bytes, body: bytes, header: str) -> bool:
     return hmac.compare_digest(sign(secret, body), header or "")
 
 
-def idempotency_key(tenant: str, hour: int) -> str:
-    """Stable id of one tenant's hour: the same on every retry and after restarts."""
-    return f"usage-{tenant}-{iso_hour(hour)}"
+def idempotency_key(tenant: str, hour: int, source: str) -> str:
+    """Stable id of one tenant's hour from one usage database: the same on every retry
+    and after restarts."""
+    return f"usage-{tenant}-{iso_hour(hour)}-{source}"
 
 
 def backoff(attempts: int, base: float, cap: float, rand: Callable[[], float]) -> float:
@@ -118,6 +121,7 @@ class WebhookExporter:
         self._rand = secrets.SystemRandom().random
         self._opener = urllib.request.build_opener(_NoRedirect)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.source = store.store_id[:12]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         with store.connect() as conn:
@@ -200,8 +204,9 @@ class WebhookExporter:
                               totals["bytes_in"] + totals["bytes_out"])
         return {
             "type": "mtp.usage.hourly",
-            "idempotency_key": idempotency_key(self.tenant, hour),
+            "idempotency_key": idempotency_key(self.tenant, hour, self.source),
             "tenant": self.tenant,
+            "source": self.source,
             "hour": iso_hour(hour),
             "currency": self.prices.currency,
             "rows": rows,
@@ -216,7 +221,7 @@ class WebhookExporter:
                 "Content-Type": "application/json",
                 "User-Agent": f"mtp/{__version__}",
                 SIGNATURE_HEADER: sign(self._secret, body),
-                IDEMPOTENCY_HEADER: idempotency_key(self.tenant, hour),
+                IDEMPOTENCY_HEADER: idempotency_key(self.tenant, hour, self.source),
             })
         error = ""
         try:

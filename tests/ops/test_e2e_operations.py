@@ -119,6 +119,11 @@ def eventually(check, timeout: float = 10.0):
         time.sleep(0.05)
 
 
+def source(stack: Stack) -> str:
+    """The id the stack's usage database exports under."""
+    return UsageStore(Path(stack.env["MTP_DATA_DIR"]) / "usage.db").store_id[:12]
+
+
 def write_overlay(path: Path, text: str) -> None:
     tmp = path.with_name(".overlay.tmp")
     tmp.write_text(text)
@@ -161,7 +166,7 @@ def test_usage_totals_equal_the_calls_made_and_match_the_price_table(stack: Stac
 
 def test_webhook_gets_every_finished_hour_exactly_once(stack: Stack) -> None:
     r = stack.receiver
-    keys = {idempotency_key("acme", h) for h in PAST}
+    keys = {idempotency_key("acme", h, source(stack)) for h in PAST}
     assert eventually(lambda: keys <= set(r.accepted), timeout=20), r.requests
     time.sleep(1.5)  # further rounds in both workers send nothing again
     assert {k: r.deliveries[k] for k in keys} == dict.fromkeys(keys, 1)

@@ -69,13 +69,14 @@ def test_every_finished_hour_arrives_exactly_once_after_failures(store, receiver
         time.sleep(0.2)  # a few more rounds: nothing is sent again
     finally:
         exporter.stop()
-    keys = [idempotency_key("acme", h) for h in HOURS]
+    keys = [idempotency_key("acme", h, store.store_id[:12]) for h in HOURS]
     assert sorted(receiver.accepted) == sorted(keys)
     assert all(receiver.deliveries[k] == 1 for k in keys)
     assert receiver.bad_signatures == 0 and receiver.requests == 5 + 3
     first = receiver.accepted[keys[0]]
     assert first["hour"] == iso_hour(HOURS[0]) and first["tenant"] == "acme"
     assert first["currency"] == "EUR" and first["idempotency_key"] == keys[0]
+    assert first["source"] == store.store_id[:12] == exporter.source
     assert first["totals"]["calls"] == 2 and first["totals"]["errors"] == 1
     # 2 calls * 0.5 + 0.25 CPU-s * 2.0 + 30 bytes / 1e9 * 1.0
     orders = next(r for r in first["rows"] if r["service"] == "orders")
@@ -176,6 +177,20 @@ def test_a_failing_round_does_not_stop_the_exporter(store, monkeypatch, caplog) 
         wait_for(lambda: len(rounds) >= 2)
         exporter.stop()
     assert "round failed" in caplog.text
+
+
+def test_replicas_with_their_own_database_export_under_their_own_keys(
+        store, receiver, tmp_path: Path) -> None:
+    other = UsageStore(tmp_path / "replica-2" / "usage.db")
+    meter = UsageMeter(other, "acme", clock=lambda: HOURS[0] + 5)
+    meter.record("hello", None, "bob", 200, 0.1, 0.0, 0, 0)
+    meter.flush()
+    mine = WebhookExporter(store, "acme", prices(receiver.url), SECRET, FAST)
+    theirs = WebhookExporter(other, "acme", prices(receiver.url), SECRET, FAST)
+    assert mine.source != theirs.source and store.store_id == store.store_id
+    assert theirs.acquire_lease() and mine.acquire_lease()  # one lease per database
+    assert mine.deliver(HOURS[0]) + theirs.deliver(HOURS[0]) == 2
+    assert len(receiver.accepted) == 2  # both shares of the hour arrive
 
 
 def test_signature_and_backoff_helpers() -> None:
