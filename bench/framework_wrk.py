@@ -1,0 +1,145 @@
+"""Framework path vs bare Flask under the same gunicorn (gthread, 2 workers), with wrk.
+
+Both servers run in this one invocation, alternating, so the ratio compares like
+with like on the same machine state. CPU per request is the user+system time of
+the gunicorn process tree (/proc/<pid>/stat, master and workers) over the wrk run
+divided by the requests wrk completed. Signed headers are generated just before
+each framework run (the signature window is 30 s; runs are shorter).
+
+    .venv/bin/python bench/framework_wrk.py [--duration 8] [--rounds 3] [--connections 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from framework import signing  # noqa: E402
+from tests.helpers import base_env, free_port, spawn, stop, wait_for_port  # noqa: E402
+
+SECRET = "bench-sidecar-secret-0123456789"
+TICKS = os.sysconf("SC_CLK_TCK")
+SERVICE = '"""Trivial sync service for the benchmark."""\n\n\ndef handle(context):\n' \
+          '    return {"ok": True}\n'
+TOML = '[tenant]\nid = "bench"\nframework_version = "0.1.0"\n'
+THREADS = "8"
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user+system) of ``pid`` and its children, from /proc."""
+    total = 0.0
+    pids = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            pids += [int(p) for p in fh.read().split()]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as fh:
+                fields = fh.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+    return total
+
+
+def lua_headers(headers: dict[str, str], path: Path) -> Path:
+    lines = ['wrk.method = "GET"'] + [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_wrk(url: str, seconds: int, conns: int, script: Path) -> tuple[float, int]:
+    cmd = ["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", str(script)]
+    out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx:
+        raise SystemExit(f"wrk saw {non2xx.group(1)} error answers:\n{out}")
+    return rps, total
+
+
+def measure(pid: int, url: str, seconds: int, conns: int, script: Path) -> dict:
+    run_wrk(url, 1, conns, script)  # warm-up: threads, imports, caches
+    before = tree_cpu(pid)
+    rps, total = run_wrk(url, seconds, conns, script)
+    cpu = tree_cpu(pid) - before
+    return {"rps": rps, "requests": total, "cpu_us_per_req": cpu / total * 1e6}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--connections", type=int, default=16)
+    args = ap.parse_args()
+    if args.duration > 20:
+        raise SystemExit("keep runs under the 30 s signature window")
+    tmp = Path(tempfile.mkdtemp(prefix="mtp-bench-"))
+    tenant = tmp / "tenant"
+    (tenant / "services").mkdir(parents=True)
+    (tenant / "tenant.toml").write_text(TOML)
+    (tenant / "services" / "ping.py").write_text(SERVICE)
+    fw_port, bare_port = free_port(), free_port()
+    fw_env = base_env(MTP_SIDECAR_SECRET=SECRET, MTP_DATA_DIR=str(tmp / "data"),
+                      MTP_UPSTREAM=f"127.0.0.1:{fw_port}", MTP_WORKERS="2", MTP_THREADS=THREADS,
+                      MTP_LOG_LEVEL="INFO")
+    fw = spawn([sys.executable, "-m", "framework", "framework", "--tenant-dir", str(tenant)],
+               fw_env, log=tmp / "framework.log")
+    bare = spawn([sys.executable, "-m", "gunicorn", "-w", "2", "-k", "gthread",
+                  "--threads", THREADS, "--keep-alive", "75", "-b", f"127.0.0.1:{bare_port}",
+                  "--no-control-socket", "--chdir", str(ROOT / "bench"), "framework_bare:app"],
+                 base_env(), log=tmp / "bare.log")
+    try:
+        wait_for_port(fw_port, fw)
+        wait_for_port(bare_port, bare)
+        time.sleep(0.5)
+        path = "/services/ping"
+        results: dict[str, list[dict]] = {"bare": [], "framework": []}
+        for _ in range(args.rounds):
+            who = {signing.REQUEST_ID: "bench-1", signing.TENANT: "bench",
+                   signing.USER: "bench", signing.GROUPS: "", signing.ROLES: "",
+                   signing.AUTH_METHOD: "jwt"}
+            who.update(signing.sign(SECRET.encode(), "GET", path, who))  # fresh, just now
+            # Both get the very same request bytes, so header parsing costs the same.
+            script = lua_headers(who, tmp / "signed.lua")
+            results["bare"].append(measure(bare.pid, f"http://127.0.0.1:{bare_port}{path}",
+                                           args.duration, args.connections, script))
+            results["framework"].append(measure(fw.pid, f"http://127.0.0.1:{fw_port}{path}",
+                                                args.duration, args.connections, script))
+        report(results, args)
+    finally:
+        stop(fw)
+        stop(bare)
+
+
+def report(results: dict[str, list[dict]], args: argparse.Namespace) -> None:
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("rps", "cpu_us_per_req")}
+           for k, v in results.items()}
+    for name, rows in results.items():
+        for i, r in enumerate(rows, 1):
+            print(f"{name:9} round {i}: {r['rps']:8.0f} req/s  {r['cpu_us_per_req']:7.0f} "
+                  f"us CPU/request  ({r['requests']} requests)")
+    ratio = med["framework"]["cpu_us_per_req"] / med["bare"]["cpu_us_per_req"]
+    print(f"median bare:      {med['bare']['rps']:8.0f} req/s  "
+          f"{med['bare']['cpu_us_per_req']:7.0f} us CPU/request")
+    print(f"median framework: {med['framework']['rps']:8.0f} req/s  "
+          f"{med['framework']['cpu_us_per_req']:7.0f} us CPU/request")
+    print(f"CPU/request ratio framework/bare: {ratio:.2f} (target <= 1.15)")
+    print(f"throughput ratio framework/bare: {med['framework']['rps'] / med['bare']['rps']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
