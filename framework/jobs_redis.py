@@ -299,7 +299,7 @@ class JobWorker:
 
     rt: Runtime  # registry, executor seams (metered, breaker) and the live tenant config
     store: RedisJobStore
-    flush: Callable[[], Any] | None = None  # after each job (the usage meter's flush)
+    close: Callable[[], Any] = lambda: None  # at exit: the usage meter's last flush
 
     def context(self, spec: ServiceSpec, call: dict[str, Any]) -> Context:
         """The handler's context, rebuilt from the identity stored with the job."""
@@ -339,8 +339,6 @@ class JobWorker:
         else:
             self.store.finish(job_id, FAILED, error=error_document(outcome, call["request_id"]))
             status = FAILED
-        if self.flush is not None:
-            self.flush()
         return status
 
 

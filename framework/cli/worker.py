@@ -2,13 +2,13 @@
 
 RQ was chosen for the shared queue because it is Redis-only (the one server the
 platform already needs), well kept, and its model is the one jobs need here:
-a forking worker runs each job in a child ("work horse") that it can kill at the
-job's timeout, heartbeats while the job runs, and hands jobs of a worker that
-died to its abandoned-job handling (failure callback, then ``Retry``).
+atomic dequeue, a per-job timeout, heartbeats while a job runs, and hand-over of
+a dead worker's jobs to its abandoned-job handling (failure callback, then
+``Retry``).
 
 The process forks ``--processes`` RQ workers (default MTP_JOB_WORKERS) and keeps
 that many alive; each builds the framework's runtime (service loader, metered
-execution seam, breakers, live overlay) once, before its work horses fork.
+execution seam, breakers, live overlay) once and runs jobs in it, one at a time.
 SIGTERM/SIGINT: RQ's warm shutdown (the current job finishes), killed after
 DRAIN_SECONDS.
 """
@@ -16,17 +16,21 @@ DRAIN_SECONDS.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import click
 from flask import Flask
-from rq import Worker
+from redis.exceptions import RedisError
+from rq import Queue, SimpleWorker
 from rq.job import Job as RqJob
+from rq.worker import WorkerStatus
 
 from framework.cli import check_version_pin, resolve_tenant_dir
 from framework.settings import Settings
@@ -34,6 +38,9 @@ from framework.tenant_config import ConfigError, TenantConfig
 
 MONITOR_INTERVAL = 1  # seconds between heartbeats while a job runs
 HEARTBEAT_GRACE = 4  # a job whose heartbeat is this late is abandoned
+HANG_GRACE = 30  # seconds past RQ's job timeout before a stuck worker process exits
+HUNG_EXIT = 70  # EX_SOFTWARE
+MAX_JOBS = 10000  # then the process is replaced: whatever a handler leaked goes with it
 WORKER_TTL = 30
 MAINTENANCE_INTERVAL = 30
 DRAIN_SECONDS = 20.0
@@ -41,18 +48,48 @@ RESTART_PAUSE = 1.0
 POLL_SECONDS = 0.1
 
 
-class MtpWorker(Worker):
-    """RQ's forking worker with a short heartbeat TTL.
+log = logging.getLogger("mtp.framework.worker")
 
-    RQ's default grace is 60 s past the monitoring interval; a replica that dies
-    should have its jobs retried or failed within seconds instead.
+
+class MtpWorker(SimpleWorker):
+    """RQ's in-process worker, with a heartbeat thread while a job runs.
+
+    No fork per job: the runtime (loaded services, pools, the usage meter) stays warm,
+    as in a framework worker, which runs sync calls in its long-lived threads too.
+    RQ's job timeout (SIGALRM in this main thread) still interrupts a Python handler;
+    one stuck past it in C code stops the heartbeat and ends this process, so its job
+    is handed to RQ's abandoned-job handling and the pool starts a fresh worker.
     """
 
     def get_heartbeat_ttl(self, job: RqJob, working_time: float = 0.0) -> int:
-        interval = float(self.job_monitoring_interval)
-        if job.timeout and job.timeout > 0:
-            interval = min(job.timeout - working_time, interval)
-        return max(1, int(interval)) + HEARTBEAT_GRACE
+        # RQ's default grace is 60 s; a dead worker's job should move on within seconds.
+        return int(self.job_monitoring_interval) + HEARTBEAT_GRACE
+
+    def execute_job(self, job: RqJob, queue: Queue) -> None:
+        execution = self.prepare_execution(job)
+        done = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job, execution, done),
+                                name="mtp-heartbeat", daemon=True)
+        beat.start()
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            done.set()
+            beat.join()
+        self.set_state(WorkerStatus.IDLE)
+
+    def _heartbeat(self, job: RqJob, execution: Any, done: threading.Event) -> None:
+        started = time.monotonic()
+        limit = (job.timeout or 0) + HANG_GRACE if job.timeout and job.timeout > 0 else None
+        while not done.wait(self.job_monitoring_interval):
+            if limit is not None and time.monotonic() - started > limit:
+                log.error("job %s is stuck %ss past its timeout; this worker process exits",
+                          job.id, HANG_GRACE)
+                os._exit(HUNG_EXIT)
+            try:
+                self.maintain_heartbeats(job, execution)
+            except RedisError as exc:
+                log.warning("heartbeat for job %s failed (%s)", job.id, type(exc).__name__)
 
 
 def build_job_worker(settings: Settings, tenant: TenantConfig) -> Any:
@@ -75,8 +112,8 @@ def build_job_worker(settings: Settings, tenant: TenantConfig) -> Any:
     # The same seams as a framework worker: metering, breakers, context.call, overlay.
     ops = install_operations(Flask("mtp-worker"), rt)
     for _spec in rt.registry.available():
-        pass  # load every service now, so each work horse starts with them imported
-    return JobWorker(rt=rt, store=store, flush=ops.meter.flush)
+        pass  # load every service now: the first job does not pay for the import
+    return JobWorker(rt=rt, store=store, close=ops.close)
 
 
 def run_worker(settings: Settings, tenant: TenantConfig, burst: bool) -> int:
@@ -89,7 +126,11 @@ def run_worker(settings: Settings, tenant: TenantConfig, burst: bool) -> int:
                        job_monitoring_interval=MONITOR_INTERVAL, worker_ttl=WORKER_TTL,
                        maintenance_interval=MAINTENANCE_INTERVAL,
                        name=f"{queue_name(tenant.tenant_id)}.{os.uname().nodename}.{os.getpid()}")
-    worker.work(burst=burst, logging_level=settings.log_level, with_scheduler=False)
+    try:
+        worker.work(burst=burst, logging_level=settings.log_level, with_scheduler=False,
+                    max_jobs=MAX_JOBS)
+    finally:
+        job_worker.close()  # usage still in memory goes to the store
     return 0
 
 
