@@ -61,8 +61,8 @@ def create_app(settings: Settings, tenant: TenantConfig, background: bool = True
     secret = settings.require_sidecar_secret()
     rt = build_runtime(settings, tenant, background, secret)
     app = Flask("framework")
-    # One byte of headroom: read_body sees that byte and answers 413 itself.
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body + 1
+    # No MAX_CONTENT_LENGTH: inputs.read_body enforces MTP_MAX_BODY itself, for
+    # declared and chunked bodies alike (werkzeug's limit truncated chunked ones).
     app.extensions["mtp"] = rt
     app.register_error_handler(Exception, render_error)
     install_hooks(app, rt)

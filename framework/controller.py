@@ -10,7 +10,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from flask import Flask, Response, g, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException
 
 from framework import logs, metrics
 from framework.context import Context
@@ -18,7 +18,6 @@ from framework.errors import (
     Conflict,
     FrameworkError,
     NotFound,
-    PayloadTooLarge,
     Unavailable,
     new_error_id,
 )
@@ -46,8 +45,6 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 def render_error(exc: BaseException) -> Response:
     """Every error answer: problem+json with the request id, never a traceback."""
     rid = g.get("request_id", "")
-    if isinstance(exc, RequestEntityTooLarge):
-        exc = PayloadTooLarge("request body is too large")
     if isinstance(exc, FrameworkError):
         status, kind, detail, extra, headers = (
             exc.status, exc.kind, exc.detail, exc.extra, exc.headers())

@@ -143,6 +143,12 @@ def test_connections_are_per_thread_and_closable(store: SqliteJobStore):
     assert store.get("a" * 32) is not None  # reopens
 
 
+def test_an_unreadable_store_is_not_usable(tmp_path: Path):
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    store._conn().execute("DROP TABLE jobs")
+    assert not store.usable()
+
+
 def test_iso_timestamps():
     assert iso(None) is None
     assert iso(0.25) == "1970-01-01T00:00:00.250Z"

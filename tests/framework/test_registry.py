@@ -136,6 +136,7 @@ def test_declarations_and_tenant_overrides(tmp_path: Path):
 def test_dev_mode_reloads_a_changed_module(tmp_path: Path):
     reg = registry(tmp_path, {"live": "def handle(c):\n    return 1\n"}, dev=True)
     assert reg.resolve("live").handle(None) == 1
+    assert reg.resolve("live") is reg.resolve("live")  # unchanged: the cached module
     path = tmp_path / "services" / "live.py"
     path.write_text("def handle(c):\n    return 22\n")
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
