@@ -67,6 +67,9 @@ timeout = 20
 [services.fragile]
 timeout = 20
 
+[services.late]
+timeout = 0.2
+
 [auth.jwt]
 algorithms = ["HS256"]
 leeway = 0
@@ -81,7 +84,7 @@ def write_tenant(root: Path, limits: str) -> Path:
     (tdir / "services").mkdir(parents=True, exist_ok=True)
     (tdir / "tenant.toml").write_text(tenant_toml(limits))
     for name, text in (("echo", ECHO), ("sleepy", SLEEPY), ("fragile", FRAGILE),
-                       ("broken", BROKEN)):
+                       ("broken", BROKEN), ("late", FRAGILE)):
         (tdir / "services" / f"{name}.py").write_text(text)
     return tdir
 

@@ -204,7 +204,7 @@ def test_the_job_function_runs_services_with_the_framework_seams(client, setting
     store = worker.store
     calls = {}
     for name, service in (("ok", "echo"), ("raises", "broken"), ("gone", "nosuch"),
-                          ("cancelled", "echo")):
+                          ("cancelled", "echo"), ("late", "late")):
         job = new_job(service)
         store.create(job)
         calls[name] = job.id
@@ -220,6 +220,8 @@ def test_the_job_function_runs_services_with_the_framework_seams(client, setting
         assert perform(calls["raises"], {**call, "service": "broken"}) == "failed"
         assert perform(calls["gone"], {**call, "service": "nosuch"}) == "failed"
         assert perform(calls["cancelled"], {**call, "service": "echo"}) is None
+        late = {**call, "service": "late", "payload": {"s": 0.4}}
+        assert perform(calls["late"], late) == "failed"  # a job obeys its timeout
     finally:
         install_worker(None)  # type: ignore[arg-type]
         worker.rt.close()
@@ -227,6 +229,7 @@ def test_the_job_function_runs_services_with_the_framework_seams(client, setting
     assert store.get(calls["raises"]).error["type"].endswith("service-error")
     assert store.get(calls["gone"]).error["status"] == 404
     assert store.get(calls["cancelled"]).status == "cancelled"
+    assert store.get(calls["late"]).error["status"] == 504
 
 
 def test_worker_refuses_to_start_without_redis(tmp_path, tenant_dir) -> None:

@@ -195,3 +195,45 @@ def test_redis_outage_falls_back_to_local_limits_and_recovers(tmp_path, caplog) 
     assert seen["quota"] == 1 and seen["slot"] is True
     assert seen["after"] == "redis" and seen["shared"] is True and seen["key"] == 1
     assert any("reachable again" in r.getMessage() for r in caplog.records)
+
+
+def test_first_call_to_an_unreachable_redis_falls_back(caplog) -> None:
+    from tests.helpers import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+
+    async def go() -> list[Any]:
+        quota, slots = (RedisBackend(connect(dead), probe_interval=60) for _ in range(2))
+        try:
+            got = [await quota.incr_quota("q", "2026-01-01"),
+                   await slots.acquire_slot("s", 1), await slots.acquire_slot("s", 1)]
+            await slots.release_slot("s")
+            got.append(await slots.acquire_slot("s", 1))
+            return [*got, quota.state, slots.state]
+        finally:
+            await quota.close()
+            await slots.close()
+
+    assert run(go) == [1, True, False, True, "degraded", "degraded"]
+
+
+def test_losing_redis_while_holding_slots_is_noticed_by_the_refresh(tmp_path) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+
+    async def go() -> bool:
+        backend = RedisBackend(connect(server.url), slot_ttl=0.3, probe_interval=60)
+        try:
+            assert await backend.acquire_slot("held", 1)
+            server.stop()
+            deadline = time.monotonic() + 5
+            while not backend.degraded and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            return backend.degraded
+        finally:
+            await backend.close()
+
+    try:
+        assert run(go) is True
+    finally:
+        server.stop()
