@@ -40,12 +40,12 @@ from rq.job import Job as RqJob
 from rq.registry import StartedJobRegistry
 from rq.timeouts import JobTimeoutException, TimerDeathPenalty
 
-from framework import logs
+from framework import logs, metrics
 from framework.context import Context
 from framework.errors import DeadlineExceeded, FrameworkError, Saturated, Unavailable
 from framework.execute import Outcome
 from framework.flags import FlagSet
-from framework.jobrunner import error_document
+from framework.jobrunner import StatusHook, error_document
 from framework.jobs import (
     CANCELLED,
     FAILED,
@@ -248,8 +248,11 @@ def outcome_of(job: Job) -> Outcome | None:
 class RedisJobRunner:
     """Enqueues async calls on the tenant's RQ queue (bounded) instead of local threads."""
 
-    def __init__(self, store: RedisJobStore, tenant: TenantConfig, max_queued: int) -> None:
+    def __init__(self, store: RedisJobStore, tenant: TenantConfig, max_queued: int,
+                 on_status: StatusHook | None = None) -> None:
         self.store, self.tenant, self.max_queued = store, tenant, max_queued
+        self.on_status = on_status
+        # (jobs that workers start and finish are counted from the store at scrape time)
 
     def submit(self, spec: ServiceSpec, ctx: Context, owner: str) -> tuple[Job, JobWaiter]:
         """Record and enqueue a job; 503 when the shared queue is full or Redis is away."""
@@ -279,6 +282,8 @@ class RedisJobRunner:
         except RedisError as exc:
             log.error("could not enqueue job %s (%s)", job.id, type(exc).__name__)
             raise Unavailable("the job queue (Redis) is unavailable") from exc
+        if self.on_status is not None:
+            self.on_status(job.tenant, job.service, job.operation, job.status)
         return job, JobWaiter(store, job.id)
 
     def shutdown(self) -> None:
@@ -389,7 +394,8 @@ def redis_jobs(settings: Settings, tenant: TenantConfig) -> tuple[RedisJobStore,
     """The store and runner a framework worker uses when MTP_REDIS_URL is set."""
     client = connect(settings.redis_url, pool_size=2 * settings.threads + 4)
     store = RedisJobStore(client, tenant.tenant_id, settings.job_retention)
-    return store, RedisJobRunner(store, tenant, settings.job_queue * settings.workers)
+    return store, RedisJobRunner(store, tenant, settings.job_queue * settings.workers,
+                                 on_status=metrics.job_status)
 
 
 def _fields(job: Job) -> dict[str, str]:

@@ -11,7 +11,6 @@ restarts. The list of children is data: a worker joins when MTP_REDIS_URL is set
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import secrets
 import signal
@@ -52,7 +51,7 @@ class ChildSpec:
 def child_specs(settings: Settings) -> list[ChildSpec]:
     """What `mtp run` starts, in start order (stopped in reverse)."""
     specs = [ChildSpec("framework", ("framework",)), ChildSpec("sidecar", ("sidecar",))]
-    if settings.redis_url and importlib.util.find_spec("framework.cli.worker") is not None:
+    if settings.redis_url:  # shared jobs: this replica also runs queued ones (mtp worker)
         specs.insert(1, ChildSpec("worker", ("worker",)))
     return specs
 
