@@ -42,7 +42,7 @@ PREFIX = "mtp:rl:"
 QUOTA_TTL = 2 * 86400  # a day's counter outlives its day, then goes
 SLOT_TTL = 30.0  # seconds a crashed replica's concurrency slots stay taken
 PROBE_INTERVAL = 1.0
-SOCKET_TIMEOUT = 0.25  # a decision must not hang a request when Redis stalls
+SOCKET_TIMEOUT = 0.5  # a decision must not hang a request when Redis stalls
 POOL_SIZE = 32
 POOL_WAIT = 1.0
 
