@@ -7,6 +7,13 @@ divided by the requests wrk completed. Signed headers are generated just before
 each framework run (the signature window is 30 s; runs are shorter).
 
     .venv/bin/python bench/framework_wrk.py [--duration 8] [--rounds 3] [--connections 16]
+                                            [--breakdown]
+
+``--breakdown`` adds framework servers with parts switched off
+(bench/framework_variant.py) to show what each part costs: "-ops" without the
+operations layer (metering, breaker, overlay), "-handoff" running sync handlers
+in the request thread (no deadline), "-log -metrics" without the request log
+line and Prometheus updates.
 """
 
 from __future__ import annotations
@@ -79,11 +86,21 @@ def measure(pid: int, url: str, seconds: int, conns: int, script: Path) -> dict:
     return {"rps": rps, "requests": total, "cpu_us_per_req": cpu / total * 1e6}
 
 
+# label -> bench/framework_variant.py switches
+VARIANTS = {
+    "fw -ops": "noops",
+    "fw -ops -handoff": "noops,inline",
+    "fw -ops -handoff -log -metrics": "noops,inline,nolog,nometrics",
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also measure the framework with parts switched off")
     args = ap.parse_args()
     if args.duration > 20:
         raise SystemExit("keep runs under the 30 s signature window")
@@ -92,53 +109,61 @@ def main() -> None:
     (tenant / "services").mkdir(parents=True)
     (tenant / "tenant.toml").write_text(TOML)
     (tenant / "services" / "ping.py").write_text(SERVICE)
-    fw_port, bare_port = free_port(), free_port()
-    fw_env = base_env(MTP_SIDECAR_SECRET=SECRET, MTP_DATA_DIR=str(tmp / "data"),
-                      MTP_UPSTREAM=f"127.0.0.1:{fw_port}", MTP_WORKERS="2", MTP_THREADS=THREADS,
-                      MTP_LOG_LEVEL="INFO")
-    fw = spawn([sys.executable, "-m", "framework", "framework", "--tenant-dir", str(tenant)],
-               fw_env, log=tmp / "framework.log")
-    bare = spawn([sys.executable, "-m", "gunicorn", "-w", "2", "-k", "gthread",
-                  "--threads", THREADS, "--keep-alive", "75", "-b", f"127.0.0.1:{bare_port}",
-                  "--no-control-socket", "--chdir", str(ROOT / "bench"), "framework_bare:app"],
-                 base_env(), log=tmp / "bare.log")
+    targets = {"bare": [sys.executable, "-m", "gunicorn", "-w", "2", "-k", "gthread",
+                        "--threads", THREADS, "--keep-alive", "75", "--no-control-socket",
+                        "--chdir", str(ROOT / "bench"), "framework_bare:app", "-b"],
+               "framework": [sys.executable, "-m", "framework", "framework",
+                             "--tenant-dir", str(tenant)]}
+    if args.breakdown:
+        for label, variant in VARIANTS.items():
+            targets[label] = [
+                sys.executable, str(ROOT / "bench" / "framework_variant.py"), str(tenant),
+                variant]
+    procs, ports = {}, {}
     try:
-        wait_for_port(fw_port, fw)
-        wait_for_port(bare_port, bare)
+        for name, cmd in targets.items():
+            port = ports[name] = free_port()
+            if name == "bare":
+                cmd, env = [*cmd, f"127.0.0.1:{port}"], base_env()
+            else:
+                env = base_env(MTP_SIDECAR_SECRET=SECRET, MTP_DATA_DIR=str(tmp / name),
+                               MTP_UPSTREAM=f"127.0.0.1:{port}", MTP_WORKERS="2",
+                               MTP_THREADS=THREADS, MTP_LOG_LEVEL="INFO")
+            procs[name] = spawn(cmd, env, log=tmp / f"{name}.log")
+        for name, proc in procs.items():
+            wait_for_port(ports[name], proc)
         time.sleep(0.5)
         path = "/services/ping"
-        results: dict[str, list[dict]] = {"bare": [], "framework": []}
+        results: dict[str, list[dict]] = {name: [] for name in targets}
         for _ in range(args.rounds):
-            who = {signing.REQUEST_ID: "bench-1", signing.TENANT: "bench",
-                   signing.USER: "bench", signing.GROUPS: "", signing.ROLES: "",
-                   signing.AUTH_METHOD: "jwt"}
-            who.update(signing.sign(SECRET.encode(), "GET", path, who))  # fresh, just now
-            # Both get the very same request bytes, so header parsing costs the same.
-            script = lua_headers(who, tmp / "signed.lua")
-            results["bare"].append(measure(bare.pid, f"http://127.0.0.1:{bare_port}{path}",
-                                           args.duration, args.connections, script))
-            results["framework"].append(measure(fw.pid, f"http://127.0.0.1:{fw_port}{path}",
-                                                args.duration, args.connections, script))
-        report(results, args)
+            for name, proc in procs.items():
+                who = {signing.REQUEST_ID: "bench-1", signing.TENANT: "bench",
+                       signing.USER: "bench", signing.GROUPS: "", signing.ROLES: "",
+                       signing.AUTH_METHOD: "jwt"}
+                who.update(signing.sign(SECRET.encode(), "GET", path, who))  # fresh, just now
+                # Every target gets the very same request bytes: equal header parsing.
+                script = lua_headers(who, tmp / "signed.lua")
+                results[name].append(measure(proc.pid, f"http://127.0.0.1:{ports[name]}{path}",
+                                             args.duration, args.connections, script))
+        report(results)
     finally:
-        stop(fw)
-        stop(bare)
+        for proc in procs.values():
+            stop(proc)
 
 
-def report(results: dict[str, list[dict]], args: argparse.Namespace) -> None:
+def report(results: dict[str, list[dict]]) -> None:
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("rps", "cpu_us_per_req")}
            for k, v in results.items()}
     for name, rows in results.items():
         for i, r in enumerate(rows, 1):
-            print(f"{name:9} round {i}: {r['rps']:8.0f} req/s  {r['cpu_us_per_req']:7.0f} "
-                  f"us CPU/request  ({r['requests']} requests)")
-    ratio = med["framework"]["cpu_us_per_req"] / med["bare"]["cpu_us_per_req"]
-    print(f"median bare:      {med['bare']['rps']:8.0f} req/s  "
-          f"{med['bare']['cpu_us_per_req']:7.0f} us CPU/request")
-    print(f"median framework: {med['framework']['rps']:8.0f} req/s  "
-          f"{med['framework']['cpu_us_per_req']:7.0f} us CPU/request")
-    print(f"CPU/request ratio framework/bare: {ratio:.2f} (target <= 1.15)")
-    print(f"throughput ratio framework/bare: {med['framework']['rps'] / med['bare']['rps']:.2f}")
+            print(f"{name:31} round {i}: {r['rps']:7.0f} req/s {r['cpu_us_per_req']:6.0f} "
+                  f"us CPU/request ({r['requests']} requests)")
+    base = med["bare"]
+    for name, m in med.items():
+        print(f"median {name:31} {m['rps']:7.0f} req/s {m['cpu_us_per_req']:6.0f} us CPU/req"
+              f"  CPU x{m['cpu_us_per_req'] / base['cpu_us_per_req']:.2f}"
+              f"  throughput x{m['rps'] / base['rps']:.2f}")
+    print("target: framework CPU/request <= 1.15 x bare")
 
 
 if __name__ == "__main__":
