@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,8 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger as GunicornLogger
 
 from framework.cli import check_version_pin, resolve_tenant_dir
-from framework.settings import Settings
-from framework.tenant_config import TenantConfig
+from framework.settings import ENV, Settings
+from framework.tenant_config import ConfigError, TenantConfig
 
 KEEPALIVE = 75  # longer than the sidecar keeps a pooled connection idle
 GRACEFUL_TIMEOUT = 30
@@ -103,11 +104,26 @@ class FrameworkServer(BaseApplication):
 
 
 def prepare(settings: Settings) -> Path:
-    """Data dir, socket dir and a fresh multiprocess metrics dir, before any fork."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    """Data dir, job store, socket dir and a fresh metrics dir, before any fork.
+
+    A directory that cannot be used is a config error naming the variable, not a
+    traceback from every worker.
+    """
+    from framework.jobs import SqliteJobStore
+
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        SqliteJobStore(settings.data_dir / "jobs.sqlite3").close()
+        metrics_dir = Path(tempfile.mkdtemp(prefix="metrics-", dir=settings.data_dir))
+    except (OSError, sqlite3.Error) as exc:
+        raise ConfigError(ENV, "MTP_DATA_DIR", f"{settings.data_dir} is not usable: {exc}"
+                          ) from None
     if isinstance(settings.upstream, str):
-        Path(settings.upstream).parent.mkdir(parents=True, exist_ok=True)
-    metrics_dir = Path(tempfile.mkdtemp(prefix="metrics-", dir=settings.data_dir))
+        try:
+            Path(settings.upstream).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(ENV, "MTP_UPSTREAM", f"cannot create the socket's directory: "
+                              f"{exc.strerror}") from None
     # prometheus_client reads this at import, in the master and in every worker.
     os.environ[MULTIPROC_ENV] = str(metrics_dir)
     return metrics_dir

@@ -44,6 +44,19 @@ def test_framework_refuses_to_start_without_the_sidecar_secret(tenant: Path, tmp
     assert "Traceback" not in done.stderr
 
 
+def test_framework_refuses_an_unusable_data_dir(tenant: Path, tmp_path: Path):
+    (tmp_path / "file").write_text("not a directory")
+    done = run_mtp(["framework", "--tenant-dir", str(tenant)], MTP_SIDECAR_SECRET=SECRET,
+                   MTP_DATA_DIR=str(tmp_path / "file" / "data"))
+    assert done.returncode == 2 and "MTP_DATA_DIR" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = run_mtp(["framework", "--tenant-dir", str(tenant)], MTP_SIDECAR_SECRET=SECRET,
+                   MTP_DATA_DIR=str(tmp_path / "d"),
+                   MTP_UPSTREAM=f"unix:{tmp_path / 'file' / 'fw.sock'}")
+    assert done.returncode == 2 and "MTP_UPSTREAM" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_framework_refuses_another_pinned_version(tmp_path: Path):
     root = make_tenant(tmp_path / "t", TENANT_TOML.replace('"0.1.0"', '"9.9.9"'), {})
     done = run_mtp(["framework", "--tenant-dir", str(root)], MTP_SIDECAR_SECRET=SECRET,
