@@ -253,12 +253,10 @@ class Registry:
                     found.append(f"{self.rel(path)}: not a valid service name "
                                  f"(must match {SERVICE_NAME_RE.pattern})")
         for name in self.names():
-            try:
-                self.resolve(name)
-            except (ServiceLoadFailed, ServiceInvalid) as exc:
-                found.append(exc.detail)
-            except Forbidden:
-                continue
+            # Disabled (or not entitled) services are checked too: they may be enabled later.
+            loaded = self._load(name, self.services_dir / f"{name}.py")
+            if isinstance(loaded, (ServiceLoadFailed, ServiceInvalid)):
+                found.append(loaded.detail)
         for name in self.tenant.services:
             if not (self.services_dir / f"{name}.py").is_file():
                 found.append(f"tenant.toml: services.{name}: no module services/{name}.py")

@@ -164,11 +164,12 @@ def test_services_may_import_their_siblings_relatively(tmp_path: Path):
 
 def test_listing_and_problems(tmp_path: Path):
     reg = registry(tmp_path, {"good": '"""Good."""\ndef handle(c): pass\n',
-                              "bad": "x = (\n", "off": "def handle(c): pass\n",
+                              "bad": "x = (\n", "off": "HANDLE = 1\n",
                               "Upper": "", "__init__": ""})
     assert [s.name for s in reg.available()] == ["good"]
     problems = reg.problems()
     assert any(p.startswith("services/bad.py, line 1") for p in problems)
     assert any("services/Upper.py: not a valid service name" in p for p in problems)
     assert any("services.shaped: no module" in p for p in problems)
+    assert "services/off.py: no callable handle(context)" in problems  # disabled, still checked
     assert Registry(tmp_path / "nowhere", TENANT).names() == []
