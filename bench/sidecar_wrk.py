@@ -238,6 +238,8 @@ def phase(tmp: Path, upstream: str, seconds: int, conns: int, direct: bool,
         if direct:
             results.append(wrk(f"direct ({where}), 1 conn", int(upstream.rsplit(":", 1)[1]),
                                signed_headers(), light, 1, fw_tree))
+        results.append(wrk(f"nginx -> {where}, 1 conn", ng_port, signed_headers(), light, 1,
+                           {**fw_tree, "proxy": ng.pid}))
         results.append(wrk(f"sidecar+JWT -> {where}, 1 conn", sc_port, bearer, light, 1,
                            {**fw_tree, "proxy": sc.pid}))
     finally:

@@ -25,7 +25,7 @@ from framework.tenant_config import ConfigError, TenantConfig
 from sidecar.apikeys import ApiKeys
 from sidecar.audit import AuditLog
 from sidecar.authenticate import Authenticator
-from sidecar.authorize import authorize, service_target
+from sidecar.authorize import authorize, refuse_dot_segments, service_target
 from sidecar.bind_tenant import bind_tenant
 from sidecar.errors import (
     PayloadTooLarge,
@@ -81,8 +81,9 @@ class Sidecar:
             if path == METRICS:
                 response = await self._metrics(principal, rid)
             else:
-                target = service_target(path)
                 upstream_path = request.raw_path
+                refuse_dot_segments(path, upstream_path)
+                target = service_target(path)
                 if target is not None:
                     service, operation = target
                     rule = self._authorize(tenant, principal, service, operation)

@@ -13,6 +13,19 @@ PREFIX = "/services/"
 OPERATION_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 
+def refuse_dot_segments(*paths: str) -> None:
+    """NotFound for a path with ``.`` or ``..`` segments (raw or decoded).
+
+    Servers differ in whether they resolve dot segments; refusing them keeps the
+    path the sidecar checked and the path the framework routes the same.
+    """
+    for path in paths:
+        if "/." in path:
+            segments = path.split("?", 1)[0].split("/")
+            if "." in segments or ".." in segments:
+                raise NotFound("dot segment in path")
+
+
 def service_target(path: str) -> tuple[str, str | None] | None:
     """(service, operation) of a /services/... path; None for other paths; NotFound if malformed.
 
