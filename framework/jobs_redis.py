@@ -103,7 +103,7 @@ def connect(url: str, pool_size: int = 32) -> Redis:
     return Redis(connection_pool=BlockingConnectionPool.from_url(
         url, max_connections=pool_size, timeout=POOL_WAIT, socket_connect_timeout=2.0,
         health_check_interval=30,
-        # Given, so a new connection (each work horse opens its own) does not look the
+        # Given, so each new connection (every process opens its own) does not look the
         # version up in the package metadata again (~9 ms each).
         driver_info=DriverInfo(lib_version=redis.__version__)))
 
