@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask
 
@@ -56,11 +57,20 @@ def build_runtime(settings: Settings, tenant: TenantConfig, background: bool = T
     )
 
 
+class FrameworkFlask(Flask):
+    """Flask without the per-call coroutine check: every view and hook here is sync."""
+
+    def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        # Flask inspects each view and hook on every request to find async ones
+        # (several inspect calls per request); none of ours is async.
+        return func
+
+
 def create_app(settings: Settings, tenant: TenantConfig, background: bool = True) -> Flask:
     """The framework's WSGI app for one tenant."""
     secret = settings.require_sidecar_secret()
     rt = build_runtime(settings, tenant, background, secret)
-    app = Flask("framework")
+    app = FrameworkFlask("framework")
     # No MAX_CONTENT_LENGTH: inputs.read_body enforces MTP_MAX_BODY itself, for
     # declared and chunked bodies alike (werkzeug's limit truncated chunked ones).
     app.extensions["mtp"] = rt

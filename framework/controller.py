@@ -98,7 +98,9 @@ def register(app: Flask, rt: Runtime) -> None:
         # The WSGI server joins repeated Prefer headers with commas.
         dispatch = choose(spec, parse_prefer([req.environ.get("HTTP_PREFER", "")]),
                           params.pop("mode", None))
-        body = read_body(req.stream, req.content_length, rt.settings.max_body)
+        # HTTP/1.1: without Content-Length or Transfer-Encoding there is no body to read.
+        has_body = req.content_length or req.environ.get("HTTP_TRANSFER_ENCODING")
+        body = read_body(req.stream, req.content_length, rt.settings.max_body) if has_body else b""
         payload = parse_payload(body)
         validate(spec, payload)
         ctx = make_context(rt, spec, operation, state.identity, payload, params,

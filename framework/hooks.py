@@ -56,8 +56,7 @@ def install_hooks(app: Flask, rt: Runtime) -> None:
             "operation": state.operation or None,
             "user": ident.user if ident is not None else None,
         })
+        # gthread reuses threads: no id may leak into lines logged between requests.
+        # (after_request runs for every answer: every error is handled and rendered.)
+        logs.REQUEST_ID.set("")
         return response
-
-    @app.teardown_request
-    def teardown(exc: BaseException | None) -> None:
-        logs.REQUEST_ID.set("")  # gthread reuses threads: no id may leak into the next lines
