@@ -1,8 +1,22 @@
--- Steady mixed load for bench/soak.py: sync, async and failing calls, paced per
--- connection (wrk's delay hook) and counted by status, so unexpected answers show.
--- Env: MTP_TOKEN (bearer), SOAK_DELAY_MS (pause between a connection's requests, 0 = flat out).
+-- Steady mixed load for bench/soak.py: sync, async and failing calls at a fixed rate,
+-- counted by status, so unexpected answers show.
+-- Env: MTP_TOKEN (bearer), SOAK_THREAD_RPS (requests per second per wrk thread, 0 = flat out).
+-- Pacing: each request takes the thread's next send slot (wrk's delay hook, wall clock
+-- through LuaJIT's ffi), so the rate holds whatever the latency; a thread that falls
+-- behind does not burst to catch up.
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_usec; } mtp_timeval;
+int gettimeofday(mtp_timeval *tv, void *tz);
+]]
+local tv = ffi.new("mtp_timeval")
+local function now_ms()
+  ffi.C.gettimeofday(tv, nil)
+  return tonumber(tv.tv_sec) * 1000 + tonumber(tv.tv_usec) / 1000
+end
+
 local token = os.getenv("MTP_TOKEN")
-local pause = tonumber(os.getenv("SOAK_DELAY_MS") or "0")
+local thread_rps = tonumber(os.getenv("SOAK_THREAD_RPS") or "0")
 local threads = {}
 
 -- 20 slots: 17 sync, 1 async, 2 failing (5% async, 10% failing)
@@ -30,6 +44,8 @@ function init(args)
   expected_ok, unexpected, statuses = 0, 0, {}
   headers = {["Authorization"] = "Bearer " .. token, ["Content-Type"] = "application/json"}
   body = '{"soak": true}'
+  interval = thread_rps > 0 and 1000 / thread_rps or 0
+  next_slot = 0
 end
 
 function request()
@@ -43,7 +59,11 @@ function response(status, hdrs, resp)
 end
 
 function delay()
-  return pause
+  if interval == 0 then return 0 end
+  local now = now_ms()
+  local slot = math.max(next_slot, now)
+  next_slot = slot + interval
+  return slot - now
 end
 
 function done(summary, latency, requests)

@@ -51,8 +51,9 @@ burst = 1000000
 SOAK_RE = re.compile(r"SOAK (.*)")
 
 
-def wrk(url: str, seconds: int, connections: int, delay_ms: float, token: str) -> dict:
-    env = dict(os.environ, MTP_TOKEN=token, SOAK_DELAY_MS=f"{delay_ms:.3f}")
+def wrk(url: str, seconds: int, connections: int, rps: float, token: str) -> dict:
+    """One wrk run of the mix at ``rps`` in all (0: flat out), two threads."""
+    env = dict(os.environ, MTP_TOKEN=token, SOAK_THREAD_RPS=f"{rps / 2:.3f}")
     out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
                           "-s", str(LUA), url], env=env, capture_output=True, text=True,
                          check=True).stdout
@@ -176,14 +177,14 @@ def main() -> None:
         while redis_url and not queue_empty(redis_url) and time.monotonic() < deadline:
             time.sleep(1)
         target = args.fraction * cap["rps"]
-        # Each connection waits this long after every answer: at most `target` req/s in all.
-        delay_ms = args.connections * 1000.0 / target
-        report["target_rps"], report["delay_ms"] = target, delay_ms
+        report["target_rps"] = target
         pids = descendants(run.pid) + [p.pid for p in procs if p is not run]
         report["rss_start_kib"] = rss(pids)
         minutes = []
         for minute in range(args.minutes):
-            result = wrk(url, 60, args.connections, delay_ms, token)
+            load = Path("/proc/loadavg").read_text().split()[0]
+            result = wrk(url, 60, args.connections, target, token)
+            result["loadavg_before"] = float(load)
             minutes.append(result)
             print(f"minute {minute + 1}: {json.dumps(result)}", flush=True)
         report["minutes"] = minutes
