@@ -154,3 +154,11 @@ def test_local_call_api_for_tenant_tests(tmp_path: Path, monkeypatch):
     runner = LocalRunner(settings, settings.load_tenant())
     outcome = runner.run("slow", {"seconds": 0}, caller=Caller("amy"), run_async=True)
     assert outcome.ok and b'"by":"amy"' in outcome.body
+
+
+def test_a_malformed_request_id_is_replaced(app: Flask):
+    answer = send(app, "GET", "/healthz", headers={"X-Request-ID": "bad id!" + "x" * 200})
+    rid = answer.headers["X-Request-ID"]
+    assert rid != "bad id!" and len(rid) == 32 and rid.isalnum()
+    kept = app.test_client().get("/healthz", headers={"X-Request-ID": "a.b-c_9"})
+    assert kept.headers["X-Request-ID"] == "a.b-c_9"
