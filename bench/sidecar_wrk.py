@@ -177,11 +177,12 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def phase(tmp: Path, upstream: str, seconds: int, conns: int, direct: bool,
-          trivial: bool) -> list[Result]:
+          kind: str) -> list[Result]:
     """One upstream on ``upstream``; direct (TCP only), nginx, sidecar in front of it.
 
-    ``trivial``: the upstream is a bare Flask route under gunicorn (the issue's reference
-    point) instead of the full framework.
+    ``kind``: ``flask``, a bare Flask route under gunicorn (the issue's reference point);
+    ``framework``, the full framework; ``echo``, the tests' aiohttp echo upstream, fast
+    enough that the proxies, not the upstream, are the limit.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("MTP_")}
     env.update(MTP_TENANT_DIR=str(tmp / "tenant"), MTP_SIDECAR_SECRET=SIDECAR_SECRET,
@@ -189,10 +190,13 @@ def phase(tmp: Path, upstream: str, seconds: int, conns: int, direct: bool,
                MTP_UPSTREAM=upstream, MTP_WORKERS="2", MTP_THREADS="8",
                MTP_LOG_LEVEL="WARNING", MTP_AUDIT_FILE=str(tmp / "audit.log"))
     py = sys.executable
-    if trivial:
+    if kind == "flask":
         fw = start([py, "-m", "gunicorn", "-w", "2", "-k", "gthread", "--threads", "8",
                     "--keep-alive", "75", "-b", upstream, "--chdir", str(tmp),
                     "--no-control-socket", "trivial:app"], env, tmp / "trivial.log")
+    elif kind == "echo":
+        fw = start([py, "-m", "tests.sidecar.echo_upstream", upstream],
+                   {**env, "PYTHONPATH": str(ROOT)}, tmp / "echo.log")
     else:
         fw = start([py, "-m", "framework", "framework"], env, tmp / "framework.log")
     if upstream.startswith("unix:"):
@@ -213,8 +217,7 @@ def phase(tmp: Path, upstream: str, seconds: int, conns: int, direct: bool,
     try:
         wait_for_port(sc_port, sc, timeout=30)
         wait_for_port(ng_port, ng, timeout=30)
-        where = ("unix" if upstream.startswith("unix:") else "tcp") + (
-            ", flask" if trivial else ", framework")
+        where = ("unix" if upstream.startswith("unix:") else "tcp") + f", {kind}"
         token = jwt.encode({"sub": "alice", "tenant_id": "bench",
                             "exp": int(time.time()) + 3600}, JWT_SECRET, "HS256")
         bearer = {"Authorization": f"Bearer {token}"}
@@ -262,11 +265,11 @@ def main() -> None:
         (tmp / "trivial.py").write_text(TRIVIAL)
         (tmp / "data").mkdir()
         results = []
-        for trivial in (True, False):
-            group = phase(tmp, f"127.0.0.1:{free_port()}", seconds, conns, True, trivial)
-            group += phase(tmp, f"unix:{tmp / 'data' / 'up.sock'}", seconds, conns, False,
-                           trivial)
+        for kind in ("flask", "framework"):
+            group = phase(tmp, f"127.0.0.1:{free_port()}", seconds, conns, True, kind)
+            group += phase(tmp, f"unix:{tmp / 'data' / 'up.sock'}", seconds, conns, False, kind)
             results.append(group)
+        echo = phase(tmp, f"unix:{tmp / 'data' / 'echo.sock'}", seconds, conns, False, "echo")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrk -t1 -c{conns} -d{seconds}s --latency, GET {PATH}; CPU µs per request of each "
@@ -288,6 +291,15 @@ def main() -> None:
             if r.name.startswith("sidecar") and r.name.endswith("1 conn"):
                 print(f"| added p50 at 1 connection, {r.name} | | | "
                       f"{r.p50_ms - light.p50_ms:+.2f} | | | | |")
+    print("\nFast upstream (the aiohttp echo server of the tests): the proxies' own ceiling")
+    print("| variant | req/s | p50 ms | p99 ms | upstream CPU µs/req | proxy CPU µs/req "
+          "| errors |")
+    print("|---|---|---|---|---|---|---|")
+    for r in echo:
+        print(f"| {r.name} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
+              f"{r.cpu_us['framework']:.0f} | {r.cpu_us['proxy']:.0f} "
+              f"({r.proxy_user_us:.0f} user) | {r.errors} |")
+
 
 if __name__ == "__main__":
     main()
