@@ -89,10 +89,7 @@ def register(app: Flask, rt: Runtime) -> None:
         state, req = g._get_current_object(), request._get_current_object()
         spec = rt.registry.resolve(service)
         state.service = spec.name
-        if (operation not in spec.operations) if spec.operations else operation is not None:
-            raise NotFound(f"service {spec.name!r} has no operation {(operation or '')[:80]!r}"
-                           if operation else f"service {spec.name!r} needs an operation: "
-                           f"{', '.join(spec.operations)}")
+        spec.check_operation(operation)
         state.operation = operation or ""
         params = req.args.to_dict()
         # The WSGI server joins repeated Prefer headers with commas.

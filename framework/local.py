@@ -16,7 +16,7 @@ from typing import Any
 
 from framework import logs
 from framework.context import Context
-from framework.errors import FrameworkError, NotFound
+from framework.errors import FrameworkError
 from framework.execute import Executor, Outcome
 from framework.flags import FlagSet
 from framework.inputs import validate
@@ -58,10 +58,7 @@ class LocalRunner:
     def spec(self, service: str, operation: str | None) -> ServiceSpec:
         """Resolve and check the operation exactly as the controller does."""
         spec = self.registry.resolve(service)
-        if (operation not in spec.operations) if spec.operations else operation is not None:
-            raise NotFound(f"service {spec.name!r} has no such operation"
-                           if operation else f"service {spec.name!r} needs an operation: "
-                           f"{', '.join(spec.operations)}")
+        spec.check_operation(operation)
         return spec
 
     def context(self, spec: ServiceSpec, operation: str | None, payload: Any,

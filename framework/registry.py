@@ -30,6 +30,7 @@ import jsonschema.validators
 
 from framework.errors import (
     Forbidden,
+    NotFound,
     ServiceInvalid,
     ServiceLoadFailed,
     ServiceNotFound,
@@ -56,6 +57,15 @@ class ServiceSpec:
     handle: Callable[[Any], Any]
     fallback: Callable[[Any], Any] | None
     path: Path
+
+    def check_operation(self, operation: str | None) -> None:
+        """404 unless ``operation`` is one of OPERATIONS (or absent when there are none)."""
+        if self.operations and operation not in self.operations:
+            raise NotFound(f"service {self.name!r} has no operation {(operation or '')[:80]!r}"
+                           if operation else f"service {self.name!r} needs an operation: "
+                           f"{', '.join(self.operations)}")
+        if not self.operations and operation is not None:
+            raise NotFound(f"service {self.name!r} takes no operation")
 
     def listing(self) -> dict[str, Any]:
         """The entry of ``GET /services``."""
