@@ -46,6 +46,17 @@ def handle(context):
     return {"done": True}
 '''
 
+STUCK = '''"""Blocks SIGALRM, then sleeps: like a handler stuck in C code, no timeout reaches it."""
+import signal
+import time
+
+
+def handle(context):
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    time.sleep(float((context.payload or {}).get("s", 30)))
+    return {"woke": True}
+'''
+
 BROKEN = '''"""Always raises."""
 
 
@@ -70,6 +81,9 @@ timeout = 20
 [services.late]
 timeout = 0.2
 
+[services.stuck]
+timeout = 1
+
 [auth.jwt]
 algorithms = ["HS256"]
 leeway = 0
@@ -84,7 +98,7 @@ def write_tenant(root: Path, limits: str) -> Path:
     (tdir / "services").mkdir(parents=True, exist_ok=True)
     (tdir / "tenant.toml").write_text(tenant_toml(limits))
     for name, text in (("echo", ECHO), ("sleepy", SLEEPY), ("fragile", FRAGILE),
-                       ("broken", BROKEN), ("late", FRAGILE)):
+                       ("broken", BROKEN), ("late", FRAGILE), ("stuck", STUCK)):
         (tdir / "services" / f"{name}.py").write_text(text)
     return tdir
 

@@ -4,6 +4,8 @@ against a real redis-server (the cross-replica behaviour is in test_replicas.py)
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -29,7 +31,7 @@ from framework.jobs_redis import (
     redis_jobs,
 )
 from framework.settings import Settings
-from tests.helpers import free_port
+from tests.helpers import base_env, free_port
 from tests.redis.stack import write_tenant
 
 
@@ -233,11 +235,6 @@ def test_the_job_function_runs_services_with_the_framework_seams(client, setting
 
 
 def test_worker_refuses_to_start_without_redis(tmp_path, tenant_dir) -> None:
-    import subprocess
-    import sys
-
-    from tests.helpers import base_env
-
     proc = subprocess.run([sys.executable, "-m", "framework", "worker", "--tenant-dir",
                            str(tenant_dir)], env=base_env(MTP_DATA_DIR=str(tmp_path)),
                           capture_output=True, text=True, timeout=30)
@@ -247,11 +244,7 @@ def test_worker_refuses_to_start_without_redis(tmp_path, tenant_dir) -> None:
 
 def test_worker_burst_runs_what_is_queued_then_exits(client, settings, redis_server,
                                                      tmp_path) -> None:
-    import subprocess
-    import sys
-
     from framework.registry import Registry
-    from tests.helpers import base_env
 
     tenant = settings.load_tenant()
     store, runner = redis_jobs(settings, tenant)
@@ -282,3 +275,31 @@ def test_connect_is_bounded(redis_server) -> None:
     assert isinstance(conn, redis.Redis)
     assert conn.connection_pool.max_connections == 3
     conn.close()
+
+
+def test_a_worker_stuck_past_the_timeout_exits_and_its_job_is_abandoned(
+        client, settings, redis_server, tmp_path, monkeypatch) -> None:
+    import framework.jobs_redis
+    from framework.cli.worker import HEARTBEAT_GRACE, HUNG_EXIT, MONITOR_INTERVAL
+    from framework.registry import Registry
+
+    monkeypatch.setattr(framework.jobs_redis, "TIMEOUT_MARGIN", 0)  # RQ timeout = 1 s
+    tenant = settings.load_tenant()
+    store, runner = redis_jobs(settings, tenant)
+    spec = Registry(settings.tenant_dir, tenant).resolve("stuck")
+    job, _ = runner.submit(spec, ctx_for(spec), owner="alice")
+    script = ("import sys\nfrom framework.cli import worker as w\nw.HANG_GRACE = 1\n"
+              "from framework.settings import Settings\ns = Settings.from_env()\n"
+              "sys.exit(w.run_worker(s, s.load_tenant(), True))\n")
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=base_env(MTP_REDIS_URL=redis_server.url, MTP_TENANT_DIR=str(settings.tenant_dir),
+                     MTP_DATA_DIR=str(tmp_path), MTP_LOG_LEVEL="WARNING"),
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == HUNG_EXIT, proc.stderr
+    assert "stuck" in proc.stderr
+    assert store.get(job.id).status == "running"
+    time.sleep(MONITOR_INTERVAL + HEARTBEAT_GRACE + 0.5)  # its heartbeat runs out
+    assert store.reap() == 1  # what every framework worker's reaper does
+    failed = store.get(job.id)
+    assert failed.status == "failed" and failed.error["reason"] == "interrupted"
