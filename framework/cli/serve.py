@@ -145,7 +145,11 @@ def framework(tenant_dir: str | None) -> None:
     logs.setup(settings.log_level, tenant.tenant_id).info(
         "starting framework", extra={"bind": bind_address(settings.upstream),
                                      "workers": settings.workers, "threads": settings.threads})
+    master = os.getpid()
     try:
         FrameworkServer(settings, tenant).run()
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        # A gunicorn worker leaves through SystemExit up this same stack after the
+        # fork: only the master may remove the directory every worker writes to.
+        if os.getpid() == master:
+            shutil.rmtree(metrics_dir, ignore_errors=True)

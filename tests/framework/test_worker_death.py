@@ -55,3 +55,38 @@ def test_killed_worker_fails_only_its_own_jobs(server: Server):
         assert c.get(f"/jobs/{job_id}").json()["status"] == "running"
     # The arbiter replaced the worker; the runtime still answers.
     assert c.post("/services/echo", {}).status == 200
+
+
+def test_a_worker_leaving_gracefully_keeps_the_shared_metrics_dir(server: Server):
+    """A worker exits through SystemExit up the master's stack: it must not clean up."""
+    (metrics_dir,) = server.data.glob("metrics-*")
+    c = server.client
+    pid = int(_any_runner(server).rsplit(":", 2)[1])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while _alive(pid):
+        assert time.monotonic() < deadline, "worker did not leave"
+        time.sleep(0.05)
+    assert metrics_dir.is_dir()
+    assert c.post("/services/echo", {}).status == 200
+    assert c.get("/metrics").status == 200
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _any_runner(server: Server) -> str:
+    answer = server.client.post("/services/slow", {"seconds": 2})
+    job_id = answer.json()["job_id"]
+    deadline = time.monotonic() + 10
+    while True:
+        job = server.client.get(f"/jobs/{job_id}").json()
+        if job["status"] == "running":
+            return runners(server)[job_id]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
