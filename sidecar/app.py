@@ -180,7 +180,8 @@ class Sidecar:
         status = {"status": "ok", "tenant": self.tenant.tenant_id}
         if path == READY:
             # Degraded limits still serve requests: readiness stays 200 and says so.
-            status["limiter"] = getattr(self.limiter.backend, "state", "memory")
+            check = getattr(self.limiter.backend, "check", None)
+            status["limiter"] = await check() if check is not None else "memory"
         body = json.dumps(status).encode()
         return web.Response(body=body, content_type="application/json",
                             headers={"X-Request-ID": rid})

@@ -157,6 +157,15 @@ class RedisBackend:
         """``redis``, or ``degraded`` while local limits stand in (for /readyz)."""
         return "degraded" if self.degraded else "redis"
 
+    async def check(self) -> str:
+        """:attr:`state`, after a ping when Redis was fine so far (for /readyz)."""
+        if not self.degraded:
+            try:
+                await self.client.ping()
+            except (RedisError, OSError) as exc:
+                self._degrade(exc)
+        return self.state
+
     # -- the LimiterBackend protocol --------------------------------------------------
 
     async def admit(self, limits: Sequence[Limit], now: float) -> Verdict:

@@ -163,8 +163,9 @@ def test_redis_outage_falls_back_to_local_limits_and_recovers(tmp_path, caplog) 
         seen: dict[str, Any] = {}
         try:
             assert await backend.acquire_slot("slot", 5)  # held in Redis across the outage
-            seen["before"] = backend.state
+            seen["before"] = await backend.check()
             server.stop()
+            seen["noticed"] = await backend.check()  # readiness notices before any request
             seen["served"] = [(await backend.admit(limits, time.monotonic())).allowed
                               for _ in range(3)]
             seen["state"] = backend.state
@@ -188,7 +189,7 @@ def test_redis_outage_falls_back_to_local_limits_and_recovers(tmp_path, caplog) 
         seen = run(go)
     finally:
         server.stop()
-    assert seen["before"] == "redis"
+    assert seen["before"] == "redis" and seen["noticed"] == "degraded"
     # Local limits (rate 1, burst 1) still decide: two admitted, the third refused.
     assert seen["served"] == [True, True, False]
     assert seen["state"] == "degraded" and seen["lines"] == 1
