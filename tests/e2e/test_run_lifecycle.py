@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import base_env, free_port, spawn, stop, wait_for_port
-from tests.sidecar.conftest import JWT_SECRET, SIDECAR_SECRET, call
+from tests.sidecar.conftest import JWT_SECRET, SIDECAR_SECRET, call, token
 from tests.sidecar.run_stack import (
     pids_in_group,
     run_env,
@@ -102,8 +102,6 @@ def test_sidecar_alone_against_a_dead_framework_answers_502(tmp_path: Path) -> N
     proc = spawn([sys.executable, "-m", "framework", "sidecar"], env, log=tmp_path / "sc.log")
     try:
         wait_for_port(port, proc)
-        from tests.sidecar.conftest import token
-
         r = call(port, "POST", "/services/whoami", {"Authorization": f"Bearer {token()}"}, b"{}")
         assert r.status == 502 and r.headers["Content-Type"] == "application/problem+json"
         assert call(port, "GET", "/healthz").status == 200
@@ -111,3 +109,16 @@ def test_sidecar_alone_against_a_dead_framework_answers_502(tmp_path: Path) -> N
         assert ready.status == 503 and b"not reachable" in ready.body
     finally:
         assert stop(proc) == 0
+
+
+def test_with_redis_a_worker_joins_and_everything_stops(tmp_path: Path, redis_server) -> None:
+    stack = start_default(tmp_path, MTP_REDIS_URL=redis_server.url)
+    out = stack.output()
+    kids = child_pids(out)
+    assert set(kids) == {"framework", "worker", "sidecar"}
+    r = stack.call("POST", "/services/whoami", {"Authorization": f"Bearer {token()}"}, b"{}")
+    assert r.status == 200
+    stack.proc.send_signal(signal.SIGTERM)
+    assert stack.proc.wait(40) == 0
+    for pgid in (stack.proc.pid, *kids.values()):
+        assert pids_in_group(pgid) == []
