@@ -20,6 +20,7 @@ from collections.abc import Iterable
 MAX_HEAD = 64 << 10
 IDLE = 30.0
 MAX_IDLE_CONNECTIONS = 256
+MAX_CONNECTIONS = 1024  # in flight to the framework at once; more requests wait their turn
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -264,6 +265,7 @@ class Pool:
         self.max_body = max_body
         self._idle: list[Connection] = []
         self._all: set[Connection] = set()
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
 
     async def _connect(self) -> Connection:
         loop = asyncio.get_running_loop()
@@ -303,16 +305,17 @@ class Pool:
         """One exchange. Raises TimeoutError, ConnectionError/OSError or TooLarge."""
         data = encode_request(method, path, self.host, headers, body)
         head_only = method == "HEAD"
-        conn = await self._acquire()
-        retry = conn.used > 0 and method in IDEMPOTENT
-        try:
-            return await self._exchange(conn, data, head_only)
-        except UpstreamClosed:
-            # A reused connection the server closed just as we wrote: nothing was
-            # processed, so an idempotent request is safely sent once more.
-            if not retry:
-                raise
-            return await self._exchange(await self._connect(), data, head_only)
+        async with self._slots:
+            conn = await self._acquire()
+            retry = conn.used > 0 and method in IDEMPOTENT
+            try:
+                return await self._exchange(conn, data, head_only)
+            except UpstreamClosed:
+                # A reused connection the server closed just as we wrote: nothing was
+                # processed, so an idempotent request is safely sent once more.
+                if not retry:
+                    raise
+                return await self._exchange(await self._connect(), data, head_only)
 
     async def _exchange(self, conn: Connection, data: bytes, head_only: bool) -> Reply:
         waiter = conn.send(data, head_only)

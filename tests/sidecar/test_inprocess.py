@@ -195,3 +195,30 @@ def test_create_app_refuses_missing_secrets(tmp_path: Path) -> None:
         create_app(Settings.from_env({}), TENANT)
     with pytest.raises(ConfigError, match="MTP_JWT_SECRET"):
         create_app(Settings.from_env({"MTP_SIDECAR_SECRET": SIDECAR_SECRET}), TENANT)
+
+
+def test_connections_to_the_framework_are_capped(tmp_path: Path, monkeypatch) -> None:
+    from sidecar import http1
+
+    monkeypatch.setattr(http1, "MAX_CONNECTIONS", 1)
+    busy = {"now": 0, "max": 0}
+
+    async def answer(_r, w) -> None:
+        busy["now"] += 1
+        busy["max"] = max(busy["max"], busy["now"])
+        await asyncio.sleep(0.05)
+        busy["now"] -= 1
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await w.drain()
+
+    async def go():
+        server = await raw_upstream(tmp_path / "u.sock", answer)
+        pool = Pool(str(tmp_path / "u.sock"), connect_timeout=1, read_timeout=5, max_body=100)
+        try:
+            return await asyncio.gather(*(pool.request("GET", "/", [], None) for _ in range(3)))
+        finally:
+            await pool.close()
+            server.close()
+
+    assert [r[0] for r in run(go())] == [200, 200, 200]
+    assert busy["max"] == 1
