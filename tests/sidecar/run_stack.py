@@ -104,7 +104,8 @@ def run_env(root: Path, port: int, **extra: str) -> dict[str, str]:
 
 def start_run(root: Path, tenant_dir: Path | None, env: Mapping[str, str],
               cwd: Path | None = None, timeout: float = 30.0) -> RunStack:
-    """`mtp run` with output in root/run.log; returns once /readyz answers 200."""
+    """`mtp run` with output in root/run.log; returns once /readyz answers 200 and the
+    banner naming the children is printed."""
     log = root / "run.log"
     args = [sys.executable, "-m", "framework", "run"]
     if tenant_dir is not None:
@@ -120,7 +121,7 @@ def start_run(root: Path, tenant_dir: Path | None, env: Mapping[str, str],
         if proc.poll() is not None:
             raise RuntimeError(f"mtp run exited {proc.returncode}:\n{stack.output()}")
         try:
-            if stack.call("GET", "/readyz").status == 200:
+            if stack.call("GET", "/readyz").status == 200 and "children" in stack.output():
                 return stack
         except OSError:
             pass
