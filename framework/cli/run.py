@@ -28,7 +28,7 @@ import jwt
 from framework.cli import check_version_pin, resolve_tenant_dir, template_dir
 from framework.devsecret import dev_jwt_secret
 from framework.settings import Settings
-from framework.tenant_config import TenantConfig
+from framework.tenant_config import ConfigError, TenantConfig
 
 CHILD_DIED = 3
 DRAIN_SECONDS = 25.0
@@ -208,6 +208,10 @@ def run(tenant_dir: str | None) -> None:
     tenant = settings.load_tenant()
     check_version_pin(tenant.framework_version, tenant.source)
     env = child_env(settings, directory, template, tenant)
+    if tenant.jwt.uses_hmac and not env.get(tenant.jwt.secret_env):
+        # Said here, once, rather than by a sidecar child that dies at start.
+        raise ConfigError("environment", tenant.jwt.secret_env,
+                          "must be set: [auth.jwt] accepts HS* tokens")
     sup = Supervisor(child_specs(settings), env)
     sup.install()
     sup.start()

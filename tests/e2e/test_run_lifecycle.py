@@ -75,6 +75,15 @@ def test_run_refuses_a_tenant_pinned_to_another_version(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_run_refuses_a_tenant_without_its_jwt_secret(tmp_path: Path) -> None:
+    tdir = write_tenant(tmp_path, tenant_toml())
+    done = subprocess.run([sys.executable, "-m", "framework", "run", "--tenant-dir", str(tdir)],
+                          env=run_env(tmp_path, free_port()), capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 2 and "MTP_JWT_SECRET" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def _sidecar(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "framework", "sidecar"],
                           env=base_env(MTP_TENANT_DIR=str(tmp_path / "tenant"), **env),
