@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import base_env, free_port, spawn, stop, wait_for_port
-from tests.sidecar.conftest import JWT_SECRET, SIDECAR_SECRET, call, token
 from tests.sidecar.run_stack import (
     pids_in_group,
     run_env,
@@ -22,6 +21,7 @@ from tests.sidecar.run_stack import (
     tenant_toml,
     write_tenant,
 )
+from tests.sidecar.support import JWT_SECRET, SIDECAR_SECRET, call, token
 
 pytestmark = pytest.mark.slow
 

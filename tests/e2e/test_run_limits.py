@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.helpers import stop
-from tests.sidecar.conftest import Reply, token
 from tests.sidecar.run_stack import RunStack, start_default, tenant_toml
+from tests.sidecar.support import Reply, token
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from framework import signing
 from tests.helpers import stop
-from tests.sidecar.conftest import API_KEY, JWT_SECRET, SIDECAR_SECRET, token
 from tests.sidecar.run_stack import RunStack, start_default
+from tests.sidecar.support import API_KEY, JWT_SECRET, SIDECAR_SECRET, token
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.helpers import base_env, free_port, stop
-from tests.sidecar.conftest import API_KEY, JWT_SECRET, SIDECAR_SECRET, Reply, call
+from tests.sidecar.support import API_KEY, JWT_SECRET, SIDECAR_SECRET, Reply, call
 
 WHOAMI = '''"""Echo the context the framework built (minus the logger)."""
 

@@ -16,7 +16,7 @@ from framework.tenant_config import ConfigError, parse_tenant
 from sidecar.app import create_app
 from sidecar.http1 import Pool, ProtocolViolation, TooLarge, UpstreamClosed, encode_request
 from sidecar.proxy import Timeouts
-from tests.sidecar.conftest import JWT_SECRET, SIDECAR_SECRET, token
+from tests.sidecar.support import JWT_SECRET, SIDECAR_SECRET, token
 
 TENANT = parse_tenant({"tenant": {"id": "acme"}, "auth": {"jwt": {"algorithms": ["HS256"]}}})
 

@@ -9,7 +9,7 @@ import pytest
 
 from tests.helpers import base_env, free_port, spawn, stop, wait_for_port
 from tests.identity.jwks_server import JwksServer, SigningKey, claims
-from tests.sidecar.conftest import SIDECAR_SECRET, Stack, start_upstream
+from tests.sidecar.support import SIDECAR_SECRET, Stack, start_upstream
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import base_env, free_port, spawn, stop, wait_for_port
 from tests.servers import SlapdServer
-from tests.sidecar.conftest import JWT_SECRET, SIDECAR_SECRET, Stack, start_upstream, token
+from tests.sidecar.support import JWT_SECRET, SIDECAR_SECRET, Stack, start_upstream, token
 
 
 @pytest.fixture(scope="module")

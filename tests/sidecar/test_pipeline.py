@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.sidecar.conftest import API_KEY, JWT_SECRET, Stack, token
+from tests.sidecar.support import API_KEY, JWT_SECRET, Stack, token
 
 PROBLEM = "application/problem+json"
 
