@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
 import time
@@ -121,7 +122,9 @@ def start_run(root: Path, tenant_dir: Path | None, env: Mapping[str, str],
         if proc.poll() is not None:
             raise RuntimeError(f"mtp run exited {proc.returncode}:\n{stack.output()}")
         try:
-            if stack.call("GET", "/readyz").status == 200 and "children" in stack.output():
+            # The banner line itself, not any log line that happens to say "children".
+            if (stack.call("GET", "/readyz").status == 200
+                    and re.search(r"children +\w+ pid \d+", stack.output())):
                 return stack
         except OSError:
             pass

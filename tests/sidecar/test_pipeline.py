@@ -39,19 +39,21 @@ def test_health_routes_need_no_credentials(stack: Stack) -> None:
         assert r.headers["X-Request-ID"] == "probe-1"
 
 
+# Built when the test runs: a token made at collection could expire before a long
+# suite gets here, and then each case would be refused for the same, wrong reason.
 @pytest.mark.parametrize("headers", [
-    {},
-    bearer("garbage"),
-    bearer(token(ttl=-10)),
-    bearer(token(key="wrong-key-" * 5)),
-    {"Authorization": "Bearer " + token().rsplit(".", 1)[0] + "."},
-    {"Authorization": "Digest abc"},
-    {"Authorization": "Basic " + base64.b64encode(b"alice:pw").decode()},  # LDAP is off
-    {"X-API-Key": "not-a-key"},
-    {**bearer(token()), "X-API-Key": API_KEY},
+    lambda: {},
+    lambda: bearer("garbage"),
+    lambda: bearer(token(ttl=-10)),
+    lambda: bearer(token(key="wrong-key-" * 5)),
+    lambda: {"Authorization": "Bearer " + token().rsplit(".", 1)[0] + "."},
+    lambda: {"Authorization": "Digest abc"},
+    lambda: {"Authorization": "Basic " + base64.b64encode(b"alice:pw").decode()},  # LDAP off
+    lambda: {"X-API-Key": "not-a-key"},
+    lambda: {**bearer(token()), "X-API-Key": API_KEY},
 ])
 def test_bad_credentials_get_one_generic_401(stack: Stack, headers) -> None:
-    r = stack.call("GET", "/services/hello", headers)
+    r = stack.call("GET", "/services/hello", headers())
     doc = assert_problem(r, 401)
     assert r.headers["WWW-Authenticate"].startswith("Bearer")
     assert doc["detail"] == "valid credentials are required"
