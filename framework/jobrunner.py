@@ -110,15 +110,25 @@ class Reaper:
         self.store, self.retention, self.interval = store, retention, interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._failing = False
 
     def sweep(self) -> int:
         """One pass; returns how many jobs were failed."""
         try:
             failed = self.store.reap()
             self.store.purge(time.time() - self.retention)
-        except Exception:
-            log.exception("job reaper pass failed")
+        except Exception as exc:
+            # A store outage (Redis down) fails every pass: the traceback once, then a
+            # short line per pass, so the log says it is still down without flooding.
+            if self._failing:
+                log.warning("job reaper pass failed again: %s", type(exc).__name__)
+            else:
+                log.exception("job reaper pass failed")
+            self._failing = True
             return 0
+        if self._failing:
+            log.info("job reaper passes succeed again")
+            self._failing = False
         if failed:
             log.warning("marked %d job(s) failed: their process stopped or time ran out",
                         failed)

@@ -183,6 +183,19 @@ def test_store_failures_in_job_threads_and_the_reaper_are_logged_not_raised(tmp_
     runner.shutdown()
 
 
+def test_a_store_outage_logs_one_traceback_then_short_lines(tmp_path: Path, caplog):
+    reaper = Reaper(FlakyStore(tmp_path / "j.sqlite3"), 60)
+    with caplog.at_level("INFO", logger="mtp.framework.jobs"):
+        assert reaper.sweep() == 0 and reaper.sweep() == 0
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1
+    assert "failed again: RuntimeError" in caplog.records[-1].getMessage()
+    reaper.store = SqliteJobStore(tmp_path / "ok.sqlite3")
+    with caplog.at_level("INFO", logger="mtp.framework.jobs"):
+        assert reaper.sweep() == 0
+    assert "succeed again" in caplog.records[-1].getMessage()
+
+
 def test_reaper_runs_at_start_and_periodically(store: SqliteJobStore):
     from tests.framework.test_jobs import dead_runner, job
 
