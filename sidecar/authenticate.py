@@ -24,7 +24,7 @@ BASIC_CHALLENGE = 'Basic realm="mtp", charset="UTF-8"'
 class Authenticator:
     """Turns a request's credentials into a :class:`Principal`."""
 
-    def __init__(self, tenant_id: str, tokens: TokenVerifier | None, keys: ApiKeys,
+    def __init__(self, tenant_id: str, tokens: TokenVerifier, keys: ApiKeys,
                  directory: Any = None, unavailable: tuple[type[Exception], ...] = (),
                  unknown_key: tuple[type[Exception], ...] = ()) -> None:
         self.tenant_id = tenant_id
@@ -71,8 +71,6 @@ class Authenticator:
             raise Unavailable(f"identity provider unavailable: {type(exc).__name__}") from None
 
     async def _bearer(self, token: str) -> Principal:
-        if self.tokens is None:
-            raise self.fail("JWT authentication not configured")
         try:
             return await self.tokens.verify(token)
         except TokenInvalid as exc:
@@ -94,6 +92,9 @@ class Authenticator:
         username, sep, password = decoded.partition(":")
         if not sep or not username or not password:
             raise self.fail("Basic credentials without username or password")
+        # A user id the identity headers could not carry is refused before any bind
+        # (BadIdentity becomes the generic 401 in authenticate()).
+        user = Principal.build(self.tenant_id, username, (), (), LDAP)
         try:
             found = await self.directory.login(username, password)
         except self._unavailable as exc:
@@ -101,7 +102,4 @@ class Authenticator:
         if found is None:
             raise self.fail("LDAP login refused")
         _dn, groups = found
-        try:
-            return Principal.build(self.tenant_id, username, groups, (), LDAP)
-        except BadIdentity as exc:
-            raise self.fail(f"identity: {exc}") from None
+        return user.with_groups(groups)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import json
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -63,6 +65,20 @@ def test_bad_logins_are_401_offering_basic(ldap_stack: Stack, user: str, passwor
 def test_malformed_basic_is_401(ldap_stack: Stack) -> None:
     r = ldap_stack.call("GET", "/services/hello", {"Authorization": "Basic %%%"})
     assert r.status == 401
+
+
+@pytest.mark.parametrize("user", ["j\u00f6rg", "tab\tuser"])
+def test_basic_user_ids_headers_cannot_carry_are_401_before_any_bind(
+        ldap_stack: Stack, user: str) -> None:
+    r = ldap_stack.call("GET", "/services/hello", basic(user, "pw"))
+    assert r.status == 401
+    rid = r.headers["X-Request-ID"]
+    deadline = time.monotonic() + 5  # the audit log is flushed every 0.2 s
+    while rid not in ldap_stack.audit.read_text():
+        assert time.monotonic() < deadline, "no audit line"
+        time.sleep(0.05)
+    line = next(json.loads(x) for x in ldap_stack.audit.read_text().splitlines() if rid in x)
+    assert line["status"] == 401 and line["reason"].startswith("identity: user must be")
 
 
 def test_jwt_principal_gets_directory_groups_merged(ldap_stack: Stack, slapd_server) -> None:
