@@ -39,7 +39,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 SERVICE = '"""Trivial sync service for the benchmark."""\n\n\ndef handle(context):\n' \
           '    return {"ok": True}\n'
 TOML = '[tenant]\nid = "bench"\nframework_version = "0.1.0"\n'
-THREADS = "8"
+THREADS = os.environ.get("BENCH_THREADS", "8")
 
 
 def tree_cpu(pid: int) -> float:
