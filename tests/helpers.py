@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -82,13 +83,18 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.
     return proc.returncode
 
 
-def require_binary(name: str) -> str:
-    """Path of a server binary; missing is a skip locally and a failure with CI=true."""
-    path = shutil.which(name) or next(
-        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None)
+def require_binary(name: str, hint: str = "run `make servers`") -> str:
+    """Path of a server or tool binary (beside this interpreter first, e.g. the venv's).
+
+    Missing is a skip locally and a failure with CI=true.
+    """
+    beside = Path(sys.executable).parent / name
+    path = (str(beside) if beside.is_file() and os.access(beside, os.X_OK) else None) or \
+        shutil.which(name) or next(
+            (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None)
     if path:
         return path
     if os.environ.get("CI") == "true":
         pytest.fail(f"{name} is not installed and CI=true: a missing server is a failure")
-    pytest.skip(f"{name} is not installed (run `make servers`)")
+    pytest.skip(f"{name} is not installed ({hint}); with CI=true this is a failure")
     raise AssertionError  # unreachable: skip raises

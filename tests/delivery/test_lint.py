@@ -4,17 +4,14 @@ zizmor, yamllint and kubernetes-validate. With CI=true a missing linter is a fai
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, require_binary
 
 WORKFLOWS = sorted((ROOT / ".github/workflows").glob("*.yml")) + sorted(
     (ROOT / "tenant_template/.github/workflows").glob("*.yml"))
@@ -25,16 +22,7 @@ HEX40 = re.compile(r"^[0-9a-f]{40}$")
 
 def linter(name: str) -> str:
     """The linter installed next to this interpreter (the venv), else on PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which(name)
-    if found:
-        return found
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{name} is not installed and CI=true (pip install -e '.[dev]')")
-    pytest.skip(f"{name} is not installed (pip install -e '.[dev]')")
-    raise AssertionError  # unreachable: skip raises
+    return require_binary(name, hint="pip install -e '.[dev]'")
 
 
 def run(args: list[str | Path]) -> subprocess.CompletedProcess[str]:
