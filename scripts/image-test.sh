@@ -29,8 +29,18 @@ NAME="mtp-image-test-$$"
 log() { printf 'image-test: %s\n' "$*" >&2; }
 fail() { log "FAILED: $*"; exit 1; }
 
+have() { command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ]; }
+if ! { have podman && have debootstrap && have runc; }; then
+  # A fresh machine: install what the notes list, as make test does for its servers.
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    log "installing podman and friends with apt-get"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 \
+      podman buildah debootstrap runc uidmap fuse-overlayfs slirp4netns >/dev/null \
+      || fail "apt-get install of podman failed"
+  fi
+fi
 for bin in podman debootstrap runc; do
-  command -v "$bin" >/dev/null || [ -x "/usr/sbin/$bin" ] || fail "$bin is not installed"
+  have "$bin" || fail "$bin is not installed"
 done
 
 mkdir -p "$WORK"
