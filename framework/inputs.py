@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import IO, Any
@@ -15,6 +16,9 @@ from framework.registry import ServiceSpec
 MAX_WAIT = 60  # seconds a `Prefer: wait=N` may hold a request
 MAX_DETAIL = 300
 READ_CHUNK = 64 * 1024
+# ASCII digits only: str.isdigit() also takes '²' (which int() refuses) and int() refuses
+# strings past 4300 digits; both would have been a 500 for a client's header.
+WAIT_RE = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,8 @@ def parse_prefer(values: Iterable[str]) -> Prefer:
             name, arg = name.strip().lower(), arg.strip().strip('"')
             if name == "respond-async":
                 respond_async = True
-            elif name == "wait" and arg.isdigit():
-                wait = min(int(arg), MAX_WAIT)
+            elif name == "wait" and WAIT_RE.fullmatch(arg):
+                wait = MAX_WAIT if len(arg) > 9 else min(int(arg), MAX_WAIT)
     return Prefer(respond_async, wait)
 
 
@@ -88,7 +92,12 @@ def parse_payload(body: bytes) -> Any:
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "too deeply nested"
+        if isinstance(exc, json.JSONDecodeError):
+            reason = exc.msg
+        elif isinstance(exc, UnicodeDecodeError):  # json.loads decodes bytes itself
+            reason = "not UTF-8 text"
+        else:
+            reason = "too deeply nested"
         raise BadRequest(f"request body is not valid JSON: {reason}") from None
 
 

@@ -97,6 +97,17 @@ def test_payload_edge_cases(app: Flask):
     assert long.status_code == 400 and long.json["detail"].endswith("...")
 
 
+def test_odd_client_input_is_400_or_ignored_never_500(app: Flask):
+    odd_wait = send(app, "POST", "/services/echo", json={},
+                    headers={"Prefer": "respond-async, wait=\u00b2"})
+    assert odd_wait.status_code == 202
+    long_wait = send(app, "POST", "/services/echo", json={},
+                     headers={"Prefer": "respond-async, wait=" + "9" * 5000})
+    assert long_wait.status_code in (200, 202)
+    latin1 = send(app, "POST", "/services/echo", data=b'{"a": "\xff"}')
+    assert latin1.status_code == 400 and latin1.json["detail"].endswith("not UTF-8 text")
+
+
 def test_the_signature_covers_the_path_even_without_raw_uri(app: Flask):
     headers = signed_headers("GET", "/services/echo?a=%20b")
     answer = app.test_client().get("/services/echo", query_string="a=%20b", headers=headers,
@@ -119,6 +130,8 @@ def test_the_live_config_can_be_swapped(app: Flask):
     (['respond-async; x="y", wait="7"'], Prefer(True, 7)),
     (["respond-async, wait=9999"], Prefer(True, 60)),
     (["respond-async, wait=soon, handling=lenient"], Prefer(True, None)),
+    (["respond-async, wait=\u00b2"], Prefer(True, None)),  # isdigit() yet not int()-able
+    (["respond-async, wait=" + "9" * 5000], Prefer(True, 60)),  # past int()'s digit limit
 ])
 def test_prefer_parsing(headers, expected):
     assert parse_prefer(headers) == expected
