@@ -153,7 +153,10 @@ class RedisJobStore:
             pipe.execute()
 
     def get(self, job_id: str) -> Job | None:
-        raw = self.client.hgetall(self.key(job_id))
+        try:
+            raw = self.client.hgetall(self.key(job_id))
+        except RedisError as exc:  # GET /jobs, DELETE /jobs, wait=N: 503, not 500
+            raise Unavailable("the job store (Redis) is unavailable") from exc
         if not raw:
             return None
         return _job(job_id, {k.decode(): v.decode() for k, v in raw.items()})
@@ -176,9 +179,12 @@ class RedisJobStore:
                           error=_dump(error), finished=repr(time.time()))
 
     def cancel(self, job_id: str) -> bool:
-        return self._move(job_id, [QUEUED], CANCELLED, self.retention,
-                          keys=[self.queue.key, RqJob.key_for(job_id)],
-                          finished=repr(time.time()))
+        try:
+            return self._move(job_id, [QUEUED], CANCELLED, self.retention,
+                              keys=[self.queue.key, RqJob.key_for(job_id)],
+                              finished=repr(time.time()))
+        except RedisError as exc:
+            raise Unavailable("the job store (Redis) is unavailable") from exc
 
     def fail(self, job_ids: Iterable[str], reason: str, detail: str,
              status_code: int = 500) -> int:
@@ -211,7 +217,10 @@ class RedisJobStore:
         pipe = self.client.pipeline()
         for status in STATUSES:
             pipe.zcard(self.index + status)
-        return dict(zip(STATUSES, pipe.execute(), strict=True))
+        try:
+            return dict(zip(STATUSES, pipe.execute(), strict=True))
+        except RedisError as exc:  # GET /metrics: 503 while Redis is away
+            raise Unavailable("the job store (Redis) is unavailable") from exc
 
 
 class JobWaiter:

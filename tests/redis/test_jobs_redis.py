@@ -303,3 +303,26 @@ def test_a_worker_stuck_past_the_timeout_exits_and_its_job_is_abandoned(
     assert store.reap() == 1  # what every framework worker's reaper does
     failed = store.get(job.id)
     assert failed.status == "failed" and failed.error["reason"] == "interrupted"
+
+
+def test_job_routes_answer_503_while_redis_is_away(tenant_dir, tmp_path) -> None:
+    """GET/DELETE /jobs and /metrics read the store: Redis down is 503 problem+json, not 500."""
+    from framework.app import create_app
+    from tests.framework.client import signed_headers
+    from tests.framework.tenant import SECRET
+
+    settings = Settings.from_env({
+        "MTP_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "MTP_DATA_DIR": str(tmp_path),
+        "MTP_SIDECAR_SECRET": SECRET, "MTP_LOG_LEVEL": "CRITICAL"}, tenant_dir=tenant_dir)
+    app = create_app(settings, settings.load_tenant(), background=False)
+    try:
+        client = app.test_client()
+        path = f"/jobs/{new_job_id()}"
+        for method in ("GET", "DELETE"):
+            answer = client.open(path, method=method, headers=signed_headers(method, path))
+            assert answer.status_code == 503, answer.data
+            assert answer.content_type == "application/problem+json"
+            assert answer.headers["Retry-After"] == "1"
+        assert client.get("/metrics").status_code == 503
+    finally:
+        app.extensions["mtp"].close()
