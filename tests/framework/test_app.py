@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,6 +163,13 @@ def test_local_call_api_for_tenant_tests(tmp_path: Path, monkeypatch):
     with pytest.raises(ServiceError) as err:
         call(root, "ops", operation="nope")
     assert err.value.status == 404
+    before = set(threading.enumerate())
+    for _ in range(5):
+        call(root, "echo", {})
+    started = [t for t in threading.enumerate() if t not in before]
+    for thread in started:  # each call's handler thread ends with the call
+        thread.join(timeout=5)
+    assert not [t for t in started if t.is_alive()]
     settings = Settings.from_env({"MTP_DATA_DIR": str(tmp_path / "d"),
                                   "MTP_LOG_LEVEL": "WARNING"}, tenant_dir=root)
     runner = LocalRunner(settings, settings.load_tenant())
