@@ -30,6 +30,7 @@ from framework.tenant_config import TenantConfig
 from framework.usage import connect
 
 DB_NAME = "config.db"
+MAX_ID = 2**63 - 1  # the largest SQLite INTEGER
 ROLLBACK_MARK = "# mtp: rollback to version "
 _ROLLBACK_RE = re.compile(r"\A# mtp: rollback to version (\d+)\n")
 
@@ -173,6 +174,8 @@ class VersionStore:
 
     def get(self, version_id: int) -> Version | None:
         """One version by id."""
+        if not 0 < version_id <= MAX_ID:
+            return None  # SQLite cannot even compare a bigger int: it raises OverflowError
         conn = connect(self.path)
         try:
             row = conn.execute(f"{_SELECT} WHERE id = ?", (version_id,)).fetchone()

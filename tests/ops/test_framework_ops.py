@@ -239,6 +239,8 @@ def test_overlay_changes_flags_and_config_and_is_versioned(server: Server) -> No
         c.post("/services/flagged", {}).json() == {"beta": False, "color": "blue"}
         for _ in range(4)), timeout=5)
     assert c.post("/config/versions/9999/rollback", **ADMIN).status == 404
+    # Past SQLite's 64-bit INTEGER: still "no such version", not a 500.
+    assert c.post(f"/config/versions/{2**64}/rollback", **ADMIN).status == 404
     assert c.post(f"/config/versions/{first}/rollback").status == 403
 
 
