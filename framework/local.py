@@ -11,17 +11,20 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from framework import logs
+from framework.authz import decide
 from framework.context import Context
-from framework.errors import FrameworkError
+from framework.errors import Forbidden, FrameworkError
 from framework.execute import Executor, Outcome
 from framework.flags import FlagSet
 from framework.inputs import validate
 from framework.jobrunner import JobRunner, error_document
 from framework.jobs import SqliteJobStore, runner_id
+from framework.operations import MAX_CALL_DEPTH, CallDepthExceeded
 from framework.problem import problem, request_id
 from framework.registry import Registry, ServiceSpec
 from framework.settings import Settings
@@ -66,10 +69,11 @@ class LocalRunner:
         return spec
 
     def context(self, spec: ServiceSpec, operation: str | None, payload: Any,
-                caller: Caller, params: Mapping[str, str] | None = None) -> Context:
-        """A handler context for ``caller``."""
-        rid = request_id(None)
-        return Context(
+                caller: Caller, params: Mapping[str, str] | None = None,
+                rid: str | None = None, depth: int = 0) -> Context:
+        """A handler context for ``caller``, with ``context.call`` as in a framework worker."""
+        rid = rid or request_id(None)
+        ctx = Context(
             tenant_id=self.tenant.tenant_id, service=spec.name, operation=operation,
             user=caller.user, groups=caller.groups, roles=caller.roles,
             auth_method=caller.auth_method, payload=payload, params=dict(params or {}),
@@ -79,6 +83,28 @@ class LocalRunner:
             logger=logs.service_logger(self.tenant.tenant_id, rid, spec.name, operation),
             deadline=time.monotonic() + spec.timeout,
         )
+        ctx.call = partial(self.compose, ctx, depth)  # type: ignore[attr-defined]
+        return ctx
+
+    def compose(self, parent: Context, depth: int, service: str, payload: Any = None,
+                operation: str | None = None) -> Any:
+        """``context.call``: same caller, request id and authz rules; result or the error."""
+        if depth >= MAX_CALL_DEPTH:
+            raise CallDepthExceeded(
+                f"context.call nested deeper than {MAX_CALL_DEPTH} (a cycle between services?)")
+        spec = self.spec(service, operation)
+        if not decide(self.tenant.authz, parent, spec.name, operation).allowed:
+            raise Forbidden(f"not allowed to call service {spec.name!r}"
+                            + (f" operation {operation!r}" if operation else ""))
+        validate(spec, payload)
+        caller = Caller(parent.user, parent.groups, parent.roles, parent.auth_method)
+        child = self.context(spec, operation, payload, caller, rid=parent.request_id,
+                             depth=depth + 1)
+        child.deadline = min(parent.deadline, child.deadline)
+        outcome = self.executor.call(spec, child)
+        if outcome.error is not None:
+            raise outcome.error
+        return json.loads(outcome.body or b"null")
 
     def run(self, service: str, payload: Any = None, operation: str | None = None,
             caller: Caller = Caller(), run_async: bool = False) -> Outcome:
