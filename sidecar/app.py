@@ -294,5 +294,7 @@ def create_app(settings: Settings, tenant: TenantConfig, *, timeouts: Timeouts |
         return await request.app[SIDECAR].handle(request)
 
     app.cleanup_ctx.append(lifecycle)
-    app.router.add_route("*", "/{tail:.*}", handler)
+    # [\s\S], not ".": a decoded "%0A" in the path must reach the handler too (its
+    # 404 is problem+json with a request id; the router's own is plain text).
+    app.router.add_route("*", r"/{tail:[\s\S]*}", handler)
     return app

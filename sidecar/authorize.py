@@ -35,10 +35,12 @@ def service_target(path: str) -> tuple[str, str | None] | None:
     if not path.startswith(PREFIX):
         return None
     parts = path[len(PREFIX):].split("/")
-    if len(parts) > 2 or not SERVICE_NAME_RE.match(parts[0]):
+    # fullmatch: "$" alone also matches before a final newline, and a decoded "%0A"
+    # would then travel in the request line the framework is sent.
+    if len(parts) > 2 or not SERVICE_NAME_RE.fullmatch(parts[0]):
         raise NotFound("malformed service path")
     if len(parts) == 2:
-        if not OPERATION_RE.match(parts[1]):
+        if not OPERATION_RE.fullmatch(parts[1]):
             raise NotFound("malformed operation")
         return parts[0], parts[1]
     return parts[0], None
