@@ -105,7 +105,13 @@ def validate(spec: ServiceSpec, payload: Any) -> None:
     """Check the payload against the service's INPUT_SCHEMA (400 naming the path)."""
     if spec.validator is None:
         return
-    error = jsonschema.exceptions.best_match(spec.validator.iter_errors(payload))
+    try:
+        error = jsonschema.exceptions.best_match(spec.validator.iter_errors(payload))
+    except RecursionError:
+        # A recursive schema ($ref "#") descends as deep as the payload nests: the
+        # client's payload is what is too deep, so 400, not the 500 it was.
+        raise InvalidInput("payload is nested too deeply to check against the input schema",
+                           path="$") from None
     if error is None:
         return
     message = error.message

@@ -109,6 +109,17 @@ def test_odd_client_input_is_400_or_ignored_never_500(app: Flask):
     assert latin1.status_code == 400 and latin1.json["detail"].endswith("not UTF-8 text")
 
 
+def test_a_payload_too_deep_for_a_recursive_schema_is_400(app: Flask):
+    services = app.extensions["mtp"].settings.tenant_dir / "services"
+    (services / "tree.py").write_text(
+        '"""Trees."""\nINPUT_SCHEMA = {"type": "array", "items": {"$ref": "#"}}\n\n'
+        'def handle(context):\n    return {}\n')
+    assert send(app, "POST", "/services/tree", json=[[[]]]).status_code == 200
+    deep = send(app, "POST", "/services/tree", data=b"[" * 800 + b"]" * 800)
+    assert deep.status_code == 400 and deep.content_type == "application/problem+json"
+    assert "nested too deeply" in deep.json["detail"]
+
+
 def test_the_signature_covers_the_path_even_without_raw_uri(app: Flask):
     headers = signed_headers("GET", "/services/echo?a=%20b")
     answer = app.test_client().get("/services/echo", query_string="a=%20b", headers=headers,
