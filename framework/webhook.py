@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import json
 import logging
 import os
@@ -121,12 +122,16 @@ class WebhookExporter:
         self._rand = secrets.SystemRandom().random
         self._opener = urllib.request.build_opener(_NoRedirect)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.source = store.store_id[:12]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        with store.connect() as conn:
-            conn.executescript(SCHEMA)
+        self._prepare_state()
         os.register_at_fork(after_in_child=self._after_fork)
+
+    def _prepare_state(self) -> None:
+        """Read the store's source id; create the export tables (a Redis store overrides)."""
+        self.source = self.store.store_id[:12]
+        with self.store.connect() as conn:
+            conn.executescript(SCHEMA)
 
     def start(self) -> WebhookExporter:
         """Export in a daemon thread."""
@@ -143,6 +148,9 @@ class WebhookExporter:
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=self.policy.timeout + 5)
+        self._release_lease()
+
+    def _release_lease(self) -> None:
         with self.store.connect() as conn:
             conn.execute("UPDATE leases SET expires = 0 WHERE name = ? AND owner = ?",
                          (LEASE, self.owner))
@@ -232,6 +240,10 @@ class WebhookExporter:
             exc.close()
         except (urllib.error.URLError, OSError) as exc:
             status, error = 0, f"unreachable: {getattr(exc, 'reason', exc)}"
+        except http.client.HTTPException as exc:
+            # Not HTTP back (BadStatusLine, IncompleteRead...): retried with backoff like
+            # any failure, instead of escaping the round and being retried every second.
+            status, error = 0, f"bad answer: {type(exc).__name__}"
         if 200 <= status < 300:
             self._mark_sent(hour)
             return 1
@@ -286,12 +298,14 @@ class WebhookExporter:
 
 
 def start_exporter(store: UsageStore, tenant: str, prices: BillingSettings,
-                   secret: str, policy: ExportPolicy | None = None) -> WebhookExporter | None:
-    """The running exporter, or None when no webhook is configured (or no secret)."""
+                   secret: str, policy: ExportPolicy | None = None,
+                   cls: type[WebhookExporter] | None = None) -> WebhookExporter | None:
+    """The running exporter (``cls``, default :class:`WebhookExporter`), or None when
+    no webhook is configured (or no secret)."""
     if not prices.webhook_url:
         return None
     if not secret:
         log.error("billing webhook disabled: %s is not set (refusing to send unsigned usage)",
                   prices.webhook_secret_env)
         return None
-    return WebhookExporter(store, tenant, prices, secret.encode(), policy).start()
+    return (cls or WebhookExporter)(store, tenant, prices, secret.encode(), policy).start()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -131,6 +133,30 @@ def test_unreachable_receiver_backs_off(store, caplog) -> None:
     assert exporter.due_hours() == []  # every hour waits for its backoff
     assert {s["state"] for s in exporter.status()} == {"retry"}
     assert all(s["last_error"].startswith("unreachable") for s in exporter.status())
+
+
+def test_a_receiver_that_does_not_speak_http_backs_off(store) -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def answer_garbage() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"SSH-2.0-OpenSSH\r\n")
+
+    thread = threading.Thread(target=answer_garbage, daemon=True)
+    thread.start()
+    slow = ExportPolicy(grace=0.0, base_delay=60, max_delay=600)
+    url = prices(f"http://127.0.0.1:{server.getsockname()[1]}/billing")
+    exporter = WebhookExporter(store, "acme", url, SECRET, slow)
+    try:
+        assert exporter.deliver(HOURS[0]) == 0
+    finally:
+        thread.join(timeout=5)
+        server.close()
+    state = exporter.status()[0]
+    assert state["state"] == "retry" and state["last_error"].startswith("bad answer")
+    assert HOURS[0] not in exporter.due_hours()  # waits for its backoff
 
 
 def test_redirects_and_errors_are_not_success(store, receiver) -> None:
