@@ -13,6 +13,7 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from framework import logs, metrics
+from framework.authz import decide
 from framework.context import Context
 from framework.errors import (
     Conflict,
@@ -28,6 +29,7 @@ from framework.jobs import CANCELLED, FINISHED, Job
 from framework.problem import CONTENT_TYPE, problem_bytes
 from framework.registry import ServiceSpec
 from framework.runtime import Runtime
+from framework.tenant_config import AuthzSettings
 from framework.verify import Identity
 
 JOB_ID_RE = re.compile(r"[0-9a-f]{32}")
@@ -81,7 +83,8 @@ def register(app: Flask, rt: Runtime) -> None:
 
     @app.get("/services")
     def list_services() -> Response:
-        return json_response({"services": [s.listing() for s in rt.registry.available()]})
+        return json_response({"services": invokable(rt.registry.available(), rt.tenant.authz,
+                                                    g.identity)})
 
     @app.route("/services/<service>", methods=["GET", "POST"], defaults={"operation": None})
     @app.route("/services/<service>/<operation>", methods=["GET", "POST"])
@@ -166,6 +169,24 @@ def start_job(rt: Runtime, spec: ServiceSpec, ctx: Context, ident: Identity,
     if applied:
         headers["Preference-Applied"] = applied
     return json_response({"job_id": job.id, "status": "queued"}, 202, headers)
+
+
+def invokable(specs: list[ServiceSpec], authz: AuthzSettings,
+              ident: Identity) -> list[dict[str, Any]]:
+    """``GET /services``: the services (and operations) ``ident`` may invoke, as the sidecar
+    decides each call, so the list never offers what would be answered 403."""
+    listed = []
+    for spec in specs:
+        entry = spec.listing()
+        if spec.operations:
+            entry["operations"] = [op for op in spec.operations
+                                   if decide(authz, ident, spec.name, op).allowed]
+            if not entry["operations"]:
+                continue
+        elif not decide(authz, ident, spec.name, None).allowed:
+            continue
+        listed.append(entry)
+    return listed
 
 
 def visible_job(rt: Runtime, job_id: str, ident: Identity) -> Job:
