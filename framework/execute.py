@@ -182,7 +182,9 @@ class HandlerPool:
         work = _Call(call, spec, ctx)
         worker.work = work
         worker.go.release()
-        if not work.done.acquire(timeout=max(ctx.deadline - time.monotonic(), 0.0)):
+        # Capped: a lock wait past TIMEOUT_MAX (TIMEOUT = 10**10, "no limit") is OverflowError.
+        wait = min(max(ctx.deadline - time.monotonic(), 0.0), threading.TIMEOUT_MAX)
+        if not work.done.acquire(timeout=wait):
             log.warning("service %s passed its %.3gs deadline; its thread keeps running",
                         spec.name, spec.timeout, extra={"service": spec.name})
             return Outcome(504, error=DeadlineExceeded(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import math
 import re
 import sys
 import threading
@@ -207,7 +208,8 @@ class Registry:
         if mode not in MODES:
             raise ServiceInvalid(f"{where}: MODE must be one of {', '.join(MODES)}")
         timeout = getattr(module, "TIMEOUT", DEFAULT_TIMEOUT)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                or not 0 < timeout < math.inf):  # also refuses NaN: no deadline to wait for
             raise ServiceInvalid(f"{where}: TIMEOUT must be a positive number of seconds")
         validator = self._validator(where, getattr(module, "INPUT_SCHEMA", None))
         override = self.tenant.service(name)

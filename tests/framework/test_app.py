@@ -120,6 +120,17 @@ def test_a_payload_too_deep_for_a_recursive_schema_is_400(app: Flask):
     assert "nested too deeply" in deep.json["detail"]
 
 
+def test_a_huge_timeout_is_no_limit_and_an_infinite_one_is_named(app: Flask):
+    services = app.extensions["mtp"].settings.tenant_dir / "services"
+    for name, value in (("forever", "10 ** 10"), ("endless", 'float("inf")')):
+        (services / f"{name}.py").write_text(
+            f'"""Long."""\nTIMEOUT = {value}\n\ndef handle(context):\n    return 1\n')
+    assert send(app, "POST", "/services/forever").status_code == 200
+    endless = send(app, "POST", "/services/endless")
+    assert endless.status_code == 500 and endless.json["type"].endswith("service-invalid")
+    assert "TIMEOUT" in endless.json["detail"]
+
+
 def test_the_signature_covers_the_path_even_without_raw_uri(app: Flask):
     headers = signed_headers("GET", "/services/echo?a=%20b")
     answer = app.test_client().get("/services/echo", query_string="a=%20b", headers=headers,
