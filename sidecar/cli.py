@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import click
-from aiohttp import web
 
 from framework.cli import resolve_tenant_dir
 from framework.settings import Settings
@@ -29,6 +29,7 @@ def install_uvloop() -> str:
 def sidecar(tenant_dir: str | None) -> None:
     """Run the security sidecar: authenticate, authorize, limit, sign, proxy."""
     from sidecar.app import create_app
+    from sidecar.server import run
 
     found = resolve_tenant_dir(tenant_dir)
     settings = Settings.from_env(tenant_dir=found)
@@ -39,12 +40,12 @@ def sidecar(tenant_dir: str | None) -> None:
     loop_name = install_uvloop()
     where = settings.listen
     if isinstance(where, str):
-        target = {"path": where}
+        target: dict[str, Any] = {"path": where}
         shown = f"unix:{where}"
     else:
         target = {"host": where[0], "port": where[1]}
         shown = f"http://{where[0]}:{where[1]}"
     click.echo(f"mtp sidecar: tenant {tenant.tenant_id} on {shown} -> {settings.upstream_url} "
                f"({loop_name})", err=True)
-    web.run_app(app, **target, access_log=None, print=None,  # type: ignore[arg-type]
-                shutdown_timeout=SHUTDOWN_SECONDS, handle_signals=True)
+    # web.run_app's own, but its answers to unparsable requests quote nothing back.
+    run(app, shutdown_timeout=SHUTDOWN_SECONDS, **target)

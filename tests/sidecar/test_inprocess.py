@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -222,3 +223,32 @@ def test_connections_to_the_framework_are_capped(tmp_path: Path, monkeypatch) ->
 
     assert [r[0] for r in run(go())] == [200, 200, 200]
     assert busy["max"] == 1
+
+
+def test_quiet_server_answers_a_raising_handler_with_a_problem(tmp_path: Path) -> None:
+    from sidecar.server import serve
+
+    async def broken(_request: web.Request) -> web.Response:
+        raise RuntimeError("secret detail")
+
+    async def go() -> tuple[int, str, dict]:
+        app = web.Application()
+        app.router.add_get("/", broken)
+        sock = tmp_path / "s.sock"
+        task = asyncio.create_task(serve(app, shutdown_timeout=1, path=str(sock)))
+        while not sock.exists():
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        head, _, body = answer.partition(b"\r\n\r\n")
+        return int(head.split()[1]), head.decode(), json.loads(body)
+
+    status, head, doc = run(go())
+    assert status == 500 and "application/problem+json" in head
+    assert doc["status"] == 500 and "secret" not in json.dumps(doc)
+    assert f"X-Request-ID: {doc['request_id']}" in head

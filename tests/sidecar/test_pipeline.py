@@ -139,6 +139,30 @@ def test_body_too_large_is_413(stack: Stack) -> None:
     assert answer.startswith(b"HTTP/1.1 413")
 
 
+@pytest.mark.parametrize("head", [
+    b"GET /services/hello HTTP/1.1\r\nAuthorization Bearer SECRET-tok\r\n",
+    b"GET /services/hello HTTP/1.1\r\nX-API-Key: SECRET-key\x01\r\n",
+    b"POST /services/hello HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n"
+    b"X-Api-Key: SECRET-dup\r\n",
+    b"POST /services/hello HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nSECRET-chunk\r\n",
+])
+def test_requests_the_parser_refuses_are_never_echoed_nor_logged(stack: Stack, head) -> None:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as s:
+        s.sendall(head + b"Host: x\r\n\r\n")
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    status, _, rest = answer.partition(b"\r\n")
+    assert status.split()[1] == b"400" and b"SECRET" not in answer
+    headers, _, body = rest.partition(b"\r\n\r\n")
+    assert b"application/problem+json" in headers
+    doc = json.loads(body)
+    assert doc["status"] == 400 and f"X-Request-ID: {doc['request_id']}".encode() in headers
+    assert "SECRET" not in (stack.dir / "sidecar.log").read_text()
+
+
 def test_result_over_cap_is_500(stack: Stack) -> None:
     admin = bearer(token(roles=["admin"]))
     assert stack.call("GET", "/big?n=1000", admin).body == b"x" * 1000
