@@ -213,6 +213,10 @@ class Registry:
             raise ServiceInvalid(f"{where}: TIMEOUT must be a positive number of seconds")
         validator = self._validator(where, getattr(module, "INPUT_SCHEMA", None))
         override = self.tenant.service(name)
+        if override.timeout is not None and not 0 < override.timeout < math.inf:
+            # tomllib reads `timeout = inf` and `nan`: a deadline nothing can wait for.
+            raise ServiceInvalid(f"tenant.toml: services.{name}.timeout must be a finite "
+                                 "positive number of seconds")
         doc = (module.__doc__ or "").strip()
         return ServiceSpec(
             name=name,

@@ -107,6 +107,7 @@ def test_import_failures_name_file_and_line_and_are_cached(tmp_path: Path):
     ("def handle(c): pass\nMODE = 'later'", "MODE"),
     ("def handle(c): pass\nTIMEOUT = 0", "TIMEOUT"),
     ("def handle(c): pass\nTIMEOUT = True", "TIMEOUT"),
+    ("def handle(c): pass\nTIMEOUT = float('nan')", "TIMEOUT"),
     ("def handle(c): pass\nINPUT_SCHEMA = [1]", "INPUT_SCHEMA must be"),
     ("def handle(c): pass\nINPUT_SCHEMA = {'type': 'nothing'}", "not a valid schema"),
 ])
@@ -114,6 +115,14 @@ def test_unusable_modules_are_a_distinct_error(tmp_path: Path, source: str, reas
     reg = registry(tmp_path, {"svc": source})
     with pytest.raises(ServiceInvalid, match=reason):
         reg.resolve("svc")
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_tenant_toml_timeout_without_a_deadline_is_refused(tmp_path: Path, value: float):
+    root = make_tenant(tmp_path, TENANT_TOML, {"svc": "def handle(c): pass\n"})
+    tenant = parse_tenant({"tenant": {"id": "acme"}, "services": {"svc": {"timeout": value}}})
+    with pytest.raises(ServiceInvalid, match=r"services\.svc\.timeout"):
+        Registry(root, tenant).resolve("svc")
 
 
 def test_declarations_and_tenant_overrides(tmp_path: Path):
