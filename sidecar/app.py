@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import Gauge
 
 from framework.problem import request_id as make_request_id
@@ -28,6 +29,7 @@ from sidecar.authenticate import Authenticator
 from sidecar.authorize import authorize, refuse_dot_segments, service_target
 from sidecar.bind_tenant import bind_tenant
 from sidecar.errors import (
+    BadRequest,
     PayloadTooLarge,
     SidecarError,
     Unavailable,
@@ -150,6 +152,10 @@ class Sidecar:
             return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise PayloadTooLarge("body over MTP_MAX_BODY") from None
+        except (ConnectionError, HttpProcessingError) as exc:
+            # The client's doing (it went away mid-body, or sent a broken chunk):
+            # not an internal error, and no traceback per dropped connection.
+            raise BadRequest(f"body not received: {type(exc).__name__}") from None
 
     async def _forward(self, request: web.Request, principal: Principal | None, rid: str,
                        path: str) -> web.Response:

@@ -31,6 +31,12 @@ class SidecarError(Exception):
         self.headers = headers or {}
 
 
+class BadRequest(SidecarError):
+    status = 400
+    detail = "the request could not be read"
+    outcome = "bad_request"
+
+
 class Unauthenticated(SidecarError):
     status = 401
     detail = "valid credentials are required"

@@ -163,6 +163,25 @@ def test_requests_the_parser_refuses_are_never_echoed_nor_logged(stack: Stack, h
     assert "SECRET" not in (stack.dir / "sidecar.log").read_text()
 
 
+def test_a_client_gone_mid_body_is_its_mistake_not_an_internal_error(stack: Stack) -> None:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as s:
+        s.sendall(b"POST /services/hello HTTP/1.1\r\nHost: x\r\nX-Request-ID: gone-mid-body\r\n"
+                  b"Authorization: Bearer " + token().encode()
+                  + b"\r\nContent-Length: 100\r\n\r\nonly part")
+    deadline = time.monotonic() + 10
+    line = None
+    while line is None:
+        assert time.monotonic() < deadline, "no audit line"
+        time.sleep(0.05)  # the audit log is flushed every 0.2 s
+        found = [json.loads(x) for x in stack.audit.read_text().splitlines()
+                 if '"gone-mid-body"' in x]
+        line = found[0] if found else None
+    assert (line["status"], line["outcome"]) == (400, "bad_request")
+    assert "gone-mid-body" not in (stack.dir / "sidecar.log").read_text()
+
+
 def test_result_over_cap_is_500(stack: Stack) -> None:
     admin = bearer(token(roles=["admin"]))
     assert stack.call("GET", "/big?n=1000", admin).body == b"x" * 1000
