@@ -211,6 +211,10 @@ def test_signatures_unsigned_forged_stale_tampered_or_foreign_are_refused(server
     assert_problem(c.get("/services/echo", tenant="globex"), 403)
     assert_problem(c.get("/services/echo", auth="magic"), 401)
     assert_problem(c.get("/nowhere", sign=False), 401)  # routes are not revealed unsigned
+    for odd in ("\u00b2", "9" * 5000):  # isdigit() yet not int()-able: still 401, not 500
+        bad_ts = signed_headers("GET", "/services/echo")
+        bad_ts["X-Sidecar-Timestamp"] = odd
+        assert_problem(c.get("/services/echo", sign=False, headers=bad_ts), 401)
 
 
 def test_health_ready_and_metrics_need_no_signature(server: Server):
