@@ -10,6 +10,7 @@ import click
 
 from framework.cli import check_version_pin, resolve_tenant_dir
 from framework.errors import FrameworkError
+from framework.inputs import choose, parse_prefer
 from framework.problem import problem
 from framework.registry import Registry, valid_name
 from framework.settings import Settings
@@ -76,6 +77,9 @@ def invoke(target: str, data: str | None, run_async: bool, user: str, groups: st
     runner = LocalRunner(settings, tenant)
     caller = Caller(user, _split(groups), _split(roles))
     try:
+        # --async is ?mode=async: a MODE = "sync" service refuses it (400) as over HTTP.
+        choose(runner.spec(service, operation or None), parse_prefer(()),
+               "async" if run_async else None)
         outcome = runner.run(service, payload, operation or None, caller, run_async)
     except FrameworkError as exc:
         _fail(exc.status, problem(exc.status, exc.detail, "", kind=exc.kind, **exc.extra))

@@ -37,6 +37,14 @@ def handle(context):
     return context.call("loop")
 '''
 
+SYNC_ONLY = '''"""Sync only: --async is refused as ?mode=async is."""
+MODE = "sync"
+
+
+def handle(context):
+    return {"sync": True}
+'''
+
 ASK_ADMIN = '''"""Calls a service its caller may not call."""
 
 
@@ -51,7 +59,7 @@ def write_tenant(root: Path, tenant_id: str, version: str = __version__,
     (root / "tenant.toml").write_text(
         f'[tenant]\nid = "{tenant_id}"\nframework_version = "{version}"\n{extra}')
     for name, source in {"hello": HELLO, "chain": CHAIN, "loop": LOOP,
-                         "ask_admin": ASK_ADMIN, "secret": HELLO}.items():
+                         "ask_admin": ASK_ADMIN, "secret": HELLO, "sync_only": SYNC_ONLY}.items():
         (root / "services" / f"{name}.py").write_text(source)
     return root
 
@@ -233,3 +241,15 @@ def test_every_documented_tenant_toml_key_loads(tmp_path: Path):
                MTP_DATA_DIR=str(tmp_path / "d"))
     assert done.returncode == 1 and "auth.jwt.leway" in done.stderr
     assert str(path) in done.stderr and "Traceback" not in done.stderr
+
+
+def test_invoke_async_follows_the_service_mode(tmp_path: Path):
+    tenant = write_tenant(tmp_path / "t", "acme")
+    data = str(tmp_path / "data")
+    sync = mtp(["invoke", "sync_only", "--tenant-dir", str(tenant)], tmp_path, MTP_DATA_DIR=data)
+    assert sync.returncode == 0 and json.loads(sync.stdout) == {"sync": True}
+    refused = mtp(["invoke", "sync_only", "--async", "--tenant-dir", str(tenant)], tmp_path,
+                  MTP_DATA_DIR=data)
+    assert refused.returncode == 1 and refused.stdout == ""
+    document = json.loads(refused.stderr.splitlines()[-1])
+    assert document["status"] == 400 and "synchronously" in document["detail"]
