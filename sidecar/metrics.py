@@ -19,6 +19,11 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 LABELS = ("tenant", "service", "operation")
 
 Key = tuple[str, ...]
+# Service and operation labels come from request paths, and the sidecar cannot know
+# which services exist: past this many distinct pairs, new ones are counted as OTHER
+# (not a valid service name), so made-up names cannot grow the series without end.
+MAX_TARGETS = 1000
+OTHER = "_other"
 
 
 class Metrics:
@@ -27,16 +32,29 @@ class Metrics:
     AUTHZ = "authz"
     RATELIMIT = "ratelimit"
 
-    def __init__(self) -> None:
+    def __init__(self, max_targets: int = MAX_TARGETS) -> None:
+        self.max_targets = max_targets
+        self._targets: set[tuple[str, str]] = set()
         self.requests: dict[Key, int] = {}
         self.latency: dict[Key, list[float]] = {}  # bucket counts..., +Inf count, sum
         self.decisions: dict[str, dict[Key, int]] = {self.AUTHZ: {}, self.RATELIMIT: {}}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
+    def _target(self, service: str, operation: str) -> tuple[str, str]:
+        """The (service, operation) labels to count under: themselves, or OTHER past the cap."""
+        pair = (service, operation)
+        if pair in self._targets:
+            return pair
+        if len(self._targets) < self.max_targets:
+            self._targets.add(pair)
+            return pair
+        return OTHER, OTHER
+
     def observe(self, tenant: str, service: str, operation: str, status: int,
                 seconds: float) -> None:
         """One answered request."""
+        service, operation = self._target(service, operation)
         key = (tenant, service, operation, str(status))
         self.requests[key] = self.requests.get(key, 0) + 1
         hkey = (tenant, service, operation)
@@ -49,6 +67,7 @@ class Metrics:
     def decision(self, kind: str, tenant: str, service: str, operation: str,
                  decision: str) -> None:
         """One rate-limit or authz decision."""
+        service, operation = self._target(service, operation)
         table = self.decisions[kind]
         key = (tenant, service, operation, decision)
         table[key] = table.get(key, 0) + 1
