@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from framework.errors import Unavailable
+
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued", "running", "succeeded", "failed", "cancelled")
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
@@ -219,7 +221,10 @@ class SqliteJobStore:
              job.finished, job.runner, job.deadline))
 
     def get(self, job_id: str) -> Job | None:
-        row = self._conn().execute(_SELECT, (job_id,)).fetchone()
+        try:
+            row = self._conn().execute(_SELECT, (job_id,)).fetchone()
+        except sqlite3.Error as exc:  # GET/DELETE /jobs: the store is down, 503 not 500
+            raise Unavailable("the job store is unavailable") from exc
         if row is None:
             return None
         values = list(row)
@@ -243,9 +248,12 @@ class SqliteJobStore:
         return cur.rowcount == 1
 
     def cancel(self, job_id: str) -> bool:
-        cur = self._conn().execute(
-            "UPDATE jobs SET status = ?, finished = ? WHERE id = ? AND status = ?",
-            (CANCELLED, time.time(), job_id, QUEUED))
+        try:
+            cur = self._conn().execute(
+                "UPDATE jobs SET status = ?, finished = ? WHERE id = ? AND status = ?",
+                (CANCELLED, time.time(), job_id, QUEUED))
+        except sqlite3.Error as exc:
+            raise Unavailable("the job store is unavailable") from exc
         return cur.rowcount == 1
 
     def fail(self, job_ids: Iterable[str], reason: str, detail: str,
@@ -283,8 +291,11 @@ class SqliteJobStore:
         return self._conn().execute(_PURGE, (older_than,)).rowcount
 
     def counts(self) -> dict[str, int]:
-        rows = self._conn().execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")
-        found = dict(rows.fetchall())
+        try:
+            rows = self._conn().execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+            found = dict(rows.fetchall())
+        except sqlite3.Error as exc:  # GET /metrics
+            raise Unavailable("the job store is unavailable") from exc
         return {status: found.get(status, 0) for status in STATUSES}
 
 

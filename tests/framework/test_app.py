@@ -74,6 +74,21 @@ def test_readiness_fails_closed_when_the_job_store_is_unusable(app: Flask, monke
     assert answer.content_type == "application/problem+json"
 
 
+def test_a_broken_job_store_is_503_on_the_job_routes(app: Flask):
+    rt = app.extensions["mtp"]
+    rt.jobs.close()  # this thread's connection: the next one opens the broken file
+    for suffix in ("-wal", "-shm"):
+        rt.jobs.path.with_name(rt.jobs.path.name + suffix).unlink(missing_ok=True)
+    rt.jobs.path.write_bytes(b"not a database " * 100)
+    path = "/jobs/" + "a" * 32
+    for method in ("GET", "DELETE"):
+        answer = send(app, method, path)
+        assert answer.status_code == 503 and answer.headers["Retry-After"] == "1"
+        assert answer.content_type == "application/problem+json"
+    assert app.test_client().get("/metrics").status_code == 503
+    assert app.test_client().get("/readyz").status_code == 503
+
+
 def test_an_unexpected_error_is_500_with_an_id_and_no_traceback(app: Flask, monkeypatch):
     def explode(name):
         raise RuntimeError("framework bug with secret detail")
