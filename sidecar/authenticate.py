@@ -8,7 +8,6 @@ cannot be reached is :class:`Unavailable` (503): fail closed.
 from __future__ import annotations
 
 import base64
-import binascii
 from collections.abc import Mapping
 from typing import Any
 
@@ -87,7 +86,7 @@ class Authenticator:
     async def _basic(self, credential: str) -> Principal:
         try:
             decoded = base64.b64decode(credential, validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError):  # binascii.Error, or non-ASCII input
             raise self.fail("malformed Basic credentials") from None
         username, sep, password = decoded.partition(":")
         if not sep or not username or not password:

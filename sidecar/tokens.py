@@ -106,6 +106,10 @@ class TokenVerifier:
 
     async def verify(self, token: str) -> Principal:
         """The principal of a valid token (TokenInvalid otherwise)."""
+        if not token.isascii():
+            # A JWS is base64url and dots; other bytes (surrogate-escaped by the HTTP
+            # server) would make PyJWT's encode("utf-8") raise outside PyJWTError.
+            raise TokenInvalid("jwt: token is not ASCII")
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         hit = self.cached(digest)
         if hit is not None:

@@ -48,6 +48,7 @@ def test_health_routes_need_no_credentials(stack: Stack) -> None:
     lambda: bearer(token(key="wrong-key-" * 5)),
     lambda: {"Authorization": "Bearer " + token().rsplit(".", 1)[0] + "."},
     lambda: {"Authorization": "Digest abc"},
+    lambda: {"Authorization": "Bearer \xff\xfe.abc.def"},  # not UTF-8 on the wire
     lambda: {"Authorization": "Basic " + base64.b64encode(b"alice:pw").decode()},  # LDAP off
     lambda: {"X-API-Key": "not-a-key"},
     lambda: {**bearer(token()), "X-API-Key": API_KEY},
