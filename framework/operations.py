@@ -46,7 +46,6 @@ from framework.overlay import ConfigHolder, OverlayWatcher, live_config
 from framework.registry import ServiceSpec
 from framework.runtime import Runtime
 from framework.tenant_config import TenantConfig
-from framework.usage import DB_NAME as USAGE_DB
 from framework.usage import (
     UsageMeter,
     UsageStore,
@@ -55,9 +54,10 @@ from framework.usage import (
     parse_group_by,
     parse_time,
 )
+from framework.usage_redis import RedisUsageStore, open_store, start_exporter
 from framework.versions import DB_NAME as CONFIG_DB
 from framework.versions import RollbackError, VersionStore, rollback
-from framework.webhook import WebhookExporter, start_exporter
+from framework.webhook import WebhookExporter
 
 log = logging.getLogger("mtp.framework.operations")
 
@@ -94,7 +94,7 @@ class Operations:
     rt: Runtime
     holder: ConfigHolder
     watcher: OverlayWatcher | None
-    store: UsageStore
+    store: UsageStore | RedisUsageStore
     meter: UsageMeter
     versions: VersionStore
     breakers: Breakers = field(default_factory=Breakers)
@@ -250,9 +250,10 @@ def install(app: Flask, rt: Runtime) -> Operations:
     settings = rt.settings
     versions = VersionStore(settings.data_dir / CONFIG_DB)
     holder, watcher = live_config(rt.tenant, settings.config_overlay, versions)
-    store = UsageStore(settings.data_dir / USAGE_DB)
+    store = open_store(settings)  # shared by every replica when MTP_REDIS_URL is set
     ops = Operations(rt=rt, holder=holder, watcher=watcher, store=store,
-                     meter=UsageMeter(store, rt.tenant.tenant_id), versions=versions)
+                     meter=UsageMeter(store, rt.tenant.tenant_id),  # type: ignore[arg-type]
+                     versions=versions)
     rt.set_tenant(holder.current)
     if watcher is not None:
         watcher.on_change(ops.apply)

@@ -121,6 +121,8 @@ def cost(prices: BillingSettings, calls: float, cpu_seconds: float, bytes_total:
 class UsageStore:
     """The hourly buckets in SQLite: written by :class:`UsageMeter`, read by ``query``."""
 
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error,)  # a flush retries after these
+
     def __init__(self, path: str | Path, timeout: float = 10.0) -> None:
         self.path = Path(path)
         self.timeout = timeout  # how long to wait for another process's write
@@ -263,6 +265,7 @@ class UsageMeter:
         self._pending: dict[tuple[int, str, str, str], list[float]] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._failing = False
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: (m := ref()) and m._after_fork())
 
@@ -299,11 +302,17 @@ class UsageMeter:
                     for (hour, service, op, user), a in pending.items()]
             try:
                 self.store.add(rows)
-            except sqlite3.Error:
+            except self.store.errors as exc:
                 # Keep the counts for the next flush rather than lose billable usage.
-                log.exception("usage flush failed; retrying with the next flush")
+                if not self._failing:  # one line per transition, not one per second
+                    log.warning("usage flush failed (%s: %s); counts kept in memory, "
+                                "retrying with every flush", type(exc).__name__, exc)
+                    self._failing = True
                 self._merge_back(pending)
                 return 0
+            if self._failing:
+                log.warning("usage flush works again; the kept counts are written")
+                self._failing = False
             return len(rows)
 
     def close(self) -> None:

@@ -10,9 +10,10 @@ from typing import Any
 import click
 
 from framework.cli import resolve_tenant_dir, template_dir
+from framework.errors import Unavailable
 from framework.settings import Settings
-from framework.usage import DB_NAME as USAGE_DB
-from framework.usage import UsageStore, anomalies, forecasts, parse_group_by, parse_time
+from framework.usage import anomalies, forecasts, parse_group_by, parse_time
+from framework.usage_redis import open_store
 from framework.versions import DB_NAME as CONFIG_DB
 from framework.versions import RollbackError, VersionStore, rollback
 
@@ -38,9 +39,12 @@ def usage_report(settings: Settings, start: float | None, end: float | None,
                  group_by: tuple[str, ...]) -> dict[str, Any]:
     """The report `mtp usage` prints: rows, anomalies and a forecast."""
     cfg = settings.load_tenant()
-    store = UsageStore(settings.data_dir / USAGE_DB)
-    rows = store.query(cfg.tenant_id, cfg.billing, start, end, group_by)
-    series = store.hourly(cfg.tenant_id, cfg.billing, start, end)
+    store = open_store(settings)  # Redis when MTP_REDIS_URL is set: every replica's usage
+    try:
+        rows = store.query(cfg.tenant_id, cfg.billing, start, end, group_by)
+        series = store.hourly(cfg.tenant_id, cfg.billing, start, end)
+    except Unavailable as exc:
+        raise click.ClickException(str(exc)) from None
     return {
         "tenant": cfg.tenant_id,
         "currency": cfg.billing.currency,
@@ -60,7 +64,7 @@ def usage_report(settings: Settings, start: float | None, end: float | None,
 @click.option("--tenant-dir", default=None, help="Tenant directory (else MTP_TENANT_DIR or .).")
 def usage(start: str | None, end: str | None, group_by: str, fmt: str,
           tenant_dir: str | None) -> None:
-    """Usage and cost per tenant/service/operation, from MTP_DATA_DIR."""
+    """Usage and cost per tenant/service/operation, from MTP_DATA_DIR (or MTP_REDIS_URL)."""
     try:
         fields = parse_group_by(group_by)
     except ValueError as exc:
