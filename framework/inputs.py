@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import IO, Any
 
 import jsonschema.exceptions
+from gunicorn.http.errors import ParseException
 
 from framework.errors import BadRequest, InvalidInput, PayloadTooLarge
 from framework.registry import ServiceSpec
@@ -76,7 +78,13 @@ def read_body(stream: IO[bytes], content_length: int | None, max_body: int) -> b
         raise PayloadTooLarge(f"request body is over {max_body} bytes")
     chunks, total = [], 0
     while True:
-        chunk = stream.read(min(READ_CHUNK, max_body + 1 - total))
+        try:
+            chunk = stream.read(min(READ_CHUNK, max_body + 1 - total))
+        except (ParseException, OSError):
+            # gunicorn's reader: a malformed chunked body (InvalidChunkSize...) or one that
+            # ends early (NoMoreData). The client's framing, so 400, not 500.
+            raise BadRequest("the request body could not be read (malformed or cut short)"
+                             ) from None
         if not chunk:
             return b"".join(chunks)
         total += len(chunk)
@@ -85,19 +93,38 @@ def read_body(stream: IO[bytes], content_length: int | None, max_body: int) -> b
         chunks.append(chunk)
 
 
+class _NotJson(ValueError):
+    """A number JSON (RFC 8259) cannot carry, although Python's json module reads it."""
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotJson(f"{name} is not a JSON value")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise _NotJson(f"number {text[:40]} is out of range")
+    return value
+
+
 def parse_payload(body: bytes) -> Any:
     """The JSON body; an empty body is ``{}``."""
     if not body.strip():
         return {}
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_no_constant, parse_float=_finite)
     except (ValueError, RecursionError) as exc:
-        if isinstance(exc, json.JSONDecodeError):
+        if isinstance(exc, _NotJson):
+            reason = str(exc)
+        elif isinstance(exc, json.JSONDecodeError):
             reason = exc.msg
         elif isinstance(exc, UnicodeDecodeError):  # json.loads decodes bytes itself
             reason = "not UTF-8 text"
-        else:
+        elif isinstance(exc, RecursionError):
             reason = "too deeply nested"
+        else:  # int() refuses numbers past 4300 digits
+            reason = "a number is too long"
         raise BadRequest(f"request body is not valid JSON: {reason}") from None
 
 

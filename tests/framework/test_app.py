@@ -11,7 +11,8 @@ import pytest
 from flask import Flask
 
 from framework.app import create_app
-from framework.inputs import Prefer, choose, parse_prefer
+from framework.errors import BadRequest
+from framework.inputs import Prefer, choose, parse_payload, parse_prefer
 from framework.local import Caller, LocalRunner, ServiceError, call
 from framework.registry import Registry
 from framework.settings import Settings
@@ -122,6 +123,8 @@ def test_odd_client_input_is_400_or_ignored_never_500(app: Flask):
     assert long_wait.status_code in (200, 202)
     latin1 = send(app, "POST", "/services/echo", data=b'{"a": "\xff"}')
     assert latin1.status_code == 400 and latin1.json["detail"].endswith("not UTF-8 text")
+    with pytest.raises(BadRequest, match="a number is too long"):
+        parse_payload(b"1" * 5000)  # past int()'s digit limit (over MTP_MAX_BODY here)
 
 
 def test_a_payload_too_deep_for_a_recursive_schema_is_400(app: Flask):

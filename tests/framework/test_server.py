@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -87,6 +88,24 @@ def test_operations_schema_and_bad_json(server: Server):
     assert doc["path"] == "$.qty" and "minimum" in doc["detail"]
     assert_problem(c.post("/services/ops/create", {"other": 1}), 400)
     assert_problem(c.post("/services/echo", raw=b"{not json"), 400)
+    # Python's json reads these; JSON cannot carry them (and no result could echo them).
+    for odd in (b'{"a": NaN}', b'{"a": -Infinity}', b'{"a": 1e999}'):
+        assert "not valid JSON" in assert_problem(c.post("/services/echo", raw=odd),
+                                                  400)["detail"]
+
+
+def test_a_malformed_chunked_body_is_400(server: Server):
+    headers = signed_headers("POST", "/services/echo")
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    with socket.create_connection(("127.0.0.1", server.client.port), timeout=10) as sock:
+        sock.sendall(f"POST /services/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     f"Transfer-Encoding: chunked\r\n{head}\r\nzz\r\n{{}}\r\n0\r\n\r\n"
+                     .encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"application/problem+json" in answer and b"could not be read" in answer
 
 
 def test_mode_rules(server: Server):
