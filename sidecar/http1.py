@@ -23,6 +23,7 @@ MAX_IDLE_CONNECTIONS = 256
 MAX_CONNECTIONS = 1024  # in flight to the framework at once; more requests wait their turn
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 NO_BODY_STATUSES = frozenset({204, 304})
+HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_TRAILER, _UNTIL_CLOSE, _DONE = range(7)
 
@@ -153,7 +154,7 @@ class Connection(asyncio.Protocol):
         status = int(code)
         headers: list[tuple[str, str]] = []
         length = -1
-        chunked = False
+        codings: list[str] = []
         keep_alive = version == b"HTTP/1.1"
         for line in lines[1:]:
             name, sep, value = line.partition(b":")
@@ -163,11 +164,14 @@ class Connection(asyncio.Protocol):
             value_s = value.strip().decode("latin-1")
             low = name_s.lower()
             if low == "content-length":
-                if not value_s.isdigit() or (length >= 0 and int(value_s) != length):
+                # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+                if (not (value_s.isascii() and value_s.isdigit())
+                        or (length >= 0 and int(value_s) != length)):
                     raise ProtocolViolation("bad Content-Length")
                 length = int(value_s)
             elif low == "transfer-encoding":
-                chunked = value_s.lower().endswith("chunked")
+                # Several fields make one list; only the final coding decides (RFC 9112 6.3).
+                codings += [c.strip().lower() for c in value_s.split(",") if c.strip()]
             elif low == "connection":
                 tokens = value_s.lower()
                 if "close" in tokens:
@@ -178,6 +182,13 @@ class Connection(asyncio.Protocol):
         if 100 <= status < 200:
             return  # stay in _HEAD
         self._status, self._headers = status, headers
+        chunked = bool(codings) and codings[-1] == "chunked"
+        if codings:
+            if length >= 0:
+                self.reusable = False  # both framings: answer it, then trust the line no more
+            # Transfer-Encoding overrides Content-Length; not ending in chunked, the body
+            # runs until the connection closes.
+            length = -1
         if not keep_alive:
             self.reusable = False
         if self._head_only or status in NO_BODY_STATUSES:
@@ -206,12 +217,10 @@ class Connection(asyncio.Protocol):
                     return
                 size_text = bytes(buf[:end]).split(b";", 1)[0].strip()
                 del buf[:end + 2]
-                try:
-                    self._length = int(size_text, 16)
-                except ValueError:
-                    raise ProtocolViolation("bad chunk size") from None
-                if self._length < 0:
+                # Hex digits only: int(x, 16) also takes "0x", "+", "-" and "_".
+                if not size_text or size_text.strip(HEX_DIGITS):
                     raise ProtocolViolation("bad chunk size")
+                self._length = int(size_text, 16)
                 self._size += self._length
                 if self._size > self.max_body:
                     raise TooLarge

@@ -119,10 +119,35 @@ def test_no_body_statuses_and_head(tmp_path: Path) -> None:
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n", TooLarge),
     (b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 2000, TooLarge),
     (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", UpstreamClosed),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\nab", ProtocolViolation),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x3\r\nabc\r\n0\r\n\r\n",
+     ProtocolViolation),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+3\r\nabc\r\n0\r\n\r\n",
+     ProtocolViolation),
 ])
 def test_bad_answers_raise(tmp_path: Path, data: bytes, error: type[Exception]) -> None:
     with pytest.raises(error):
         exchange(tmp_path, fixed(data, close=True))
+
+
+def test_transfer_encoding_overrides_content_length(tmp_path: Path) -> None:
+    # Not ending in chunked: the body runs until close, whatever Content-Length says.
+    gzip = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 2\r\n\r\nokMORE"
+    assert exchange(tmp_path, fixed(gzip, close=True))[0][2] == b"okMORE"
+
+
+def test_an_answer_with_both_framings_is_read_chunked_on_a_connection_not_reused(
+        tmp_path: Path) -> None:
+    writers = set()
+
+    async def answer(_r, w) -> None:
+        writers.add(id(w))
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"2\r\nok\r\n0\r\n\r\n")
+        await w.drain()
+
+    assert [r[2] for r in exchange(tmp_path, answer, times=2)] == [b"ok", b"ok"]
+    assert len(writers) == 2
 
 
 def test_read_timeout(tmp_path: Path) -> None:
