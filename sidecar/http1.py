@@ -52,6 +52,7 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.reusable = True
         self.used = 0
+        self.received = 0  # bytes of the current answer so far
         self.idle_since = 0.0
         self._buf = bytearray()
         self._waiter: asyncio.Future[Reply] | None = None
@@ -68,6 +69,7 @@ class Connection(asyncio.Protocol):
             self.reusable = False
             self.close()
             return
+        self.received += len(data)
         self._buf += data
         try:
             self._parse()
@@ -90,6 +92,7 @@ class Connection(asyncio.Protocol):
         self._state = _HEAD
         self._head_only = head_only
         self._buf.clear()
+        self.received = 0
         self.used += 1
         self.transport.write(request)
         return self._waiter
@@ -320,9 +323,10 @@ class Pool:
             try:
                 return await self._exchange(conn, data, head_only)
             except UpstreamClosed:
-                # A reused connection the server closed just as we wrote: nothing was
-                # processed, so an idempotent request is safely sent once more.
-                if not retry:
+                # A reused connection the server closed just as we wrote, before a byte
+                # of answer: an idempotent request is sent once more. Once an answer has
+                # begun the request was being served, and GET runs services too.
+                if not retry or conn.received:
                     raise
                 return await self._exchange(await self._connect(), data, head_only)
 

@@ -169,6 +169,21 @@ def test_stale_reused_connection_is_retried_for_idempotent_methods(tmp_path: Pat
     assert [c for _, _, c in exchange(tmp_path, answer, times=2)] == [b"a", b"b"]
 
 
+def test_a_reused_connection_closed_mid_answer_is_not_retried(tmp_path: Path) -> None:
+    answers = iter([fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na"),
+                    fixed(b"HTTP/1.1 200 OK\r\nContent-Le", close=True),
+                    fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb")])
+    served = []
+
+    async def answer(r, w) -> None:
+        served.append(1)
+        await next(answers)(r, w)
+
+    with pytest.raises(UpstreamClosed):
+        exchange(tmp_path, answer, times=2)
+    assert len(served) == 2  # the service ran once for the second request, not twice
+
+
 def test_encode_request() -> None:
     assert encode_request("GET", "/a", "h", [("X", "1")], None) == (
         b"GET /a HTTP/1.1\r\nHost: h\r\nX: 1\r\n\r\n")
