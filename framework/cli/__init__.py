@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -65,6 +66,11 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except (OSError, sqlite3.Error) as exc:
+        # A path or state store that cannot be used (e.g. MTP_DATA_DIR under a file, an
+        # unreadable database): one line naming it, never a traceback.
+        click.echo(f"mtp: error: {exc}", err=True)
+        sys.exit(1)
 
 
 def template_dir() -> Path:

@@ -253,3 +253,20 @@ def test_invoke_async_follows_the_service_mode(tmp_path: Path):
     assert refused.returncode == 1 and refused.stdout == ""
     document = json.loads(refused.stderr.splitlines()[-1])
     assert document["status"] == 400 and "synchronously" in document["detail"]
+
+
+@pytest.mark.parametrize("command", [
+    ["token", "--user", "alice"],  # the template: its development secret lives in the data dir
+    ["invoke", "hello", "--async", "--tenant-dir", "{tenant}"],
+    ["usage", "--tenant-dir", "{tenant}"],
+    ["config", "versions", "--tenant-dir", "{tenant}"],
+    ["config", "rollback", "1", "--tenant-dir", "{tenant}"],
+])
+def test_an_unusable_data_dir_is_one_line_not_a_traceback(command, tmp_path: Path):
+    tenant = write_tenant(tmp_path / "t", "acme")
+    (tmp_path / "file").write_text("not a directory")
+    data = tmp_path / "file" / "data"
+    done = mtp([arg.format(tenant=tenant) for arg in command], tmp_path,
+               MTP_DATA_DIR=str(data), MTP_CONFIG_OVERLAY=str(tmp_path / "overlay.toml"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("mtp: error: ") and str(tmp_path / "file") in done.stderr
