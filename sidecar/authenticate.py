@@ -18,6 +18,8 @@ from sidecar.tokens import TokenInvalid, TokenVerifier
 
 BEARER_CHALLENGE = 'Bearer realm="mtp"'
 BASIC_CHALLENGE = 'Basic realm="mtp", charset="UTF-8"'
+KNOWN_SCHEMES = frozenset({"basic", "bearer", "digest", "negotiate", "ntlm", "hoba", "mutual",
+                           "token", "apikey", "aws4-hmac-sha256"})
 
 
 class Authenticator:
@@ -54,7 +56,10 @@ class Authenticator:
                 elif scheme == "basic" and self.directory is not None:
                     return await self._basic(credential)
                 else:
-                    raise self.fail(f"unsupported Authorization scheme {scheme[:16]!r}")
+                    # Name the scheme only when it is a known one: a client that sends a
+                    # bare key or token has its secret where the scheme would be.
+                    shown = repr(scheme) if scheme in KNOWN_SCHEMES else "(unrecognised)"
+                    raise self.fail(f"unsupported Authorization scheme {shown}")
             elif api_key is not None:
                 principal = self._api_key(api_key)
             else:

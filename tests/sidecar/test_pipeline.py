@@ -240,6 +240,7 @@ def test_audit_lines_have_decisions_and_no_secrets(stack: Stack) -> None:
     stack.call("GET", "/services/orders/create", bearer(tok))
     stack.call("GET", "/services/hello", {"X-API-Key": API_KEY})
     stack.call("GET", "/services/hello", {"X-API-Key": "wrong-key-material"})
+    stack.call("GET", "/services/hello", {"Authorization": API_KEY})  # a key sent without scheme
     basic = base64.b64encode(b"alice:hunter2-password").decode()
     stack.call("GET", "/services/hello", {"Authorization": f"Basic {basic}"})
     time.sleep(0.5)  # the audit log is flushed every 0.2 s
@@ -253,3 +254,6 @@ def test_audit_lines_have_decisions_and_no_secrets(stack: Stack) -> None:
     assert any(line["reason"] == "unknown API key" for line in lines)
     for secret in (tok, API_KEY, "wrong-key-material", basic, "hunter2", JWT_SECRET):
         assert secret not in text
+    assert API_KEY[:8] not in text
+    assert any(line["reason"] == "unsupported Authorization scheme (unrecognised)"
+               for line in lines)
