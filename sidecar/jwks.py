@@ -124,9 +124,12 @@ class JwksKeys:
                 raise ValueError(f"HTTP {resp.status}")
             if (resp.content_length or 0) > _MAX_BYTES:
                 raise ValueError("key set too large")
-            body = await resp.content.read(_MAX_BYTES + 1)
-            if len(body) > _MAX_BYTES:
-                raise ValueError("key set too large")
+            # read(n) returns what has arrived so far, not the whole body: read to the end.
+            body = bytearray()
+            async for chunk in resp.content.iter_any():
+                body += chunk
+                if len(body) > _MAX_BYTES:
+                    raise ValueError("key set too large")
         return json.loads(body)  # a JSONDecodeError is a ValueError: a failed fetch
 
     async def close(self) -> None:
