@@ -30,6 +30,7 @@ from sidecar.authorize import authorize, refuse_dot_segments, service_target
 from sidecar.bind_tenant import bind_tenant
 from sidecar.errors import (
     BadRequest,
+    MethodNotAllowed,
     PayloadTooLarge,
     SidecarError,
     Unavailable,
@@ -49,6 +50,7 @@ log = logging.getLogger("mtp.sidecar")
 HEALTH = "/healthz"
 READY = "/readyz"
 METRICS = "/metrics"
+OWN_ROUTES = frozenset((HEALTH, READY, METRICS))  # answered here, not by the framework
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -71,6 +73,8 @@ class Sidecar:
         # A new id needs no UUID object: 16 random bytes in hex, like uuid4().hex.
         rid = make_request_id(given) if given else os.urandom(16).hex()
         path = request.path
+        if path in OWN_ROUTES and request.method not in ("GET", "HEAD"):
+            return render(MethodNotAllowed("GET, HEAD"), rid)  # DESIGN: GET routes only
         if path in (HEALTH, READY):
             return await self._health(path, rid)
         tenant = self.tenant

@@ -58,6 +58,15 @@ class NotFound(SidecarError):
     outcome = "not_found"
 
 
+class MethodNotAllowed(SidecarError):
+    status = 405
+    detail = "method not allowed"
+    outcome = "bad_request"
+
+    def __init__(self, allow: str) -> None:
+        super().__init__("method not allowed", headers={"Allow": allow})
+
+
 class PayloadTooLarge(SidecarError):
     status = 413
     detail = "request body too large"

@@ -137,3 +137,17 @@ def test_sync_and_async_modes(run: RunStack):
     assert run.call("GET", job.headers["Location"], key).status == 200
     assert run.call("GET", job.headers["Location"],
                     bearer(token("root", roles=["admin"]))).status == 200
+
+
+def test_health_and_metrics_routes_answer_get_only(run: RunStack):
+    admin = bearer(token("root", roles=["admin"]))
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert run.call("GET", path, admin).status == 200
+        assert run.call("HEAD", path, admin).status == 200
+        for method in ("POST", "DELETE", "PUT"):
+            refused = run.call(method, path, {**admin, "X-Request-ID": "m-1"}, b"{}")
+            assert refused.status == 405, (method, path)
+            assert refused.headers["Content-Type"] == "application/problem+json"
+            assert refused.headers["Allow"] == "GET, HEAD"
+            assert refused.headers["X-Request-ID"] == "m-1"
+            assert refused.json()["status"] == 405 and refused.json()["request_id"] == "m-1"
