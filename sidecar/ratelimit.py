@@ -79,8 +79,12 @@ class RateLimiter:
 
     def _quota(self, used: int, quota: int, headers: dict[str, str]) -> None:
         if used > quota:
-            raise RateLimited("daily quota exhausted", seconds_to_midnight(self._wall()),
-                              {**headers, "RateLimit-Remaining": "0"})
+            # The quota is now the binding limit: RateLimit-* describe it, not the rate
+            # (whose Reset of ~1 s would contradict a Retry-After of hours).
+            until = seconds_to_midnight(self._wall())
+            raise RateLimited("daily quota exhausted", until, {
+                **headers, "RateLimit-Limit": str(quota), "RateLimit-Remaining": "0",
+                "RateLimit-Reset": str(max(1, math.ceil(until)))})
         if used > WARN_FRACTION * quota:
             headers[QUOTA_WARNING] = (f"{math.floor(100 * used / quota)}% of the daily quota "
                                       f"of {quota} requests used")
