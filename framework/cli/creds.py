@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import secrets
 import time
@@ -77,8 +78,9 @@ def create(name: str | None, roles: str) -> None:
                                  param_hint="--name")
     key = "mtp_" + secrets.token_urlsafe(32)
     digest = hashlib.sha256(key.encode()).hexdigest()
-    role_list = ", ".join(f'"{r}"' for r in _split(roles))
+    role_list = ", ".join(json.dumps(r) for r in _split(roles))  # JSON strings are TOML ones
     click.echo(key)
-    click.echo(f"[auth.api_keys.{name}]")
+    # A dotted name is one key only when quoted (bare, TOML reads nested tables).
+    click.echo(f'[auth.api_keys."{name}"]' if "." in name else f"[auth.api_keys.{name}]")
     click.echo(f'hash = "sha256:{digest}"')
     click.echo(f"roles = [{role_list}]")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -270,3 +271,17 @@ def test_an_unusable_data_dir_is_one_line_not_a_traceback(command, tmp_path: Pat
                MTP_DATA_DIR=str(data), MTP_CONFIG_OVERLAY=str(tmp_path / "overlay.toml"))
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.startswith("mtp: error: ") and str(tmp_path / "file") in done.stderr
+
+
+@pytest.mark.parametrize("name", ["ci-bot", "ci.bot", "deploy_2"])
+def test_apikey_table_pastes_into_tenant_toml_as_printed(name: str, tmp_path: Path):
+    tenant = write_tenant(tmp_path / "t", "acme")
+    done = mtp(["apikey", "create", "--name", name, "--roles", 'ops, on"call'], tmp_path)
+    assert done.returncode == 0, done.stderr
+    key, *table = done.stdout.splitlines()
+    with (tenant / "tenant.toml").open("a") as toml:
+        toml.write("\n" + "\n".join(table) + "\n")
+    cfg = load_tenant(tenant / "tenant.toml")
+    [api_key] = cfg.api_keys
+    assert api_key.name == name and api_key.roles == ("ops", 'on"call')
+    assert api_key.digest == hashlib.sha256(key.encode()).hexdigest()
