@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -65,6 +66,9 @@ def render_error(exc: BaseException) -> Response:
 
 def register(app: Flask, rt: Runtime) -> None:
     """Attach the routes to ``app``; every view reads the one Runtime ``rt``."""
+    # `Prefer: wait=N` holds a request thread up to a minute: at most half of them may
+    # wait, so waiters can never starve /healthz, /readyz and ordinary calls.
+    waiters = threading.BoundedSemaphore(max(1, rt.settings.threads // 2))
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -106,7 +110,8 @@ def register(app: Flask, rt: Runtime) -> None:
         ctx = make_context(rt, spec, operation, state.identity, payload, params,
                            state.request_id)
         if dispatch.run_async:
-            return start_job(rt, spec, ctx, state.identity, dispatch.wait, dispatch.applied)
+            return start_job(rt, spec, ctx, state.identity, dispatch.wait, dispatch.applied,
+                             waiters)
         return answer(rt.executor.sync(spec, ctx))
 
     @app.get("/jobs/<job_id>")
@@ -155,16 +160,28 @@ def answer(outcome: Outcome, headers: dict[str, str] | None = None) -> Response:
 
 
 def start_job(rt: Runtime, spec: ServiceSpec, ctx: Context, ident: Identity,
-              wait: int | None, applied: str | None) -> Response:
-    """202 with the job's location; or, with ``wait=N`` and done in time, the sync answer."""
-    job, future = rt.runner.submit(spec, ctx, owner=ident.user)
-    if wait:
-        try:
-            outcome = future.result(timeout=wait)
-        except FutureTimeout:
-            outcome = None
-        if outcome is not None:
-            return answer(outcome, {"Preference-Applied": f"wait={wait}"})
+              wait: int | None, applied: str | None,
+              waiters: threading.BoundedSemaphore | None = None) -> Response:
+    """202 with the job's location; or, with ``wait=N`` and done in time, the sync answer.
+
+    With every ``waiters`` slot taken the wait is not honoured (RFC 7240 lets a server
+    ignore a preference): 202 at once, ``Preference-Applied: respond-async`` only.
+    """
+    waiting = bool(wait) and (waiters is None or waiters.acquire(blocking=False))
+    try:
+        job, future = rt.runner.submit(spec, ctx, owner=ident.user)
+        if waiting:
+            try:
+                outcome = future.result(timeout=wait)
+            except FutureTimeout:
+                outcome = None
+            if outcome is not None:
+                return answer(outcome, {"Preference-Applied": f"wait={wait}"})
+    finally:
+        if waiting and waiters is not None:
+            waiters.release()
+    if wait and not waiting:
+        applied = "respond-async"
     headers = {"Location": f"/jobs/{job.id}"}
     if applied:
         headers["Preference-Applied"] = applied

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,54 @@ def test_a_queued_job_can_be_cancelled_and_never_runs(app: Flask):
     assert send(app, "GET", location).json["status"] == "cancelled"
     assert send(app, "GET", first.headers["Location"], roles="admin",
                 user="root").json["status"] == "succeeded"
+
+
+GATE = '''"""Async: runs until the test opens the gate."""
+import time
+from pathlib import Path
+
+MODE = "async"
+
+
+def handle(context):
+    here = Path(__file__).parent
+    (here / "gate.started").write_text("x")
+    for _ in range(3000):
+        if (here / "gate.open").exists():
+            return {"opened": True}
+        time.sleep(0.01)
+    return {"opened": False}
+'''
+
+
+def test_only_half_the_request_threads_may_wait_for_a_job(tmp_path: Path):
+    root = make_tenant(tmp_path / "t")
+    services = root / "services"
+    (services / "gate.py").write_text(GATE)
+    settings = Settings.from_env({
+        "MTP_SIDECAR_SECRET": SECRET, "MTP_DATA_DIR": str(tmp_path / "d"), "MTP_THREADS": "2",
+        "MTP_JOB_WORKERS": "1", "MTP_JOB_QUEUE": "2", "MTP_LOG_LEVEL": "WARNING",
+    }, tenant_dir=root)
+    app = create_app(settings, settings.load_tenant(), background=False)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(send, app, "POST", "/services/gate",
+                                headers={"Prefer": "respond-async, wait=60"})
+            deadline = time.monotonic() + 10
+            while not (services / "gate.started").exists():  # the one waiter holds its slot
+                assert time.monotonic() < deadline and not first.done()
+                time.sleep(0.01)
+            # 2 request threads: 1 may wait. The second is told its job at once.
+            second = send(app, "POST", "/services/gate",
+                          headers={"Prefer": "respond-async, wait=5"})
+            assert second.status_code == 202 and second.headers["Location"]
+            assert second.headers["Preference-Applied"] == "respond-async"
+            (services / "gate.open").write_text("x")
+            done = first.result(timeout=30)
+        assert done.status_code == 200 and done.json == {"opened": True}
+        assert done.headers["Preference-Applied"] == "wait=60"
+    finally:
+        app.extensions["mtp"].close()
 
 
 def test_readiness_fails_closed_when_the_job_store_is_unusable(app: Flask, monkeypatch):
