@@ -150,9 +150,18 @@ class HandlerPool:
             if self._started >= self.size:
                 return None
             self._started += 1
+            number = self._started
         worker = _Thread()
-        threading.Thread(target=self._loop, args=(worker,), daemon=True,
-                         name=f"mtp-handler-{self._started}").start()
+        try:
+            threading.Thread(target=self._loop, args=(worker,), daemon=True,
+                             name=f"mtp-handler-{number}").start()
+        except RuntimeError:
+            # "can't start new thread" (a pids limit): this call is 503, and the slot is
+            # given back, or the pool would shrink for good with every such failure.
+            log.warning("could not start a handler thread")
+            with self._lock:
+                self._started -= 1
+            return None
         return worker
 
     def _loop(self, worker: _Thread) -> None:

@@ -88,6 +88,22 @@ def test_deadline_answers_504_and_the_abandoned_thread_holds_its_slot():
     pool.shutdown()
 
 
+def test_a_thread_that_cannot_start_is_503_and_gives_its_slot_back(monkeypatch):
+    class NoThreads(threading.Thread):
+        def start(self) -> None:
+            raise RuntimeError("can't start new thread")
+
+    pool = HandlerPool(1)
+    call = lambda s, c: run_handler(s, c, 100)  # noqa: E731
+    monkeypatch.setattr("framework.execute.threading.Thread", NoThreads)
+    for _ in range(3):
+        refused = pool.run(call, spec(lambda c: 1), ctx())
+        assert refused.status == 503 and isinstance(refused.error, Saturated)
+    monkeypatch.undo()  # threads can start again: the pool has its full size back
+    assert pool.run(call, spec(lambda c: 1), ctx()).body == b"1"
+    pool.shutdown()
+
+
 def test_executor_seams_can_be_wrapped():
     ex = Executor(100, 2)
     seen = []
