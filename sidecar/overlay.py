@@ -56,12 +56,20 @@ class OverlayWatcher:
         except ConfigError as exc:
             log.error("config overlay refused, running config kept: %s", exc)
             return
+        except UnicodeDecodeError:  # tomllib decodes before it parses
+            log.error("config overlay refused, running config kept: %s: not UTF-8 text",
+                      self.path)
+            return
         self.holder.tenant = merged
         log.info("config overlay %s applied (%s)", self.path, merged.digest[:12])
 
     async def _loop(self) -> None:
         while True:
-            self.check()
+            try:
+                self.check()
+            except Exception:
+                # One bad file must not end the watching: later edits still apply.
+                log.exception("config overlay %s could not be checked", self.path)
             await asyncio.sleep(POLL_SECONDS)
 
     def start(self) -> None:
