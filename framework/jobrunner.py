@@ -63,9 +63,16 @@ class JobRunner:
             self._slots.release()
             log.exception("job store refused a new job")
             raise Unavailable("the job store is unavailable") from exc
-        self.on_status(job.tenant, job.service, job.operation, job.status)
         context = contextvars.copy_context()
-        future = self._executor.submit(context.run, self._run, job, spec, ctx)
+        try:
+            future = self._executor.submit(context.run, self._run, job, spec, ctx)
+        except RuntimeError as exc:
+            # Shutting down, or no thread could start: the job never runs, so it must not
+            # stay queued, and its slot comes back (else 500 and a slot lost per call).
+            self._slots.release()
+            self.store.cancel(job.id)
+            raise Saturated("this worker takes no more jobs; retry shortly") from exc
+        self.on_status(job.tenant, job.service, job.operation, job.status)
         return job, future
 
     def _run(self, job: Job, spec: ServiceSpec, ctx: Context) -> Outcome | None:

@@ -158,6 +158,16 @@ def test_job_runner_queue_is_bounded_and_cancel_beats_start(store: SqliteJobStor
     runner.shutdown()
 
 
+def test_a_job_no_thread_can_take_is_503_and_not_left_queued(store: SqliteJobStore):
+    ex = Executor(1000, 1)
+    runner = JobRunner(store, lambda: ex.call, runner_id(), workers=1, queue=0)
+    runner.shutdown()  # a worker on its way out: its executor takes no more work
+    for _ in range(2):  # the slot came back: the second is refused the same way
+        with pytest.raises(Saturated, match="no more jobs"):
+            runner.submit(spec(lambda c: 1), ctx(), owner="alice")
+    assert store.counts()["queued"] == 0 and store.counts()["cancelled"] == 2
+
+
 def test_a_late_job_is_failed_with_504(store: SqliteJobStore):
     ex = Executor(1000, 1)
     runner = JobRunner(store, lambda: ex.call, runner_id(), workers=1, queue=0)
