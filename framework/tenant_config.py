@@ -444,6 +444,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(str(path), "", "file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), "", f"invalid TOML: {exc}") from None
+    except UnicodeDecodeError:  # tomllib decodes the whole file before parsing it
+        raise ConfigError(str(path), "", "not UTF-8 text") from None
     except OSError as exc:
         raise ConfigError(str(path), "", f"cannot read: {exc.strerror}") from None
 

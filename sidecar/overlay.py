@@ -56,10 +56,6 @@ class OverlayWatcher:
         except ConfigError as exc:
             log.error("config overlay refused, running config kept: %s", exc)
             return
-        except UnicodeDecodeError:  # tomllib decodes before it parses
-            log.error("config overlay refused, running config kept: %s: not UTF-8 text",
-                      self.path)
-            return
         self.holder.tenant = merged
         log.info("config overlay %s applied (%s)", self.path, merged.digest[:12])
 

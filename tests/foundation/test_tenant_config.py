@@ -140,6 +140,9 @@ def test_unreadable_files_are_config_errors(tmp_path):
         load_tenant(tmp_path / "missing.toml")
     with pytest.raises(ConfigError, match="invalid TOML"):
         load_tenant(write(tmp_path, "[tenant\nid="))
+    (tmp_path / "latin1.toml").write_bytes(b'[tenant]\nid = "acme"\n# \xff\n')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_tenant(tmp_path / "latin1.toml")
     (tmp_path / "dir.toml").mkdir()
     with pytest.raises(ConfigError, match="cannot read"):
         load_tenant(tmp_path / "dir.toml")
