@@ -26,7 +26,7 @@ from framework.tenant_config import ConfigError, TenantConfig
 from sidecar.apikeys import ApiKeys
 from sidecar.audit import AuditLog
 from sidecar.authenticate import Authenticator
-from sidecar.authorize import authorize, refuse_dot_segments, service_target
+from sidecar.authorize import authorize, refuse_ambiguous_path, service_target
 from sidecar.bind_tenant import bind_tenant
 from sidecar.errors import (
     BadRequest,
@@ -88,7 +88,7 @@ class Sidecar:
                 response = await self._metrics(principal, rid)
             else:
                 upstream_path = request.raw_path
-                refuse_dot_segments(path, upstream_path)
+                refuse_ambiguous_path(path, upstream_path)
                 target = service_target(path)
                 if target is not None:
                     service, operation = target

@@ -13,15 +13,21 @@ PREFIX = "/services/"
 OPERATION_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 
-def refuse_dot_segments(*paths: str) -> None:
-    """NotFound for a path with ``.`` or ``..`` segments (raw or decoded).
+def refuse_ambiguous_path(path: str, raw_path: str) -> None:
+    """NotFound for a path with empty (``//``), ``.`` or ``..`` segments.
 
-    Servers differ in whether they resolve dot segments; refusing them keeps the
-    path the sidecar checked and the path the framework routes the same.
+    Servers differ in whether they merge slashes and resolve dot segments: gunicorn
+    and Werkzeug route ``//services/x`` (or ``/%2Fservices/x``) as ``/services/x``,
+    which the sidecar would have taken for another route and never authorized.
+    Refusing such paths keeps the path the sidecar checked and the path the framework
+    routes the same. Empty segments are looked for in the decoded path (the raw one
+    of an absolute-form request starts with ``http://``), dot segments in both.
     """
-    for path in paths:
-        if "/." in path:
-            segments = path.split("?", 1)[0].split("/")
+    if "//" in path:
+        raise NotFound("empty segment in path")
+    for candidate in (path, raw_path):
+        if "/." in candidate:
+            segments = candidate.split("?", 1)[0].split("/")
             if "." in segments or ".." in segments:
                 raise NotFound("dot segment in path")
 

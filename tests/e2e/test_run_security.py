@@ -114,6 +114,29 @@ def test_authz_refuses_ungranted_services(run: RunStack) -> None:
     assert r.status == 404  # granted by the admin rule, and then it does not exist
 
 
+def _until(run: RunStack, status: int) -> None:
+    deadline = time.monotonic() + 10
+    while run.call("POST", "/services/whoami", bearer(token()), b"{}").status != status:
+        assert time.monotonic() < deadline, f"overlay not applied (want {status})"
+        time.sleep(0.05)
+
+
+def test_paths_the_framework_would_merge_cannot_skip_authz(run: RunStack) -> None:
+    # whoami granted to admins only, live; gunicorn + Werkzeug route //services/x as
+    # /services/x, so the sidecar must not take such a path for some other route.
+    run.overlay.write_text('[authz]\nenabled = true\n\n[[authz.rules]]\nservice = "*"\n'
+                           'roles = ["admin"]\n')
+    try:
+        _until(run, 403)
+        for path in ("//services/whoami", "///services/whoami", "/%2Fservices/whoami",
+                     "http://x//services/whoami"):
+            r = run.call("POST", path, bearer(token()), b"{}")
+            assert r.status == 404 and b"alice" not in r.body, path
+    finally:
+        run.overlay.unlink()
+    _until(run, 200)
+
+
 def _raw_to_framework(run: RunStack, headers: dict[str, str]) -> bytes:
     lines = ["GET /services/whoami HTTP/1.1", "Host: framework", "Connection: close",
              *(f"{k}: {v}" for k, v in headers.items()), "", ""]
