@@ -30,13 +30,21 @@ from sidecar.authorize import authorize, refuse_ambiguous_path, service_target
 from sidecar.bind_tenant import bind_tenant
 from sidecar.errors import (
     BadRequest,
+    HeadersTooLarge,
     MethodNotAllowed,
     PayloadTooLarge,
     SidecarError,
     Unavailable,
+    UriTooLong,
     render,
 )
-from sidecar.headers import identity_headers, response_headers, upstream_headers
+from sidecar.headers import (
+    MAX_CLIENT_HEADERS,
+    MAX_REQUEST_LINE,
+    identity_headers,
+    response_headers,
+    upstream_headers,
+)
 from sidecar.limiter import LimiterBackend, MemoryBackend
 from sidecar.metrics import Metrics
 from sidecar.overlay import OverlayWatcher
@@ -96,6 +104,10 @@ class Sidecar:
                     # Forward exactly the path that was authorized (see service_target).
                     query = request.rel_url.raw_query_string
                     upstream_path = f"{path}?{query}" if query else path
+                if len(request.method) + len(upstream_path) + 10 > MAX_REQUEST_LINE:
+                    raise UriTooLong("request line over the framework's limit")
+                if len(request.headers) > MAX_CLIENT_HEADERS:
+                    raise HeadersTooLarge(f"more than {MAX_CLIENT_HEADERS} request headers")
                 if (request.content_length or 0) > self.settings.max_body:
                     raise PayloadTooLarge("declared body over MTP_MAX_BODY")
                 limit_headers, slot, delay = await self._limit(tenant, principal, service,

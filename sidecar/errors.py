@@ -73,6 +73,18 @@ class PayloadTooLarge(SidecarError):
     outcome = "too_large"
 
 
+class UriTooLong(SidecarError):
+    status = 414
+    detail = "request target too long"
+    outcome = "too_large"
+
+
+class HeadersTooLarge(SidecarError):
+    status = 431
+    detail = "too many request headers"
+    outcome = "too_large"
+
+
 class RateLimited(SidecarError):
     status = 429
     detail = "rate limit exceeded"

@@ -32,6 +32,12 @@ STRIPPED_PREFIXES = ("x-tenant-", "x-user-", "x-auth-", "x-sidecar-", "x-forward
 # Headers the framework's answer must not pass back as they are (the sidecar sets its own).
 RESPONSE_DROPPED = HOP_BY_HOP | frozenset({"content-length", "date", "server"})
 
+# gunicorn refuses a request line over 4094 bytes or more than 100 header fields with
+# an HTML page (limit_request_line, limit_request_fields); the sidecar refuses such
+# requests first, as problem+json, leaving room for the headers it adds itself.
+MAX_REQUEST_LINE = 4094
+MAX_CLIENT_HEADERS = 80
+
 FORWARDED_FOR = "X-Forwarded-For"
 FORWARDED_PROTO = "X-Forwarded-Proto"
 IDENTITY = frozenset(h.lower() for h in (*signing.SIGNED_HEADERS, signing.TIMESTAMP,

@@ -137,6 +137,21 @@ def test_paths_the_framework_would_merge_cannot_skip_authz(run: RunStack) -> Non
     _until(run, 200)
 
 
+def test_requests_over_gunicorns_limits_get_problems_not_its_html(run: RunStack) -> None:
+    def problem(r, status: int) -> None:
+        assert r.status == status and r.headers["Content-Type"] == "application/problem+json"
+        assert json.loads(r.body)["request_id"] == r.headers["X-Request-ID"]
+
+    many = [*bearer(token()).items(), *((f"X-H{i}", "v") for i in range(100))]
+    problem(run.call("GET", "/jobs/x", many), 431)
+    # gunicorn's request line limit is 4094 bytes: "GET " + target + " HTTP/1.1".
+    fits = "/jobs/" + "a" * (4094 - len("GET  HTTP/1.1") - len("/jobs/"))
+    problem(run.call("GET", fits, bearer(token())), 404)  # the framework's: no such job
+    problem(run.call("GET", fits + "a", bearer(token())), 414)
+    r = run.call("GET", "/jobs/x", {**bearer(token()), "X-Big": "v" * 8100})
+    problem(r, 404)
+
+
 def _raw_to_framework(run: RunStack, headers: dict[str, str]) -> bytes:
     lines = ["GET /services/whoami HTTP/1.1", "Host: framework", "Connection: close",
              *(f"{k}: {v}" for k, v in headers.items()), "", ""]
