@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -327,7 +328,23 @@ class TenantConfig:
         return allowed is None or "*" in allowed or name in allowed
 
 
+def _non_finite(value: Any, path: str) -> str | None:
+    """The key of the first inf/nan in a document (TOML has them; no key of ours wants one)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    items: Any = (value.items() if isinstance(value, Mapping)
+                  else enumerate(value) if isinstance(value, list) else ())
+    for key, item in items:
+        found = _non_finite(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 def _validate(data: Mapping[str, Any], schema: dict[str, Any], file: str) -> None:
+    bad = _non_finite(data, "")
+    if bad is not None:
+        raise ConfigError(file, bad, "must be a finite number (inf and nan are refused)")
     errors = sorted(
         jsonschema.Draft202012Validator(schema).iter_errors(data),
         key=lambda e: list(map(str, e.absolute_path)),

@@ -123,6 +123,10 @@ def test_minimal_file_gets_documented_defaults(tmp_path):
          "required key missing"),
         ('[tenant]\nid = "a"\n[flags.f]\nrollout_percent = 101\n', "flags.f.rollout_percent",
          "maximum"),
+        ('[tenant]\nid = "a"\n[services.x]\ntimeout = inf\n', "services.x.timeout", "finite"),
+        ('[tenant]\nid = "a"\n[limits]\nrate = nan\n', "limits.rate", "finite"),
+        ('[tenant]\nid = "a"\n[services.x]\nconfig = { a = [1.0, -inf] }\n',
+         "services.x.config.a.1", "finite"),
     ],
 )
 def test_mistakes_name_file_key_and_reason(tmp_path, text, key, reason):
