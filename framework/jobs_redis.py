@@ -38,6 +38,7 @@ from rq import Callback, Queue, Retry
 from rq.exceptions import AbandonedJobError
 from rq.job import Job as RqJob
 from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException, TimerDeathPenalty
 
 from framework import logs, metrics
@@ -132,7 +133,9 @@ class RedisJobStore:
         self.retention = retention
         self.prefix = f"mtp:{tenant}:"
         self.index = f"{self.prefix}jobs:"
-        self.queue = Queue(queue_name(tenant), connection=client)
+        # JSON, not RQ's default pickle: a job's arguments are plain JSON, and unpickling
+        # what Redis holds would let anyone who can write to Redis run code in workers.
+        self.queue = Queue(queue_name(tenant), connection=client, serializer=JSONSerializer)
         self._transition = client.register_script(TRANSITION_LUA)
 
     def key(self, job_id: str) -> str:

@@ -30,6 +30,7 @@ from flask import Flask
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
 from rq.job import Job as RqJob
+from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
 from framework.cli import check_version_pin, resolve_tenant_dir
@@ -123,6 +124,7 @@ def run_worker(settings: Settings, tenant: TenantConfig, burst: bool) -> int:
     job_worker = build_job_worker(settings, tenant)
     install_worker(job_worker)
     worker = MtpWorker([job_worker.store.queue], connection=job_worker.store.client,
+                       serializer=JSONSerializer,
                        job_monitoring_interval=MONITOR_INTERVAL, worker_ttl=WORKER_TTL,
                        maintenance_interval=MAINTENANCE_INTERVAL,
                        name=f"{queue_name(tenant.tenant_id)}.{os.uname().nodename}.{os.getpid()}")

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+import zlib
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import redis
 from rq.exceptions import AbandonedJobError
 from rq.job import Job as RqJob
 from rq.job import JobStatus
+from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 
 from framework.errors import Saturated, Unavailable
@@ -105,9 +107,13 @@ def test_cancel_takes_the_job_off_the_rq_queue_in_the_same_step(client, settings
     spec = Registry(settings.tenant_dir, tenant).resolve("echo")
     job, _ = runner.submit(spec, ctx_for(spec), owner="alice")
     assert client.lrange(store.queue.key, 0, -1) == [job.id.encode()]
+    # The job's arguments are stored as JSON, never pickled (no code runs from Redis data).
+    data = zlib.decompress(client.hget(RqJob.key_for(job.id), "data"))
+    assert json.loads(data)[2][0] == job.id
     assert store.cancel(job.id)
     assert client.llen(store.queue.key) == 0
-    assert RqJob.fetch(job.id, connection=client).get_status() == JobStatus.CANCELED
+    assert RqJob.fetch(job.id, connection=client,
+                       serializer=JSONSerializer).get_status() == JobStatus.CANCELED
     assert store.get(job.id).status == "cancelled"
     assert not store.claim(job.id, "w", time.time() + 5)  # a worker that popped it earlier
 
