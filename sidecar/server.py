@@ -86,5 +86,10 @@ def run(app: web.Application, *, shutdown_timeout: float, host: str = "", port: 
         main.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             loop.run_until_complete(main)
+        # Whatever is still pending (as web.run_app does): cancelled, not destroyed pending.
+        rest = asyncio.all_tasks(loop)
+        for task in rest:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
