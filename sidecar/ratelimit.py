@@ -70,7 +70,10 @@ class RateLimiter:
         if limits.concurrency:
             slot = f"{tenant}\x00inflight"
             if not await self.backend.acquire_slot(slot, limits.concurrency):
-                raise RateLimited("concurrency limit", 1.0, headers)
+                # The headers describe the limit that refused (the rate's said "remaining").
+                raise RateLimited("concurrency limit", 1.0, {
+                    **headers, "RateLimit-Limit": str(limits.concurrency),
+                    "RateLimit-Remaining": "0", "RateLimit-Reset": "1"})
         return headers, slot, delay
 
     async def _count(self, tenant: str) -> int:

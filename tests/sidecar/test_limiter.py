@@ -135,8 +135,11 @@ def test_concurrency_slots_and_delay() -> None:
         _, a, _ = await rl.admit(limits, "t", "u")
         _, b, delay = await rl.admit(limits, "t", "u")
         assert delay == pytest.approx(0.1)
-        with pytest.raises(RateLimited, match="concurrency"):
+        with pytest.raises(RateLimited, match="concurrency") as refused:
             await rl.admit(limits, "t", "u")
+        got = refused.value.headers
+        assert (got["RateLimit-Limit"], got["RateLimit-Remaining"], got["RateLimit-Reset"],
+                got["Retry-After"]) == ("2", "0", "1", "1")
         await rl.release(a)
         _, c, _ = await rl.admit(limits, "t", "u")
         for slot in (b, c, None):
