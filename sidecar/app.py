@@ -186,13 +186,15 @@ class Sidecar:
         return web.Response(status=reply.status, body=reply.body, headers=answer)
 
     async def _health(self, path: str, rid: str) -> web.Response:
-        """Liveness, or readiness: the framework answers and the config is loaded."""
+        """Liveness, or readiness: the framework is ready (its own /readyz) and config loaded."""
         if path == READY:
             try:
+                # The framework's readiness, not its liveness: /readyz also checks the job
+                # store, and the pod's readiness probe only ever reaches the sidecar.
                 reply = await self.upstream.send(
-                    "GET", HEALTH, upstream_headers(
+                    "GET", READY, upstream_headers(
                         (), identity_headers(None, rid), secret=self.settings.sidecar_secret,
-                        method="GET", path=HEALTH, peer="", proto="http"), None)
+                        method="GET", path=READY, peer="", proto="http"), None)
             except SidecarError as exc:
                 return render(Unavailable(exc.reason, detail="the framework is not reachable"),
                               rid)

@@ -292,3 +292,24 @@ def test_quiet_server_answers_a_raising_handler_with_a_problem(tmp_path: Path) -
     assert status == 500 and "application/problem+json" in head
     assert doc["status"] == 500 and "secret" not in json.dumps(doc)
     assert f"X-Request-ID: {doc['request_id']}" in head
+
+
+def test_readyz_asks_the_frameworks_readiness_not_its_liveness(tmp_path: Path) -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        # A framework that is alive but not ready (its job store is unusable).
+        status = b"503 Service Unavailable" if head.startswith(b"GET /readyz ") else b"200 OK"
+        writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    async def go() -> tuple[int, int]:
+        server = await asyncio.start_unix_server(serve, path=str(tmp_path / "u.sock"))
+        client = await _client(create_app(settings_for(tmp_path / "u.sock"), TENANT))
+        try:
+            return ((await client.get("/readyz")).status, (await client.get("/healthz")).status)
+        finally:
+            await client.close()
+            server.close()
+
+    assert run(go()) == (503, 200)
