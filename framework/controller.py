@@ -76,9 +76,15 @@ def register(app: Flask, rt: Runtime) -> None:
 
     @app.get("/readyz")
     def readyz() -> Response:
+        body = {"status": "ready", "tenant": rt.tenant.tenant_id, "jobs": "ok"}
         if not rt.jobs.usable():
-            raise Unavailable("the job store is not usable")
-        return json_response({"status": "ready", "tenant": rt.tenant.tenant_id})
+            # The shared (Redis) store being away fails async calls only (503 each); sync
+            # calls still run. Staying ready keeps every replica from leaving its Service
+            # at once. A local (SQLite) store that fails is this replica's own fault.
+            if not rt.settings.redis_url:
+                raise Unavailable("the job store is not usable")
+            body["jobs"] = "degraded"
+        return json_response(body)
 
     @app.get("/metrics")
     def metrics_view() -> Response:
