@@ -304,7 +304,9 @@ class LdapDirectory:
             return await self._run(self._client.groups_of, user_id, user_dn)
 
         groups = await self._once(("groups", user_id), lookup)
-        if groups is not None and self._groups is not None:
+        # "No entry" is a successful answer too: cached, so a principal that lives only
+        # in tokens or API keys costs no search per request and survives an outage.
+        if self._groups is not None:
             self._groups[user_id] = groups
         return groups
 

@@ -194,9 +194,11 @@ def test_outage_serves_cache_hits_fails_misses_and_recovers(slapd: SlapdServer) 
         seen: dict[str, Any] = {}
         await d.login("alice", "alice-pw")
         await d.groups_for("bob")
+        seen["no entry"] = await d.groups_for("ci-bot")
         slapd.stop()
         seen["cached login"] = await d.login("alice", "alice-pw")
         seen["cached groups"] = await d.groups_for("bob")
+        seen["cached no entry"] = await d.groups_for("ci-bot")
         seen["groups via login"] = await d.groups_for("alice")
         for name, call in [("uncached login", d.login("carol", "carol-pw")),
                            ("other password", d.login("alice", "guess")),
@@ -213,6 +215,7 @@ def test_outage_serves_cache_hits_fails_misses_and_recovers(slapd: SlapdServer) 
     seen = run(slapd, scenario, cache_ttl=300)
     assert seen["cached login"][1] == ("admins", "sales")
     assert seen["cached groups"] == ("support",)
+    assert seen["no entry"] is None and seen["cached no entry"] is None  # not "unavailable"
     assert seen["groups via login"] == ("admins", "sales")
     assert seen["uncached login"] == "unavailable"
     assert seen["other password"] == "unavailable"
