@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_urldispatcher import MatchInfoError, UrlMappingMatchInfo
 from prometheus_client import Gauge
 
 from framework.problem import request_id as make_request_id
@@ -32,6 +33,7 @@ from sidecar.errors import (
     BadRequest,
     HeadersTooLarge,
     MethodNotAllowed,
+    NotFound,
     PayloadTooLarge,
     SidecarError,
     Unavailable,
@@ -81,6 +83,8 @@ class Sidecar:
         # A new id needs no UUID object: 16 random bytes in hex, like uuid4().hex.
         rid = make_request_id(given) if given else os.urandom(16).hex()
         path = request.path
+        if path[:1] != "/":  # "*" (OPTIONS) or "host:port" (CONNECT): nothing to proxy
+            return render(NotFound("the request target is not a path"), rid)
         if path in OWN_ROUTES and request.method not in ("GET", "HEAD"):
             return render(MethodNotAllowed("GET, HEAD"), rid)  # DESIGN: GET routes only
         if path in (HEALTH, READY):
@@ -283,7 +287,8 @@ def create_app(settings: Settings, tenant: TenantConfig, *, timeouts: Timeouts |
     secret = jwt_secret(tenant, settings)
     public_key = (load_public_key(tenant.jwt.public_key_file)
                   if tenant.jwt.public_key_file else None)
-    app = web.Application(client_max_size=settings.max_body)
+    router = CatchAllRouter()
+    app = web.Application(client_max_size=settings.max_body, router=router)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         ids = _identity_modules(tenant, settings)
@@ -320,5 +325,21 @@ def create_app(settings: Settings, tenant: TenantConfig, *, timeouts: Timeouts |
     app.cleanup_ctx.append(lifecycle)
     # [\s\S], not ".": a decoded "%0A" in the path must reach the handler too (its
     # 404 is problem+json with a request id; the router's own is plain text).
-    app.router.add_route("*", r"/{tail:[\s\S]*}", handler)
+    router.catch_all = app.router.add_route("*", r"/{tail:[\s\S]*}", handler)
     return app
+
+
+class CatchAllRouter(web.UrlDispatcher):
+    """Every request reaches the one handler, also targets no path pattern can match.
+
+    ``OPTIONS *`` and ``CONNECT host:port`` have no leading slash, so aiohttp's own
+    router would answer them with its plain-text 404, without a request id.
+    """
+
+    catch_all: web.AbstractRoute | None = None
+
+    async def resolve(self, request: web.Request) -> UrlMappingMatchInfo:
+        info = await super().resolve(request)
+        if isinstance(info, MatchInfoError) and self.catch_all is not None:
+            return UrlMappingMatchInfo({"tail": ""}, self.catch_all)
+        return info

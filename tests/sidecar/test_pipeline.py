@@ -260,3 +260,13 @@ def test_audit_lines_have_decisions_and_no_secrets(stack: Stack) -> None:
     assert API_KEY[:8] not in text
     assert any(line["reason"] == "unsupported Authorization scheme (unrecognised)"
                for line in lines)
+
+
+@pytest.mark.parametrize("method, target, status", [
+    ("OPTIONS", "*", 404), ("CONNECT", "example.org:443", 404),
+    ("GET", "*", 400),  # refused by the HTTP parser itself, still a problem
+])
+def test_targets_that_are_not_paths_get_a_problem_with_a_request_id(
+        stack: Stack, method: str, target: str, status: int) -> None:
+    # Without the catch-all router these were aiohttp's plain-text 404, no request id.
+    assert_problem(stack.call(method, target, bearer(token())), status)
