@@ -118,6 +118,24 @@ def cost(prices: BillingSettings, calls: float, cpu_seconds: float, bytes_total:
     return round(value, 10)  # hide float noise; far below any currency's smallest unit
 
 
+def usage_row(keys: dict[str, Any], totals: Any, prices: BillingSettings) -> dict[str, Any]:
+    """One row of ``GET /usage``: the grouping keys, the six totals and their cost."""
+    calls, errors, wall, cpu, b_in, b_out = totals
+    row: dict[str, Any] = {
+        "service": keys.get("service"),
+        "operation": keys.get("operation") or None,
+        "calls": calls, "errors": errors,
+        "wall_seconds": round(wall, 6), "cpu_seconds": round(cpu, 6),
+        "bytes_in": b_in, "bytes_out": b_out,
+        "cost": cost(prices, calls, cpu, b_in + b_out),
+    }
+    if "user" in keys:
+        row["user"] = keys["user"]
+    if "hour" in keys:
+        row["hour"] = iso_hour(keys["hour"])
+    return row
+
+
 class UsageStore:
     """The hourly buckets in SQLite: written by :class:`UsageMeter`, read by ``query``."""
 
@@ -175,23 +193,10 @@ class UsageStore:
             found = conn.execute(sql, args).fetchall()
         rows = []
         for raw in found:
-            keys = dict(zip(fields, raw[:len(fields)], strict=True))
-            calls, errors, wall, cpu, b_in, b_out = raw[len(fields):]
-            if calls is None:  # SUM over no rows (no GROUP BY)
+            if raw[len(fields)] is None:  # SUM over no rows (no GROUP BY)
                 continue
-            row: dict[str, Any] = {
-                "service": keys.get("service"),
-                "operation": keys.get("operation") or None,
-                "calls": calls, "errors": errors,
-                "wall_seconds": round(wall, 6), "cpu_seconds": round(cpu, 6),
-                "bytes_in": b_in, "bytes_out": b_out,
-                "cost": cost(prices, calls, cpu, b_in + b_out),
-            }
-            if "user" in keys:
-                row["user"] = keys["user"]
-            if "hour" in keys:
-                row["hour"] = iso_hour(keys["hour"])
-            rows.append(row)
+            rows.append(usage_row(dict(zip(fields, raw[:len(fields)], strict=True)),
+                                  raw[len(fields):], prices))
         return rows
 
     def hourly(self, tenant: str, prices: BillingSettings, start: float | None = None,

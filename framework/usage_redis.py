@@ -69,6 +69,7 @@ from framework.usage import (
     cost,
     hour_of,
     iso_hour,
+    usage_row,
 )
 from framework.webhook import ExportPolicy, WebhookExporter, backoff
 from framework.webhook import start_exporter as _start_exporter
@@ -252,21 +253,7 @@ class RedisUsageStore:
                 acc[i] += values[i]
         rows = []
         for key in sorted(groups):
-            keys = dict(zip(fields, key, strict=True))
-            calls, errors, wall, cpu, b_in, b_out = groups[key]
-            row: dict[str, Any] = {
-                "service": keys.get("service"),
-                "operation": keys.get("operation") or None,
-                "calls": calls, "errors": errors,
-                "wall_seconds": round(wall, 6), "cpu_seconds": round(cpu, 6),
-                "bytes_in": b_in, "bytes_out": b_out,
-                "cost": cost(prices, calls, cpu, b_in + b_out),
-            }
-            if "user" in keys:
-                row["user"] = keys["user"]
-            if "hour" in keys:
-                row["hour"] = iso_hour(keys["hour"])
-            rows.append(row)
+            rows.append(usage_row(dict(zip(fields, key, strict=True)), groups[key], prices))
         return rows
 
     def hourly(self, tenant: str, prices: BillingSettings, start: float | None = None,
