@@ -56,13 +56,14 @@ class UnixConnection(http.client.HTTPConnection):
 class Client:
     """Requests to one framework address; ``sign=False`` sends no signature at all."""
 
-    def __init__(self, port: int = 0, host: str = "127.0.0.1", unix: str = "") -> None:
-        self.host, self.port, self.unix = host, port, unix
+    def __init__(self, port: int = 0, host: str = "127.0.0.1", unix: str = "",
+                 secret: str = SECRET) -> None:
+        self.host, self.port, self.unix, self.secret = host, port, unix, secret
 
     def request(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
                 sign: bool = True, headers: dict[str, str] | None = None,
                 timeout: float = 20, **who: Any) -> Answer:
-        sent = signed_headers(method, path, **who) if sign else {}
+        sent = signed_headers(method, path, self.secret, **who) if sign else {}
         sent.update(headers or {})
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None
                                             else None)

@@ -15,8 +15,8 @@ import pytest
 
 from framework.usage import HOUR, UsageStore, hour_of
 from framework.webhook import idempotency_key
+from tests.framework.client import Client
 from tests.helpers import base_env, free_port, spawn, stop, wait_for_port
-from tests.ops.client import Client
 from tests.ops.receiver import Receiver
 from tests.ops.tenant import BILLING_SECRET, COOLDOWN, PRICES, SIDECAR_SECRET, make_tenant
 
@@ -64,7 +64,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     except Exception:
         print(log.read_text(errors="replace"))
         raise
-    yield Server(Client(port), data, overlay, log, receiver)
+    yield Server(Client(port, secret=SIDECAR_SECRET), data, overlay, log, receiver)
     stop(proc)
     receiver.stop()
     shutil.rmtree(tmp, ignore_errors=True)
@@ -132,7 +132,7 @@ def test_usage_is_for_admins_and_checks_its_parameters(server: Server) -> None:
     refused = c.get("/usage")
     assert refused.status == 403
     assert refused.headers["Content-Type"] == "application/problem+json"
-    assert refused.json()["request_id"] == "req-ops"
+    assert refused.json()["request_id"] == "req-1"
     for query in ("from=yesterday", "to=13/01/2026", "group_by=tenant"):
         bad = c.get(f"/usage?{query}", **ADMIN)
         assert bad.status == 400 and bad.json()["status"] == 400, query
