@@ -159,7 +159,10 @@ def test_breaker_opens_falls_back_and_closes(server: Server) -> None:
     assert c.post("/services/echo", {}).status == 200  # other services are unaffected
 
     job = c.post("/services/flaky", {"fail": True}, headers={"Prefer": "respond-async"})
-    assert job.status == 202  # a job of an open service is answered by the fallback too
+    # The job may run on the worker whose breaker is still closed (then it fails 500):
+    # that an open breaker answers jobs with the fallback is shown deterministically
+    # in test_operations_inprocess.py; here, only that the job ends either way.
+    assert job.status == 202
     done = eventually(lambda: (j := c.get(job.headers["Location"]).json())["status"]
                       in ("succeeded", "failed") and j)
     assert done["status"] == "succeeded" or done["error"]["status"] == 500
