@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -17,11 +18,38 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_issued: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port that is free on 127.0.0.1 right now, below the ephemeral range.
+
+    A port from bind(0) is an ephemeral one: between picking it and the server binding
+    it, the kernel may hand it to an outgoing connection (the server then cannot bind),
+    and a connect() to it while nothing listens can connect to itself (TCP simultaneous
+    open), which looks like a listening server. Either explains a CI run where a
+    framework that had "started" then refused every connection.
+    """
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(10000, max(low, 10001))
+        if port in _issued:  # two picks before either server binds must differ
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _issued.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 15.0,
@@ -32,10 +60,12 @@ def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: floa
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before listening")
         try:
-            with socket.create_connection((host, port), timeout=0.2):
-                return
+            with socket.create_connection((host, port), timeout=0.2) as s:
+                if s.getsockname() != s.getpeername():  # not a self-connect
+                    return
         except OSError:
-            time.sleep(0.03)
+            pass
+        time.sleep(0.03)
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
 
 

@@ -43,12 +43,16 @@ def start_server(tmp: Path, **extra: str) -> Server:
     log = tmp / "framework.log"
     proc = spawn([*MTP, "framework", "--tenant-dir", str(root)], server_env(data, port, **extra),
                  log=log)
+    client = Client(port)
     try:
         wait_for_port(port, proc)
+        # An HTTP answer proves it is this framework that listens, not a stray socket.
+        assert client.get("/healthz").status == 200
     except Exception:
         print(log.read_text(errors="replace"))
+        stop(proc)
         raise
-    return Server(Client(port), root, data, log, proc)
+    return Server(client, root, data, log, proc)
 
 
 @pytest.fixture(scope="module")
