@@ -187,6 +187,12 @@ class Sidecar:
         reply = await self.upstream.send(request.method, path, headers, body)
         answer = response_headers(reply.headers)
         answer["X-Request-ID"] = rid
+        if request.method == "HEAD":
+            # No body, but the size a GET would have, not aiohttp's "0" for an empty body.
+            size = next((v for k, v in reply.headers if k.lower() == "content-length"), "")
+            if size.isascii() and size.isdigit():
+                answer["Content-Length"] = size
+            return web.Response(status=reply.status, headers=answer)
         return web.Response(status=reply.status, body=reply.body, headers=answer)
 
     async def _health(self, path: str, rid: str) -> web.Response:

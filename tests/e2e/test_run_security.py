@@ -194,6 +194,14 @@ def test_services_list_and_metrics_through_the_sidecar(run: RunStack) -> None:
     assert m.status == 200 and b"mtp_sidecar_requests_total" in m.body
 
 
+def test_head_through_the_sidecar_reports_the_get_size(run: RunStack) -> None:
+    got = run.call("GET", "/services", bearer(token()))
+    head = run.call("HEAD", "/services", bearer(token()))
+    assert head.status == 200 and head.body == b""
+    assert head.headers["Content-Length"] == str(len(got.body)) != "0"
+    assert head.headers["Content-Type"] == got.headers["Content-Type"]
+
+
 def test_audit_has_every_decision_and_no_credentials(run: RunStack) -> None:
     tok = token(sub="audited")
     run.call("POST", "/services/whoami", bearer(tok), b"{}")
