@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sys
 import time
-from typing import IO, Any
+from json.encoder import encode_basestring_ascii as _q
+from typing import IO
 
 FLUSH_SECONDS = 0.2
 
@@ -27,7 +27,6 @@ class AuditLog:
         self._own = bool(path)
         self._out: IO[str] = open(path, "a", buffering=1 << 16) if path else sys.stdout  # noqa: SIM115
         self._flusher: asyncio.Task[None] | None = None
-        self._encode = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
         self._second = -1
         self._prefix = ""
 
@@ -43,14 +42,15 @@ class AuditLog:
               tenant: str = "", user: str = "", auth_method: str = "", service: str = "",
               operation: str | None = None, reason: str = "", rule: int | None = None) -> None:
         """Append one decision."""
-        record: dict[str, Any] = {
-            "time": self.timestamp(time.time()),
-            "request_id": request_id, "tenant": tenant, "user": user,
-            "auth_method": auth_method, "method": method, "service": service,
-            "operation": operation, "outcome": outcome, "reason": reason, "rule": rule,
-            "status": status,
-        }
-        self._out.write(self._encode(record) + "\n")
+        # Formatted by hand (json's own string escaper, ASCII only): a tenth of what
+        # encoding a dict costs, on every request.
+        self._out.write(
+            f'{{"time":"{self.timestamp(time.time())}","request_id":{_q(request_id)},'
+            f'"tenant":{_q(tenant)},"user":{_q(user)},"auth_method":{_q(auth_method)},'
+            f'"method":{_q(method)},"service":{_q(service)},'
+            f'"operation":{"null" if operation is None else _q(operation)},'
+            f'"outcome":{_q(outcome)},"reason":{_q(reason)},'
+            f'"rule":{"null" if rule is None else int(rule)},"status":{int(status)}}}\n')
 
     def flush(self) -> None:
         with contextlib.suppress(OSError, ValueError):

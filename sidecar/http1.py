@@ -46,8 +46,10 @@ Reply = tuple[int, list[tuple[str, str]], bytes]
 class Connection(asyncio.Protocol):
     """One upstream connection; at most one request at a time."""
 
-    def __init__(self, max_body: int) -> None:
+    def __init__(self, max_body: int, loop: asyncio.AbstractEventLoop) -> None:
         self.transport: asyncio.Transport | None = None
+        # Kept: asyncio.get_running_loop() makes a getpid() system call every time.
+        self.loop = loop
         self.max_body = max_body
         self.closed = False
         self.reusable = True
@@ -87,8 +89,7 @@ class Connection(asyncio.Protocol):
     def send(self, request: bytes, head_only: bool) -> asyncio.Future[Reply]:
         """Write one request; the future resolves to (status, headers, body)."""
         assert self.transport is not None
-        loop = asyncio.get_running_loop()
-        self._waiter = loop.create_future()
+        self._waiter = self.loop.create_future()
         self._state = _HEAD
         self._head_only = head_only
         self._buf.clear()
@@ -283,7 +284,7 @@ class Pool:
         loop = asyncio.get_running_loop()
 
         def factory() -> Connection:
-            return Connection(self.max_body)
+            return Connection(self.max_body, loop)
 
         if isinstance(self.upstream, str):
             coro = loop.create_unix_connection(factory, self.upstream)
@@ -332,8 +333,7 @@ class Pool:
 
     async def _exchange(self, conn: Connection, data: bytes, head_only: bool) -> Reply:
         waiter = conn.send(data, head_only)
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(self.read_timeout, _expire, waiter)
+        timer = conn.loop.call_later(self.read_timeout, _expire, waiter)
         try:
             return await waiter
         except BaseException:
