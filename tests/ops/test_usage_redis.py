@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -64,6 +64,7 @@ def record_all(store, tenant: str = "acme") -> None:
         service, operation, user, status, wall, cpu, b_in, b_out, queue = call
         meter.record(service, operation, user, status, wall, cpu, b_in, b_out, queue)
         assert meter.flush() == 1
+        meter.close()
 
 
 def test_flush_and_query_answer_as_sqlite_does(client, tmp_path: Path) -> None:
@@ -99,10 +100,28 @@ def test_group_by_and_cost(client) -> None:
                                                      0, 0.0)
 
 
-def test_replicas_add_into_the_same_buckets(client) -> None:
+@pytest.fixture
+def meters(client) -> Iterator[Callable[..., UsageMeter]]:
+    """UsageMeter, closed (thread stopped, last flush) before the database is emptied.
+
+    A meter left running flushes what it kept on its own a second later, into
+    whatever test then uses the database.
+    """
+    made: list[UsageMeter] = []
+
+    def make(*args, **kwargs) -> UsageMeter:
+        made.append(UsageMeter(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for meter in made:
+        meter.close()
+
+
+def test_replicas_add_into_the_same_buckets(client, meters) -> None:
     a, b = RedisUsageStore(client), RedisUsageStore(connect(_url(client)))
     for store in (a, b, a):
-        meter = UsageMeter(store, "acme")
+        meter = meters(store, "acme")
         meter.record("orders", "create", "alice", 200, 0.5, 0.25, 1, 2)
         meter.flush()
     for store in (a, b):
@@ -138,6 +157,7 @@ def test_counts_are_kept_through_an_outage(tmp_path: Path, caplog) -> None:
         (row,) = store.query("acme", PRICES)
         assert (row["calls"], row["errors"], row["bytes_in"]) == (2, 1, 2)
         assert any("works again" in r.getMessage() for r in caplog.records)
+        meter.close()
     finally:
         server.stop()
 
@@ -166,9 +186,9 @@ class LostReply:
         return pipe
 
 
-def test_a_batch_whose_reply_was_lost_is_not_counted_twice(client) -> None:
+def test_a_batch_whose_reply_was_lost_is_not_counted_twice(client, meters) -> None:
     store = RedisUsageStore(LostReply(client))  # type: ignore[arg-type]
-    meter = UsageMeter(store, "acme")
+    meter = meters(store, "acme")
     meter.record("orders", "create", "alice", 200, 0.5, 0.25, 1, 2)
     meter.record("hello", None, "bob", 200, 0.5, 0.25, 1, 2)
     assert meter.flush() == 0  # applied, but it cannot know
@@ -180,9 +200,9 @@ def test_a_batch_whose_reply_was_lost_is_not_counted_twice(client) -> None:
         ("fresh", 1, 0.5), ("hello", 1, 0.5), ("orders", 2, 1.0)]
 
 
-def test_a_forked_child_does_not_settle_its_parents_batch(client) -> None:
+def test_a_forked_child_does_not_settle_its_parents_batch(client, meters) -> None:
     store = RedisUsageStore(LostReply(client))  # type: ignore[arg-type]
-    meter = UsageMeter(store, "acme")
+    meter = meters(store, "acme")
     meter.record("orders", "create", "alice", 200, 0.5, 0.25, 1, 2)
     assert meter.flush() == 0
     pid = os.fork()
@@ -241,7 +261,7 @@ def test_one_exporter_of_all_replicas_sends_each_hour_once(client, receiver) -> 
         # A late flush into a sent hour does not send it again (its key was used).
         late = UsageMeter(store, "acme", clock=lambda: HOURS[0] + 5)
         late.record("hello", None, "carol", 200, 0.1, 0.0, 0, 0)
-        late.flush()
+        late.close()
         time.sleep(0.2)
     finally:
         a.stop()
