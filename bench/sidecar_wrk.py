@@ -4,7 +4,8 @@ Everything runs in one invocation on this machine, on loopback, with ``wrk --lat
 
 1. the framework (``mtp framework``, gunicorn gthread) on 127.0.0.1 TCP, hit directly with
    valid sidecar-signed identity headers (the baseline);
-2. nginx as a reference reverse proxy (keep-alive upstream) in front of the same framework;
+2. nginx as a reference reverse proxy (keep-alive upstream) in front of the same framework,
+   and a naive aiohttp proxy (bench/naive_proxy.py: no auth, the issue's reference point);
 3. ``mtp sidecar`` with JWT bearer auth in front of the same framework (TCP upstream);
 4. then the framework again on a unix socket (the default deployment), with the sidecar and
    nginx in front of it.
@@ -205,7 +206,7 @@ def phase(tmp: Path, upstream: str, seconds: int, conns: int, direct: bool,
     else:
         wait_for_port(int(upstream.rsplit(":", 1)[1]), fw, timeout=30)
         nginx_up = upstream
-    sc_port, ng_port = free_port(), free_port()
+    sc_port, ng_port, nv_port = free_port(), free_port(), free_port()
     sc = start([py, "-m", "framework", "sidecar"], {**env, "MTP_LISTEN": f"127.0.0.1:{sc_port}"},
                tmp / "sidecar.log")
     ndir = tmp / f"nginx-{ng_port}"
@@ -213,10 +214,13 @@ def phase(tmp: Path, upstream: str, seconds: int, conns: int, direct: bool,
     (ndir / "nginx.conf").write_text(NGINX.format(dir=ndir, upstream=nginx_up, port=ng_port))
     ng = start(["nginx", "-p", str(ndir), "-c", str(ndir / "nginx.conf"), "-g", "daemon off;"],
                env, ndir / "stdout.log")
+    nv = start([py, str(ROOT / "bench" / "naive_proxy.py"), str(nv_port), upstream], env,
+               tmp / "naive.log")
     results = []
     try:
         wait_for_port(sc_port, sc, timeout=30)
         wait_for_port(ng_port, ng, timeout=30)
+        wait_for_port(nv_port, nv, timeout=30)
         where = ("unix" if upstream.startswith("unix:") else "tcp") + f", {kind}"
         token = jwt.encode({"sub": "alice", "tenant_id": "bench",
                             "exp": int(time.time()) + 3600}, JWT_SECRET, "HS256")
@@ -227,6 +231,8 @@ def phase(tmp: Path, upstream: str, seconds: int, conns: int, direct: bool,
             runs.append((f"direct ({where})", int(upstream.rsplit(":", 1)[1]), None, conns,
                          fw_tree))
         runs.append((f"nginx -> {where}", ng_port, None, conns, {**fw_tree, "proxy": ng.pid}))
+        runs.append((f"naive aiohttp -> {where}", nv_port, None, conns,
+                     {**fw_tree, "proxy": nv.pid}))
         runs.append((f"sidecar+JWT -> {where}", sc_port, bearer, conns,
                      {**fw_tree, "proxy": sc.pid}))
         # Interleaved rounds, median kept: other load on the machine hits every variant alike.
@@ -246,7 +252,7 @@ def phase(tmp: Path, upstream: str, seconds: int, conns: int, direct: bool,
         results.append(wrk(f"sidecar+JWT -> {where}, 1 conn", sc_port, bearer, light, 1,
                            {**fw_tree, "proxy": sc.pid}))
     finally:
-        for proc in (sc, ng, fw):
+        for proc in (sc, ng, nv, fw):
             stop(proc)
     return results
 
