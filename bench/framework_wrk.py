@@ -1,8 +1,9 @@
 """Framework path vs bare Flask under the same gunicorn (gthread, 2 workers), with wrk.
 
 Both servers run in this one invocation, alternating, so the ratio compares like
-with like on the same machine state. CPU per request is the user+system time of
-the gunicorn process tree (/proc/<pid>/stat, master and workers) over the wrk run
+with like on the same machine state; every round starts fresh server processes.
+CPU per request is the user+system time of the gunicorn process tree
+(/proc/<pid>/stat, master and workers) over the wrk run
 divided by the requests wrk completed. Signed headers are generated just before
 each framework run (the signature window is 30 s; runs are shorter).
 
@@ -119,23 +120,14 @@ def main() -> None:
             targets[label] = [
                 sys.executable, str(ROOT / "bench" / "framework_variant.py"), str(tenant),
                 variant]
-    procs, ports = {}, {}
-    try:
-        for name, cmd in targets.items():
-            port = ports[name] = free_port()
-            if name == "bare":
-                cmd, env = [*cmd, f"127.0.0.1:{port}"], base_env()
-            else:
-                env = base_env(MTP_SIDECAR_SECRET=SECRET, MTP_DATA_DIR=str(tmp / name),
-                               MTP_UPSTREAM=f"127.0.0.1:{port}", MTP_WORKERS="2",
-                               MTP_THREADS=THREADS, MTP_LOG_LEVEL="INFO")
-            procs[name] = spawn(cmd, env, log=tmp / f"{name}.log")
-        for name, proc in procs.items():
-            wait_for_port(ports[name], proc)
-        time.sleep(0.5)
-        path = "/services/ping"
-        results: dict[str, list[dict]] = {name: [] for name in targets}
-        for _ in range(args.rounds):
+    path = "/services/ping"
+    results: dict[str, list[dict]] = {name: [] for name in targets}
+    for round_no in range(args.rounds):
+        # Fresh processes every round: where the scheduler places a server's threads
+        # moves its CPU per request by up to +-150 us here, so the median should sample
+        # placements, not one placement several times.
+        procs, ports = start_all(targets, tmp, round_no)
+        try:
             for name, proc in procs.items():
                 who = {signing.REQUEST_ID: "bench-1", signing.TENANT: "bench",
                        signing.USER: "bench", signing.GROUPS: "", signing.ROLES: "",
@@ -145,10 +137,36 @@ def main() -> None:
                 script = lua_headers(who, tmp / "signed.lua")
                 results[name].append(measure(proc.pid, f"http://127.0.0.1:{ports[name]}{path}",
                                              args.duration, args.connections, script))
-        report(results)
-    finally:
+        finally:
+            for proc in procs.values():
+                stop(proc)
+    report(results)
+
+
+def start_all(targets: dict[str, list[str]], tmp: Path,
+              round_no: int) -> tuple[dict[str, subprocess.Popen], dict[str, int]]:
+    """Start every target on its own port; return once all of them listen."""
+    procs: dict[str, subprocess.Popen] = {}
+    ports: dict[str, int] = {}
+    try:
+        for name, cmd in targets.items():
+            port = ports[name] = free_port()
+            if name == "bare":
+                cmd, env = [*cmd, f"127.0.0.1:{port}"], base_env()
+            else:
+                env = base_env(MTP_SIDECAR_SECRET=SECRET,
+                               MTP_DATA_DIR=str(tmp / f"{name}-{round_no}"),
+                               MTP_UPSTREAM=f"127.0.0.1:{port}", MTP_WORKERS="2",
+                               MTP_THREADS=THREADS, MTP_LOG_LEVEL="INFO")
+            procs[name] = spawn(cmd, env, log=tmp / f"{name}-{round_no}.log")
+        for name, proc in procs.items():
+            wait_for_port(ports[name], proc)
+    except BaseException:
         for proc in procs.values():
             stop(proc)
+        raise
+    time.sleep(0.5)
+    return procs, ports
 
 
 def report(results: dict[str, list[dict]]) -> None:
