@@ -6,6 +6,7 @@ Everything runs in one invocation on this machine, on loopback, with ``wrk --lat
    valid sidecar-signed identity headers (the baseline);
 2. nginx as a reference reverse proxy (keep-alive upstream) in front of the same framework,
    and a naive aiohttp proxy (bench/naive_proxy.py: no auth, the issue's reference point);
+   on unix-socket upstreams also bench/raw_proxy_probe.py (a raw-protocol floor, GET only);
 3. ``mtp sidecar`` with JWT bearer auth in front of the same framework (TCP upstream);
 4. then the framework again on a unix socket (the default deployment), with the sidecar and
    nginx in front of it.
@@ -216,11 +217,17 @@ def phase(tmp: Path, upstream: str, seconds: int, conns: int, direct: bool,
                env, ndir / "stdout.log")
     nv = start([py, str(ROOT / "bench" / "naive_proxy.py"), str(nv_port), upstream], env,
                tmp / "naive.log")
+    probe, pr_port = None, free_port()
+    if upstream.startswith("unix:"):
+        probe = start([py, str(ROOT / "bench" / "raw_proxy_probe.py"), str(pr_port),
+                       upstream[5:]], env, tmp / "probe.log")
     results = []
     try:
         wait_for_port(sc_port, sc, timeout=30)
         wait_for_port(ng_port, ng, timeout=30)
         wait_for_port(nv_port, nv, timeout=30)
+        if probe is not None:
+            wait_for_port(pr_port, probe, timeout=30)
         where = ("unix" if upstream.startswith("unix:") else "tcp") + f", {kind}"
         token = jwt.encode({"sub": "alice", "tenant_id": "bench",
                             "exp": int(time.time()) + 3600}, JWT_SECRET, "HS256")
@@ -233,6 +240,9 @@ def phase(tmp: Path, upstream: str, seconds: int, conns: int, direct: bool,
         runs.append((f"nginx -> {where}", ng_port, None, conns, {**fw_tree, "proxy": ng.pid}))
         runs.append((f"naive aiohttp -> {where}", nv_port, None, conns,
                      {**fw_tree, "proxy": nv.pid}))
+        if probe is not None:
+            runs.append((f"raw probe -> {where}", pr_port, None, conns,
+                         {**fw_tree, "proxy": probe.pid}))
         runs.append((f"sidecar+JWT -> {where}", sc_port, bearer, conns,
                      {**fw_tree, "proxy": sc.pid}))
         # Interleaved rounds, median kept: other load on the machine hits every variant alike.
@@ -252,8 +262,9 @@ def phase(tmp: Path, upstream: str, seconds: int, conns: int, direct: bool,
         results.append(wrk(f"sidecar+JWT -> {where}, 1 conn", sc_port, bearer, light, 1,
                            {**fw_tree, "proxy": sc.pid}))
     finally:
-        for proc in (sc, ng, nv, fw):
-            stop(proc)
+        for proc in (sc, ng, nv, probe, fw):
+            if proc is not None:
+                stop(proc)
     return results
 
 
