@@ -23,7 +23,7 @@ import jwt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ops_overlay import JWT_SECRET, SERVICE, TENANT, Conn
+from ops_overlay import JWT_SECRET, SERVICE, TENANT, Conn, wait_ready
 
 from tests.helpers import base_env, free_port, spawn, stop
 
@@ -55,16 +55,7 @@ def main() -> None:
         proc = spawn([sys.executable, "-m", "framework", "run", "--tenant-dir",
                       str(tmp / "tenant")], env, log=tmp / "run.log")
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    conn = Conn(port)
-                    if conn.get()[0] == 200:
-                        break
-                except OSError:
-                    time.sleep(0.1)
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError((tmp / "run.log").read_text())
+            conn = wait_ready(port, proc, tmp / "run.log")
             before = sum(r["calls"] for r in admin_usage(port)["rows"])
             cmd = ["wrk", "-t2", f"-c{args.connections}", f"-d{args.seconds}s",
                    "-H", conn.headers["Authorization"].join(["Authorization: ", ""]),

@@ -17,6 +17,7 @@ import http.client
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -70,6 +71,20 @@ class Conn:
         return resp.status, resp.read()
 
 
+def wait_ready(port: int, proc: subprocess.Popen, log: Path, timeout: float = 30.0) -> Conn:
+    """A connection to `mtp run` once it answers 200 (its log in the error otherwise)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = Conn(port)
+            if conn.get()[0] == 200:
+                return conn
+        except OSError:
+            time.sleep(0.1)
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(log.read_text())
+
+
 def replace(path: Path, text: str) -> float:
     tmp = path.with_name(".bench.tmp")
     tmp.write_text(text)
@@ -112,16 +127,7 @@ def main() -> None:
         proc = spawn([sys.executable, "-m", "framework", "run", "--tenant-dir",
                       str(tmp / "tenant")], env, log=tmp / "run.log")
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    conn = Conn(port)
-                    if conn.get()[0] == 200:
-                        break
-                except OSError:
-                    time.sleep(0.1)
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError((tmp / "run.log").read_text())
+            conn = wait_ready(port, proc, tmp / "run.log")
             flag, authz = [], []
             for _ in range(args.rounds):
                 flag.append(measure(conn, overlay, "[flags.beta]\nenabled = true\n",
