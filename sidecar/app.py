@@ -12,13 +12,12 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from random import getrandbits
 from typing import Any
 
-from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_urldispatcher import MatchInfoError, UrlMappingMatchInfo
 from prometheus_client import Gauge
 
 from framework.problem import request_id as make_request_id
@@ -35,11 +34,13 @@ from sidecar.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     SidecarError,
     Unavailable,
     UriTooLong,
     render,
 )
+from sidecar.front import BodyTooLarge, Request, Response
 from sidecar.headers import (
     MAX_CLIENT_HEADERS,
     MAX_REQUEST_LINE,
@@ -76,7 +77,7 @@ class Sidecar:
     audit: AuditLog
     metrics: Metrics = field(default_factory=Metrics)
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: Request) -> Response:
         """Answer one request (never raises: every failure becomes problem+json)."""
         started = time.perf_counter()
         given = request.headers.get("X-Request-ID")
@@ -107,7 +108,7 @@ class Sidecar:
                     service, operation = target
                     rule = self._authorize(tenant, principal, service, operation)
                     # Forward exactly the path that was authorized (see service_target).
-                    query = request.rel_url.raw_query_string
+                    query = request.query
                     upstream_path = f"{path}?{query}" if query else path
                 if len(request.method) + len(upstream_path) + 10 > MAX_REQUEST_LINE:
                     raise UriTooLong("request line over the framework's limit")
@@ -120,7 +121,7 @@ class Sidecar:
                 if delay:
                     reason = f"delayed {delay:.3f}s"
                 response = await self._forward(request, principal, rid, upstream_path)
-                response.headers.update(limit_headers)
+                response.headers.extend(limit_headers.items())
         except SidecarError as exc:
             outcome, reason = exc.outcome, exc.reason
             response = render(exc, rid)
@@ -166,20 +167,22 @@ class Sidecar:
                               operation or "", "delayed" if delay else "allowed")
         return limit_headers, slot, delay
 
-    async def _read_body(self, request: web.Request) -> bytes | None:
+    async def _read_body(self, request: Request) -> bytes | None:
         if not request.body_exists:
             return None
         try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
+            return await request.read(self.settings.max_body)
+        except BodyTooLarge:
             raise PayloadTooLarge("body over MTP_MAX_BODY") from None
+        except TimeoutError:
+            raise RequestTimeout("request body too slow") from None
         except (ConnectionError, HttpProcessingError) as exc:
             # The client's doing (it went away mid-body, or sent a broken chunk):
             # not an internal error, and no traceback per dropped connection.
             raise BadRequest(f"body not received: {type(exc).__name__}") from None
 
-    async def _forward(self, request: web.Request, principal: Principal | None, rid: str,
-                       path: str) -> web.Response:
+    async def _forward(self, request: Request, principal: Principal | None, rid: str,
+                       path: str) -> Response:
         body = await self._read_body(request)
         headers = upstream_headers(
             request.headers.items(), identity_headers(principal, rid),
@@ -187,16 +190,15 @@ class Sidecar:
             peer=request.remote or "", proto=request.scheme)
         reply = await self.upstream.send(request.method, path, headers, body)
         answer = response_headers(reply.headers)
-        answer["X-Request-ID"] = rid
+        answer.append(("X-Request-ID", rid))
         if request.method == "HEAD":
-            # No body, but the size a GET would have, not aiohttp's "0" for an empty body.
+            # No body, but the size a GET would have, not "0" for an empty body.
             size = next((v for k, v in reply.headers if k.lower() == "content-length"), "")
-            if size.isascii() and size.isdigit():
-                answer["Content-Length"] = size
-            return web.Response(status=reply.status, headers=answer)
-        return web.Response(status=reply.status, body=reply.body, headers=answer)
+            return Response(reply.status, answer, b"",
+                            size if size.isascii() and size.isdigit() else None)
+        return Response(reply.status, answer, reply.body)
 
-    async def _health(self, path: str, rid: str) -> web.Response:
+    async def _health(self, path: str, rid: str) -> Response:
         """Liveness, or readiness: the framework is ready (its own /readyz) and config loaded."""
         if path == READY:
             try:
@@ -217,11 +219,10 @@ class Sidecar:
             # Degraded limits still serve requests: readiness stays 200 and says so.
             check = getattr(self.limiter.backend, "check", None)
             status["limiter"] = await check() if check is not None else "memory"
-        body = json.dumps(status).encode()
-        return web.Response(body=body, content_type="application/json",
-                            headers={"X-Request-ID": rid})
+        return Response(200, [("Content-Type", "application/json"), ("X-Request-ID", rid)],
+                        json.dumps(status).encode())
 
-    async def _metrics(self, principal: Principal, rid: str) -> web.Response:
+    async def _metrics(self, principal: Principal, rid: str) -> Response:
         """The sidecar's metrics followed by the framework's."""
         text = self.metrics.render()
         try:
@@ -233,11 +234,7 @@ class Sidecar:
                 text += reply.body
         except SidecarError as exc:
             text += f"# framework metrics unavailable: {exc.reason}\n".encode()
-        return web.Response(body=text, headers={"Content-Type": METRICS_TYPE,
-                                                "X-Request-ID": rid})
-
-
-SIDECAR: web.AppKey[Sidecar] = web.AppKey("sidecar", Sidecar)
+        return Response(200, [("Content-Type", METRICS_TYPE), ("X-Request-ID", rid)], text)
 
 
 def _identity_modules(tenant: TenantConfig, settings: Settings) -> dict[str, Any]:
@@ -287,36 +284,40 @@ def degraded_gauge(sidecar: Sidecar) -> None:
         lambda: float(getattr(backend, "degraded", False)))
 
 
-def create_app(settings: Settings, tenant: TenantConfig, *, timeouts: Timeouts | None = None,
-               backend: LimiterBackend | None = None) -> web.Application:
-    """The sidecar as an aiohttp application (config errors raise before it is built)."""
-    settings.require_sidecar_secret()
-    secret = jwt_secret(tenant, settings)
-    public_key = (load_public_key(tenant.jwt.public_key_file)
-                  if tenant.jwt.public_key_file else None)
-    router = CatchAllRouter()
-    app = web.Application(client_max_size=settings.max_body, router=router)
+@dataclass(frozen=True)
+class App:
+    """A sidecar whose configuration was checked; :meth:`started` opens its clients."""
 
-    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+    settings: Settings
+    tenant: TenantConfig
+    jwt_secret: str
+    public_key: Any
+    timeouts: Timeouts | None = None
+    backend: LimiterBackend | None = None
+
+    @asynccontextmanager
+    async def started(self) -> AsyncIterator[Sidecar]:
+        """The running sidecar; its connections, files and watchers close on exit."""
+        settings, tenant = self.settings, self.tenant
         ids = _identity_modules(tenant, settings)
-        tokens = TokenVerifier(tenant.jwt, secret=secret, public_key=public_key, keys=ids["keys"])
+        tokens = TokenVerifier(tenant.jwt, secret=self.jwt_secret, public_key=self.public_key,
+                               keys=ids["keys"])
         sidecar = Sidecar(
             settings=settings, tenant=tenant,
             authenticator=Authenticator(tenant.tenant_id, tokens, ApiKeys(tenant.api_keys),
                                         ids["directory"], ids["unavailable"],
                                         ids["unknown_key"]),
-            limiter=RateLimiter(backend or limiter_backend(settings)),
-            upstream=Upstream(settings, timeouts),
+            limiter=RateLimiter(self.backend or limiter_backend(settings)),
+            upstream=Upstream(settings, self.timeouts),
             audit=AuditLog(settings.audit_file),
         )
-        app[SIDECAR] = sidecar
         degraded_gauge(sidecar)
         await sidecar.upstream.start()
         sidecar.audit.start()
         watcher = OverlayWatcher(settings.config_overlay, tenant, sidecar)
         watcher.start()
         try:
-            yield
+            yield sidecar
         finally:
             await watcher.close()
             await sidecar.upstream.close()
@@ -326,27 +327,12 @@ def create_app(settings: Settings, tenant: TenantConfig, *, timeouts: Timeouts |
             await sidecar.limiter.backend.close()
             await sidecar.audit.close()
 
-    async def handler(request: web.Request) -> web.StreamResponse:
-        return await request.app[SIDECAR].handle(request)
 
-    app.cleanup_ctx.append(lifecycle)
-    # [\s\S], not ".": a decoded "%0A" in the path must reach the handler too (its
-    # 404 is problem+json with a request id; the router's own is plain text).
-    router.catch_all = app.router.add_route("*", r"/{tail:[\s\S]*}", handler)
-    return app
-
-
-class CatchAllRouter(web.UrlDispatcher):
-    """Every request reaches the one handler, also targets no path pattern can match.
-
-    ``OPTIONS *`` and ``CONNECT host:port`` have no leading slash, so aiohttp's own
-    router would answer them with its plain-text 404, without a request id.
-    """
-
-    catch_all: web.AbstractRoute | None = None
-
-    async def resolve(self, request: web.Request) -> UrlMappingMatchInfo:
-        info = await super().resolve(request)
-        if isinstance(info, MatchInfoError) and self.catch_all is not None:
-            return UrlMappingMatchInfo({"tail": ""}, self.catch_all)
-        return info
+def create_app(settings: Settings, tenant: TenantConfig, *, timeouts: Timeouts | None = None,
+               backend: LimiterBackend | None = None) -> App:
+    """The sidecar, checked (config errors raise here, before anything listens)."""
+    settings.require_sidecar_secret()
+    secret = jwt_secret(tenant, settings)
+    public_key = (load_public_key(tenant.jwt.public_key_file)
+                  if tenant.jwt.public_key_file else None)
+    return App(settings, tenant, secret, public_key, timeouts, backend)

@@ -47,5 +47,4 @@ def sidecar(tenant_dir: str | None) -> None:
         shown = f"http://{where[0]}:{where[1]}"
     click.echo(f"mtp sidecar: tenant {tenant.tenant_id} on {shown} -> {settings.upstream_url} "
                f"({loop_name})", err=True)
-    # web.run_app's own, but its answers to unparsable requests quote nothing back.
     run(app, shutdown_timeout=SHUTDOWN_SECONDS, **target)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import math
 
-from aiohttp import web
-
-from framework.problem import CONTENT_TYPE, problem_bytes
+from sidecar.front import Response, problem_response
 
 
 class SidecarError(Exception):
@@ -73,6 +71,12 @@ class PayloadTooLarge(SidecarError):
     outcome = "too_large"
 
 
+class RequestTimeout(SidecarError):
+    status = 408
+    detail = "the request body did not arrive in time"
+    outcome = "bad_request"
+
+
 class UriTooLong(SidecarError):
     status = 414
     detail = "request target too long"
@@ -120,9 +124,7 @@ class GatewayTimeout(SidecarError):
     outcome = "upstream_timeout"
 
 
-def render(exc: SidecarError, request_id: str, extra: dict[str, str] | None = None) -> web.Response:
+def render(exc: SidecarError, request_id: str) -> Response:
     """The problem+json answer for ``exc``; carries X-Request-ID and the error's headers."""
-    headers = {"X-Request-ID": request_id, **exc.headers, **(extra or {})}
-    return web.Response(status=exc.status, headers=headers,
-                        body=problem_bytes(exc.status, exc.detail, request_id, kind=exc.kind),
-                        content_type=CONTENT_TYPE)
+    return problem_response(exc.status, exc.detail, request_id, kind=exc.kind,
+                            headers=exc.headers)

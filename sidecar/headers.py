@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from multidict import CIMultiDict
-
 from framework import signing
 from sidecar.principal import Principal
 
@@ -30,7 +28,8 @@ STRIPPED = HOP_BY_HOP | frozenset({
 })
 STRIPPED_PREFIXES = ("x-tenant-", "x-user-", "x-auth-", "x-sidecar-", "x-forwarded-", "proxy-")
 # Headers the framework's answer must not pass back as they are (the sidecar sets its own).
-RESPONSE_DROPPED = HOP_BY_HOP | frozenset({"content-length", "date", "server"})
+RESPONSE_DROPPED = HOP_BY_HOP | frozenset({"content-length", "date", "server",
+                                           "x-request-id"})
 
 # gunicorn refuses a request line over 4094 bytes or more than 100 header fields with
 # an HTML page (limit_request_line, limit_request_fields); the sidecar refuses such
@@ -113,13 +112,8 @@ def upstream_headers(client: Iterable[tuple[str, str]], identity: dict[str, str]
     return out
 
 
-def response_headers(upstream: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+def response_headers(upstream: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """The framework's answer headers that are passed on to the client."""
-    items = list(upstream)
-    extra = connection_named(items)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in items:
-        n = normal(name)
-        if n not in RESPONSE_DROPPED and n not in extra:
-            out.add(name, value)
-    return out
+    extra = connection_named(upstream)
+    return [(name, value) for name, value in upstream
+            if (n := normal(name)) not in RESPONSE_DROPPED and n not in extra]

@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 
 from framework.settings import Settings
 from framework.tenant_config import ConfigError, parse_tenant
-from sidecar.app import create_app
+from sidecar.app import App, Sidecar, create_app
+from sidecar.front import serve
 from sidecar.http1 import Pool, ProtocolViolation, TooLarge, UpstreamClosed, encode_request
 from sidecar.proxy import Timeouts
 from tests.sidecar.support import JWT_SECRET, SIDECAR_SECRET, token
@@ -191,10 +191,22 @@ def test_encode_request() -> None:
     assert encode_request("PUT", "/a", "h", [], b"xy").endswith(b"Content-Length: 2\r\n\r\nxy")
 
 
-async def _client(app: web.Application) -> TestClient:
-    client = TestClient(TestServer(app))
-    await client.start_server()
-    return client
+@contextlib.asynccontextmanager
+async def serving(app: App, sock: Path) -> AsyncIterator[tuple[Sidecar, aiohttp.ClientSession]]:
+    """The sidecar served on a unix socket, and a client session to it."""
+    async with app.started() as sidecar:
+        stop = asyncio.Event()
+        task = asyncio.create_task(serve(sidecar.handle, shutdown_timeout=1, path=str(sock),
+                                         stop=stop))
+        while not sock.exists():
+            await asyncio.sleep(0.01)
+        session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock)))
+        try:
+            yield sidecar, session
+        finally:
+            await session.close()
+            stop.set()
+            await task
 
 
 def test_slow_framework_is_504_and_unexpected_errors_are_500(tmp_path: Path) -> None:
@@ -205,27 +217,23 @@ def test_slow_framework_is_504_and_unexpected_errors_are_500(tmp_path: Path) -> 
         server = await raw_upstream(tmp_path / "u.sock", slow)
         app = create_app(settings_for(tmp_path / "u.sock"), TENANT,
                          timeouts=Timeouts(connect=1, read=0.3))
-        client = await _client(app)
         try:
-            auth = {"Authorization": f"Bearer {token()}"}
-            r = await client.get("/services/hello", headers=auth)
-            assert r.status == 504
-            doc = json.loads(await r.read())
-            assert doc["detail"] == "the framework did not answer in time"
-            # A stage that breaks unexpectedly: 500 problem with an error id, no traceback.
-            from sidecar.app import SIDECAR
+            async with serving(app, tmp_path / "s.sock") as (sidecar, client):
+                auth = {"Authorization": f"Bearer {token()}"}
+                r = await client.get("http://sidecar/services/hello", headers=auth)
+                assert r.status == 504
+                doc = json.loads(await r.read())
+                assert doc["detail"] == "the framework did not answer in time"
 
-            sidecar = app[SIDECAR]
+                # A stage that breaks unexpectedly: 500 problem with an error id, no traceback.
+                async def broken(*_a, **_k):
+                    raise RuntimeError("boom")
 
-            async def broken(*_a, **_k):
-                raise RuntimeError("boom")
-
-            sidecar.limiter.admit = broken  # type: ignore[method-assign]
-            r = await client.get("/services/hello", headers=auth)
-            body = await r.text()
-            assert r.status == 500 and "boom" not in body and "internal error" in body
+                sidecar.limiter.admit = broken  # type: ignore[method-assign]
+                r = await client.get("http://sidecar/services/hello", headers=auth)
+                body = await r.text()
+                assert r.status == 500 and "boom" not in body and "internal error" in body
         finally:
-            await client.close()
             server.close()
 
     run(go())
@@ -265,37 +273,8 @@ def test_connections_to_the_framework_are_capped(tmp_path: Path, monkeypatch) ->
     assert busy["max"] == 1
 
 
-def test_quiet_server_answers_a_raising_handler_with_a_problem(tmp_path: Path) -> None:
-    from sidecar.server import serve
-
-    async def broken(_request: web.Request) -> web.Response:
-        raise RuntimeError("secret detail")
-
-    async def go() -> tuple[int, str, dict]:
-        app = web.Application()
-        app.router.add_get("/", broken)
-        sock = tmp_path / "s.sock"
-        task = asyncio.create_task(serve(app, shutdown_timeout=1, path=str(sock)))
-        while not sock.exists():
-            await asyncio.sleep(0.01)
-        reader, writer = await asyncio.open_unix_connection(str(sock))
-        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        answer = await reader.read()
-        writer.close()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        head, _, body = answer.partition(b"\r\n\r\n")
-        return int(head.split()[1]), head.decode(), json.loads(body)
-
-    status, head, doc = run(go())
-    assert status == 500 and "application/problem+json" in head
-    assert doc["status"] == 500 and "secret" not in json.dumps(doc)
-    assert f"X-Request-ID: {doc['request_id']}" in head
-
-
 def test_readyz_asks_the_frameworks_readiness_not_its_liveness(tmp_path: Path) -> None:
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def framework(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         # A framework that is alive but not ready (its job store is unusable).
         status = b"503 Service Unavailable" if head.startswith(b"GET /readyz ") else b"200 OK"
@@ -304,12 +283,36 @@ def test_readyz_asks_the_frameworks_readiness_not_its_liveness(tmp_path: Path) -
         writer.close()
 
     async def go() -> tuple[int, int]:
-        server = await asyncio.start_unix_server(serve, path=str(tmp_path / "u.sock"))
-        client = await _client(create_app(settings_for(tmp_path / "u.sock"), TENANT))
+        server = await asyncio.start_unix_server(framework, path=str(tmp_path / "u.sock"))
+        app = create_app(settings_for(tmp_path / "u.sock"), TENANT)
         try:
-            return ((await client.get("/readyz")).status, (await client.get("/healthz")).status)
+            async with serving(app, tmp_path / "s.sock") as (_sidecar, client):
+                return ((await client.get("http://sidecar/readyz")).status,
+                        (await client.get("http://sidecar/healthz")).status)
         finally:
-            await client.close()
             server.close()
 
     assert run(go()) == (503, 200)
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408(tmp_path: Path, monkeypatch) -> None:
+    from sidecar import front
+
+    monkeypatch.setattr(front, "BODY_TIMEOUT", 0.2)
+
+    async def go() -> tuple[int, dict]:
+        server = await raw_upstream(tmp_path / "u.sock", fixed(b"HTTP/1.1 200 OK\r\n\r\n"))
+        app = create_app(settings_for(tmp_path / "u.sock"), TENANT)
+        try:
+            async with serving(app, tmp_path / "s.sock") as _:
+                reader, writer = await asyncio.open_unix_connection(str(tmp_path / "s.sock"))
+                writer.write(f"POST /services/hello HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                             f"Bearer {token()}\r\nContent-Length: 10\r\n\r\nabc".encode())
+                head, _, body = (await asyncio.wait_for(reader.read(), 5)).partition(b"\r\n\r\n")
+                writer.close()
+                return int(head.split()[1]), json.loads(body)
+        finally:
+            server.close()
+
+    status, doc = run(go())
+    assert status == 408 and doc["detail"] == "the request body did not arrive in time"

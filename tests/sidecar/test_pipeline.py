@@ -268,5 +268,5 @@ def test_audit_lines_have_decisions_and_no_secrets(stack: Stack) -> None:
 ])
 def test_targets_that_are_not_paths_get_a_problem_with_a_request_id(
         stack: Stack, method: str, target: str, status: int) -> None:
-    # Without the catch-all router these were aiohttp's plain-text 404, no request id.
+    # aiohttp's router answered these with a plain-text 404 without a request id.
     assert_problem(stack.call(method, target, bearer(token())), status)
