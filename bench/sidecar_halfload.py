@@ -14,6 +14,9 @@
    the rate each actually reached (reported, since the pacing is only approximate).
 
 The issue's target is an added p50 under 1 ms at half load.
+
+With ``MTP_BENCH_COMPARE=/path/to/another/checkout`` a second sidecar, run from that
+checkout, is measured in the same rounds at the same rate (an A/B of two versions).
 """
 
 from __future__ import annotations
@@ -83,9 +86,17 @@ def main() -> None:
     fw = start([py, "-m", "framework", "framework"], env, tmp / "framework.log")
     sc = start([py, "-m", "framework", "sidecar"], {**env, "MTP_LISTEN": f"127.0.0.1:{sc_port}"},
                tmp / "sidecar.log")
+    other = os.environ.get("MTP_BENCH_COMPARE", "")
+    other_port = free_port()
+    # "python -m" imports from the working directory first: that checkout's sidecar.
+    procs = [sc, fw] + ([start([py, "-m", "framework", "sidecar"],
+                               {**env, "MTP_LISTEN": f"127.0.0.1:{other_port}"},
+                               tmp / "other.log", cwd=other)] if other else [])
     try:
         wait_for_port(fw_port, fw, timeout=30)
         wait_for_port(sc_port, sc, timeout=30)
+        if other:
+            wait_for_port(other_port, procs[2], timeout=30)
         token = jwt.encode({"sub": "alice", "tenant_id": "bench",
                             "exp": int(time.time()) + 3600}, JWT_SECRET, "HS256")
         bearer = {"Authorization": f"Bearer {token}"}
@@ -99,13 +110,15 @@ def main() -> None:
         latency_ms = CONNS * 1000 / reached - delay
         delay = max(1, round(CONNS * 1000 / target - latency_ms))
         paths = {"direct": (fw_port, None), "sidecar+JWT": (sc_port, bearer)}
+        if other:
+            paths[f"sidecar+JWT from {other}"] = (other_port, bearer)
         got: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
         for _ in range(rounds):
             for name, (port, headers) in paths.items():
                 got[name].append(run_wrk(port, headers or signed_headers(), seconds, CONNS,
                                          delay, tmp))
     finally:
-        for proc in (sc, fw):
+        for proc in procs:
             stop(proc)
     med = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
            for name, runs in got.items()}

@@ -14,7 +14,9 @@ Everything runs in one invocation on this machine, on loopback, with ``wrk --lat
 For each: requests/s, p50/p99 latency, CPU time per request of each process tree (utime +
 stime of the process and its descendants, from /proc), and the ratio to direct. A second,
 light pass (1 connection) gives the latency the sidecar adds when it is not saturated.
-Usage: ``bench/sidecar_wrk.sh [seconds] [connections]``.
+Usage: ``bench/sidecar_wrk.sh [seconds] [connections]``. With
+``MTP_BENCH_COMPARE=/path/to/another/checkout``, the sidecar of that checkout runs in
+the same rounds too ("compared sidecar"): an A/B of two versions.
 """
 
 from __future__ import annotations
@@ -162,10 +164,11 @@ def signed_headers() -> dict[str, str]:
     return {**ident, **signing.sign(SIDECAR_SECRET.encode(), "GET", PATH, ident)}
 
 
-def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+def start(args: list[str], env: dict[str, str], log: Path,
+          cwd: str | None = None) -> subprocess.Popen:
     with open(log, "ab") as out:
         return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, cwd=cwd)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -217,6 +220,12 @@ def phase(tmp: Path, upstream: str, seconds: int, conns: int, direct: bool,
                env, ndir / "stdout.log")
     nv = start([py, str(ROOT / "bench" / "naive_proxy.py"), str(nv_port), upstream], env,
                tmp / "naive.log")
+    other, ot_port = None, free_port()
+    if os.environ.get("MTP_BENCH_COMPARE"):
+        # "python -m" imports from the working directory first: that checkout's sidecar.
+        other = start([py, "-m", "framework", "sidecar"],
+                      {**env, "MTP_LISTEN": f"127.0.0.1:{ot_port}"}, tmp / "other.log",
+                      cwd=os.environ["MTP_BENCH_COMPARE"])
     probe, pr_port = None, free_port()
     if upstream.startswith("unix:"):
         probe = start([py, str(ROOT / "bench" / "raw_proxy_probe.py"), str(pr_port),
@@ -228,6 +237,8 @@ def phase(tmp: Path, upstream: str, seconds: int, conns: int, direct: bool,
         wait_for_port(nv_port, nv, timeout=30)
         if probe is not None:
             wait_for_port(pr_port, probe, timeout=30)
+        if other is not None:
+            wait_for_port(ot_port, other, timeout=30)
         where = ("unix" if upstream.startswith("unix:") else "tcp") + f", {kind}"
         token = jwt.encode({"sub": "alice", "tenant_id": "bench",
                             "exp": int(time.time()) + 3600}, JWT_SECRET, "HS256")
@@ -245,6 +256,9 @@ def phase(tmp: Path, upstream: str, seconds: int, conns: int, direct: bool,
                          {**fw_tree, "proxy": probe.pid}))
         runs.append((f"sidecar+JWT -> {where}", sc_port, bearer, conns,
                      {**fw_tree, "proxy": sc.pid}))
+        if other is not None:
+            runs.append((f"compared sidecar+JWT -> {where}", ot_port, bearer, conns,
+                         {**fw_tree, "proxy": other.pid}))
         # Interleaved rounds, median kept: other load on the machine hits every variant alike.
         rounds: dict[str, list[Result]] = {name: [] for name, *_ in runs}
         for _ in range(ROUNDS):
@@ -262,7 +276,7 @@ def phase(tmp: Path, upstream: str, seconds: int, conns: int, direct: bool,
         results.append(wrk(f"sidecar+JWT -> {where}, 1 conn", sc_port, bearer, light, 1,
                            {**fw_tree, "proxy": sc.pid}))
     finally:
-        for proc in (sc, ng, nv, probe, fw):
+        for proc in (sc, other, ng, nv, probe, fw):
             if proc is not None:
                 stop(proc)
     return results

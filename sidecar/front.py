@@ -110,7 +110,7 @@ class Request:
     def content_length(self) -> int | None:
         """The declared body size (None when absent or chunked)."""
         value = self.headers.get("Content-Length")
-        return int(value) if value is not None and value.isdigit() else None
+        return int(value) if value is not None and value.isascii() and value.isdigit() else None
 
     @property
     def body_exists(self) -> bool:
@@ -240,9 +240,10 @@ class HttpConnection(BaseProtocol):
             response = problem_response(500, "the request could not be handled", rid)
         finally:
             self._current = None
-        # A body left unread (refused before reading) cannot be skipped safely: close.
+        # A body left unread (refused before reading) cannot be skipped safely, and after
+        # an Upgrade or CONNECT request the parser reads no more HTTP: close.
         close = (message.should_close or self.front.stopping or self._closing
-                 or not payload.is_eof())
+                 or not payload.is_eof() or message.upgrade or message.method == "CONNECT")
         self._write(response, head=message.method == "HEAD", close=close,
                     keep_alive_10=message.version < (1, 1) and not close)
         if close:
@@ -288,7 +289,8 @@ class HttpConnection(BaseProtocol):
         if close:
             transport.close()
 
-    def _close(self) -> None:
+    def close(self) -> None:
+        """Close the connection (what the transport holds is still sent)."""
         self._closing = True
         if self.transport is not None:
             self.transport.close()
@@ -299,7 +301,7 @@ class HttpConnection(BaseProtocol):
             return
         if (self.head_since and now - self.head_since > HEAD_TIMEOUT) or (
                 now - self.idle_since > KEEPALIVE):
-            self._close()
+            self.close()
 
 
 def problem_response(status: int, detail: str, rid: str, *, kind: str | None = None,
@@ -346,7 +348,7 @@ class Front:
         self.stopping = True
         for conn in list(self.connections):
             if not conn.busy:
-                conn._close()
+                conn.close()
         deadline = self.loop.time() + timeout
         while any(c.busy for c in self.connections) and self.loop.time() < deadline:
             await asyncio.sleep(0.05)

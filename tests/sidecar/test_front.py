@@ -149,6 +149,16 @@ def test_head_reports_the_get_length_and_204_has_none(tmp_path: Path) -> None:
     assert answers[1][0] == 204 and b"Content-Length" not in answers[1][2]
 
 
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443\r\n\r\n",
+])
+def test_after_upgrade_or_connect_the_connection_closes(tmp_path: Path,
+                                                         request_bytes: bytes) -> None:
+    [(status, headers, _)], rest = exchange(tmp_path, request_bytes)
+    assert status == 200 and headers["connection"] == "close" and rest == b""
+
+
 def test_unknown_status_still_has_a_status_line(tmp_path: Path) -> None:
     [(status, _, _)], _ = exchange(
         tmp_path, b"GET /odd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
