@@ -195,7 +195,7 @@ class Sidecar:
             # No body, but the size a GET would have, not "0" for an empty body.
             size = next((v for k, v in reply.headers if k.lower() == "content-length"), "")
             return Response(reply.status, answer, b"",
-                            size if size.isascii() and size.isdigit() else None)
+                            size if size.isascii() and size.isdigit() else "")
         return Response(reply.status, answer, reply.body)
 
     async def _health(self, path: str, rid: str) -> Response:

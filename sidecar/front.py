@@ -56,7 +56,7 @@ class Response:
     """A complete answer: status, headers (name, value) and body.
 
     ``head_length`` is the Content-Length a HEAD answer reports (the body a GET
-    would have), since a HEAD answer's body is empty.
+    would have), since a HEAD answer's body is empty; "" reports none (size unknown).
     """
 
     __slots__ = ("body", "head_length", "headers", "status")
@@ -271,8 +271,10 @@ class HttpConnection(BaseProtocol):
             lines.append(f"{name}: {value}\r\n")
         body = response.body
         if status not in NO_BODY and status >= 200:
-            length = response.head_length if head and response.head_length else len(body)
-            lines.append(f"Content-Length: {length}\r\n")
+            if not head or response.head_length is None:
+                lines.append(f"Content-Length: {len(body)}\r\n")
+            elif response.head_length:  # "": the size is not known, and none is claimed
+                lines.append(f"Content-Length: {response.head_length}\r\n")
         if close:
             lines.append("Connection: close\r\n\r\n")
         elif keep_alive_10:

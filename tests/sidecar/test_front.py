@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -43,8 +44,9 @@ async def echo(request: Request) -> Response:
     doc = {"method": request.method, "path": request.path, "raw": request.raw_path,
            "query": request.query, "remote": request.remote, "body": body.decode(),
            "length": request.content_length}
+    head_length = {"/h": "1234", "/unknown": ""}.get(request.path)
     return Response(200, [("Content-Type", "application/json")], json.dumps(doc).encode(),
-                    head_length="1234" if request.method == "HEAD" else None)
+                    head_length=head_length if request.method == "HEAD" else None)
 
 
 seen: list[str] = []
@@ -143,10 +145,15 @@ def test_unparsable_requests_get_a_problem_that_quotes_nothing(
 
 def test_head_reports_the_get_length_and_204_has_none(tmp_path: Path) -> None:
     answers, _ = exchange(tmp_path, b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\n",
-                          b"GET /empty HTTP/1.1\r\nHost: x\r\n\r\n", answers=2, head=True,
+                          b"HEAD /unknown HTTP/1.1\r\nHost: x\r\n\r\n",
+                          b"HEAD /own HTTP/1.1\r\nHost: x\r\n\r\n",
+                          b"GET /empty HTTP/1.1\r\nHost: x\r\n\r\n", answers=4, head=True,
                           wait=0)
     assert answers[0][0] == 200 and b"Content-Length: 1234\r\n" in answers[0][2]
-    assert answers[1][0] == 204 and b"Content-Length" not in answers[1][2]
+    assert answers[1][0] == 200 and b"Content-Length" not in answers[1][2]
+    # An answer of the sidecar's own (no head_length): the size of the body it built.
+    assert re.search(rb"\r\nContent-Length: [1-9][0-9]*\r\n", answers[2][2])
+    assert answers[3][0] == 204 and b"Content-Length" not in answers[3][2]
 
 
 @pytest.mark.parametrize("request_bytes", [

@@ -316,3 +316,24 @@ def test_a_body_that_does_not_arrive_in_time_is_408(tmp_path: Path, monkeypatch)
 
     status, doc = run(go())
     assert status == 408 and doc["detail"] == "the request body did not arrive in time"
+
+
+def test_head_without_a_known_size_claims_none(tmp_path: Path) -> None:
+    async def go() -> bytes:
+        server = await raw_upstream(tmp_path / "u.sock", fixed(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n"))
+        app = create_app(settings_for(tmp_path / "u.sock"), TENANT)
+        try:
+            async with serving(app, tmp_path / "s.sock") as _:
+                reader, writer = await asyncio.open_unix_connection(str(tmp_path / "s.sock"))
+                writer.write(f"HEAD /services/hello HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                             f"Bearer {token()}\r\n\r\n".encode())
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                writer.close()
+                return head
+        finally:
+            server.close()
+
+    head = run(go()).lower()
+    assert head.startswith(b"http/1.1 200") and b"content-type: text/plain" in head
+    assert b"content-length" not in head and b"transfer-encoding" not in head
