@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -295,45 +296,43 @@ def test_readyz_asks_the_frameworks_readiness_not_its_liveness(tmp_path: Path) -
     assert run(go()) == (503, 200)
 
 
+def through_sidecar(tmp_path: Path, upstream_answer: bytes, request: str) -> tuple[bytes, bytes]:
+    """Send ``request`` (raw, a bearer token added) to an in-process sidecar; its head, body."""
+    async def go() -> tuple[bytes, bytes]:
+        server = await raw_upstream(tmp_path / "u.sock", fixed(upstream_answer))
+        app = create_app(settings_for(tmp_path / "u.sock"), TENANT)
+        try:
+            async with serving(app, tmp_path / "s.sock") as _:
+                reader, writer = await asyncio.open_unix_connection(str(tmp_path / "s.sock"))
+                line, _, rest = request.partition("\r\n")
+                writer.write(f"{line}\r\nAuthorization: Bearer {token()}\r\n{rest}".encode())
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                size = re.search(rb"\r\ncontent-length: (\d+)", head.lower())
+                body = await reader.readexactly(int(size.group(1))) if size else b""
+                writer.close()
+                return head, body
+        finally:
+            server.close()
+
+    return run(go())
+
+
 def test_a_body_that_does_not_arrive_in_time_is_408(tmp_path: Path, monkeypatch) -> None:
     from sidecar import front
 
     monkeypatch.setattr(front, "BODY_TIMEOUT", 0.2)
-
-    async def go() -> tuple[int, dict]:
-        server = await raw_upstream(tmp_path / "u.sock", fixed(b"HTTP/1.1 200 OK\r\n\r\n"))
-        app = create_app(settings_for(tmp_path / "u.sock"), TENANT)
-        try:
-            async with serving(app, tmp_path / "s.sock") as _:
-                reader, writer = await asyncio.open_unix_connection(str(tmp_path / "s.sock"))
-                writer.write(f"POST /services/hello HTTP/1.1\r\nHost: x\r\nAuthorization: "
-                             f"Bearer {token()}\r\nContent-Length: 10\r\n\r\nabc".encode())
-                head, _, body = (await asyncio.wait_for(reader.read(), 5)).partition(b"\r\n\r\n")
-                writer.close()
-                return int(head.split()[1]), json.loads(body)
-        finally:
-            server.close()
-
-    status, doc = run(go())
-    assert status == 408 and doc["detail"] == "the request body did not arrive in time"
+    head, body = through_sidecar(tmp_path, b"HTTP/1.1 200 OK\r\n\r\n",
+                                 "POST /services/hello HTTP/1.1\r\nHost: x\r\n"
+                                 "Content-Length: 10\r\n\r\nabc")
+    assert head.startswith(b"HTTP/1.1 408 ")
+    assert json.loads(body)["detail"] == "the request body did not arrive in time"
 
 
 def test_head_without_a_known_size_claims_none(tmp_path: Path) -> None:
-    async def go() -> bytes:
-        server = await raw_upstream(tmp_path / "u.sock", fixed(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n"))
-        app = create_app(settings_for(tmp_path / "u.sock"), TENANT)
-        try:
-            async with serving(app, tmp_path / "s.sock") as _:
-                reader, writer = await asyncio.open_unix_connection(str(tmp_path / "s.sock"))
-                writer.write(f"HEAD /services/hello HTTP/1.1\r\nHost: x\r\nAuthorization: "
-                             f"Bearer {token()}\r\n\r\n".encode())
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-                writer.close()
-                return head
-        finally:
-            server.close()
-
-    head = run(go()).lower()
+    head, _ = through_sidecar(
+        tmp_path,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n",
+        "HEAD /services/hello HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = head.lower()
     assert head.startswith(b"http/1.1 200") and b"content-type: text/plain" in head
     assert b"content-length" not in head and b"transfer-encoding" not in head
