@@ -16,6 +16,7 @@ run() {  # name, command...
 run framework    $PY bench/framework_wrk.py --duration 5 --rounds 3 --breakdown
 run dispatch     $PY bench/dispatch_micro.py
 run sidecar      bench/sidecar_wrk.sh 5 32
+run sidecar-py   $PY bench/sidecar_micro.py 20000
 run halfload     $PY bench/sidecar_halfload.py 5 1
 run limiter      $PY bench/limiter_micro.py
 run scale-limit  $PY bench/scale_limiter.py
