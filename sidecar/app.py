@@ -14,7 +14,6 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from random import getrandbits
 from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
@@ -80,10 +79,7 @@ class Sidecar:
     async def handle(self, request: Request) -> Response:
         """Answer one request (never raises: every failure becomes problem+json)."""
         started = time.perf_counter()
-        given = request.headers.get("X-Request-ID")
-        # 128 random bits in hex, like uuid4().hex, without a getrandom() system call per
-        # request: an id only correlates log lines (a client may choose its own anyway).
-        rid = make_request_id(given) if given else f"{getrandbits(128):032x}"
+        rid = make_request_id(request.headers.get("X-Request-ID"))
         path = request.path
         if path[:1] != "/":  # "*" (OPTIONS) or "host:port" (CONNECT): nothing to proxy
             return render(NotFound("the request target is not a path"), rid)

@@ -28,15 +28,13 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from http import HTTPStatus
-from random import getrandbits
-from typing import Any
 
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http import HttpProcessingError, HttpRequestParser, RawRequestMessage
 from aiohttp.streams import EmptyStreamReader, StreamReader
 from multidict import CIMultiDictProxy
 
-from framework.problem import CONTENT_TYPE, problem_bytes
+from framework.problem import CONTENT_TYPE, problem_bytes, request_id
 
 log = logging.getLogger("mtp.sidecar")
 
@@ -216,7 +214,7 @@ class HttpConnection(BaseProtocol):
                 if self._buffer_paused and len(self._queue) < MAX_QUEUED // 2:
                     self._resume_reading_for_buffer()
                 if isinstance(message, _Refused):
-                    rid = f"{getrandbits(128):032x}"
+                    rid = request_id(None)
                     log.info("request %s refused by the HTTP parser", rid)
                     self._write(problem_response(message.status, "the request is not valid HTTP",
                                                  rid), head=False, close=True)
@@ -235,7 +233,7 @@ class HttpConnection(BaseProtocol):
         try:
             response = await self.front.handler(Request(message, payload, self))
         except Exception:
-            rid = f"{getrandbits(128):032x}"
+            rid = request_id(None)
             log.exception("request %s failed", rid)
             response = problem_response(500, "the request could not be handled", rid)
         finally:
@@ -360,20 +358,14 @@ class Front:
 
 
 async def serve(handler: Handler, *, shutdown_timeout: float, host: str = "", port: int = 0,
-                path: str = "", ready: Callable[[Any], None] | None = None,
-                stop: asyncio.Event | None = None) -> None:
-    """Serve ``handler`` on ``path`` (unix socket) or ``host:port`` until ``stop`` is set.
-
-    ``ready`` is called with the listening server (tests read its port from it).
-    """
+                path: str = "", stop: asyncio.Event | None = None) -> None:
+    """Serve ``handler`` on ``path`` (unix socket) or ``host:port`` until ``stop`` is set."""
     loop = asyncio.get_running_loop()
     front = Front(handler, loop)
     server = await (loop.create_unix_server(front, path, backlog=1024) if path
                     else loop.create_server(front, host, port, backlog=1024,
                                             reuse_address=True))
     sweeper = loop.create_task(front.sweep())
-    if ready is not None:
-        ready(server)
     try:
         await (stop or asyncio.Event()).wait()
     finally:

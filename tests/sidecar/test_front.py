@@ -14,8 +14,10 @@ import pytest
 
 from sidecar import front
 from sidecar.front import BodyTooLarge, Request, Response, serve
+from tests.helpers import free_port, wait_for_port
 
 SECRET = "sekrit-token-value"
+seen: list[str] = []  # what the echo handler noticed beyond its answer
 
 
 async def echo(request: Request) -> Response:
@@ -48,8 +50,6 @@ async def echo(request: Request) -> Response:
     return Response(200, [("Content-Type", "application/json")], json.dumps(doc).encode(),
                     head_length=head_length if request.method == "HEAD" else None)
 
-
-seen: list[str] = []
 
 
 @contextlib.asynccontextmanager
@@ -306,12 +306,10 @@ def test_stop_lets_the_request_in_flight_finish_and_closes_idle_connections(
 def test_tcp_listener_reports_the_peer_address(tmp_path: Path) -> None:
     async def go() -> dict:
         stop = asyncio.Event()
-        servers: list = []
-        task = asyncio.create_task(serve(echo, shutdown_timeout=1, host="127.0.0.1", port=0,
-                                         ready=servers.append, stop=stop))
-        while not servers:
-            await asyncio.sleep(0.01)
-        port = servers[0].sockets[0].getsockname()[1]
+        port = free_port()
+        task = asyncio.create_task(serve(echo, shutdown_timeout=1, host="127.0.0.1", port=port,
+                                         stop=stop))
+        await asyncio.to_thread(wait_for_port, port)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /t HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         _, _, body = await read_answer(reader)
