@@ -25,6 +25,8 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 NO_BODY_STATUSES = frozenset({204, 304})
 HEX_DIGITS = b"0123456789abcdefABCDEF"
 
+_FRAMING_LENGTHS = frozenset(map(len, ("content-length", "transfer-encoding", "connection")))
+
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_TRAILER, _UNTIL_CLOSE, _DONE = range(7)
 
 
@@ -60,6 +62,11 @@ class Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[Reply] | None = None
         self._state = _DONE
         self._head_only = False
+        # The read deadline of the request in flight. One timer per connection checks
+        # it and re-arms itself only while a request is running: a timer per request
+        # (call_later + cancel) cost more than the rest of the pool's bookkeeping.
+        self.deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -80,16 +87,26 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._state == _UNTIL_CLOSE:
             self._finish(bytes(self._buf))
         elif self._state != _DONE:
             self._fail(UpstreamClosed("upstream closed the connection"))
 
     # requests
-    def send(self, request: bytes, head_only: bool) -> asyncio.Future[Reply]:
-        """Write one request; the future resolves to (status, headers, body)."""
+    def send(self, request: bytes, head_only: bool, timeout: float) -> asyncio.Future[Reply]:
+        """Write one request; the future resolves to (status, headers, body).
+
+        With no complete answer within ``timeout`` seconds it fails with TimeoutError
+        and the connection is closed.
+        """
         assert self.transport is not None
         self._waiter = self.loop.create_future()
+        self.deadline = self.loop.time() + timeout
+        if self._timer is None:
+            self._timer = self.loop.call_at(self.deadline, self._check_deadline)
         self._state = _HEAD
         self._head_only = head_only
         self._buf.clear()
@@ -97,6 +114,15 @@ class Connection(asyncio.Protocol):
         self.used += 1
         self.transport.write(request)
         return self._waiter
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        if self._state == _DONE:
+            return  # idle: the next request arms the timer again
+        if self.loop.time() >= self.deadline:
+            self._fail(TimeoutError("upstream read timeout"))
+        else:  # an earlier request's timer: wait for this request's deadline
+            self._timer = self.loop.call_at(self.deadline, self._check_deadline)
 
     def close(self) -> None:
         self.closed = True
@@ -150,39 +176,40 @@ class Connection(asyncio.Protocol):
             self._chunks()
 
     def _start(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        version, _, rest = lines[0].partition(b" ")
+        lines = head.decode("latin-1").split("\r\n")
+        version, _, rest = lines[0].partition(" ")
         code = rest[:3]
-        if not version.startswith(b"HTTP/1.") or not code.isdigit():
+        if not version.startswith("HTTP/1.") or not (code.isascii() and code.isdigit()):
             raise ProtocolViolation("bad status line")
         status = int(code)
         headers: list[tuple[str, str]] = []
         length = -1
         codings: list[str] = []
-        keep_alive = version == b"HTTP/1.1"
+        keep_alive = version == "HTTP/1.1"
         for line in lines[1:]:
-            name, sep, value = line.partition(b":")
+            name, sep, value = line.partition(":")
             if not sep or not name or name != name.strip():
                 raise ProtocolViolation("bad header line")
-            name_s = name.decode("latin-1")
-            value_s = value.strip().decode("latin-1")
-            low = name_s.lower()
+            value = value.strip()
+            headers.append((name, value))
+            if len(name) not in _FRAMING_LENGTHS:
+                continue  # cannot be one of the three names below
+            low = name.lower()
             if low == "content-length":
                 # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
-                if (not (value_s.isascii() and value_s.isdigit())
-                        or (length >= 0 and int(value_s) != length)):
+                if (not (value.isascii() and value.isdigit())
+                        or (length >= 0 and int(value) != length)):
                     raise ProtocolViolation("bad Content-Length")
-                length = int(value_s)
+                length = int(value)
             elif low == "transfer-encoding":
                 # Several fields make one list; only the final coding decides (RFC 9112 6.3).
-                codings += [c.strip().lower() for c in value_s.split(",") if c.strip()]
+                codings += [c.strip().lower() for c in value.split(",") if c.strip()]
             elif low == "connection":
-                tokens = value_s.lower()
+                tokens = value.lower()
                 if "close" in tokens:
                     keep_alive = False
                 elif "keep-alive" in tokens:
                     keep_alive = True
-            headers.append((name_s, value_s))
         if 100 <= status < 200:
             return  # stay in _HEAD
         self._status, self._headers = status, headers
@@ -295,7 +322,7 @@ class Pool:
         self._all.add(conn)
         return conn
 
-    async def _acquire(self) -> Connection:
+    def _idle_connection(self) -> Connection | None:
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
@@ -303,7 +330,7 @@ class Pool:
                 return conn
             conn.close()
             self._all.discard(conn)
-        return await self._connect()
+        return None
 
     def _release(self, conn: Connection) -> None:
         if conn.closed or not conn.reusable or len(self._idle) >= MAX_IDLE_CONNECTIONS:
@@ -318,8 +345,9 @@ class Pool:
         """One exchange. Raises TimeoutError, ConnectionError/OSError or TooLarge."""
         data = encode_request(method, path, self.host, headers, body)
         head_only = method == "HEAD"
-        async with self._slots:
-            conn = await self._acquire()
+        await self._slots.acquire()
+        try:
+            conn = self._idle_connection() or await self._connect()
             retry = conn.used > 0 and method in IDEMPOTENT
             try:
                 return await self._exchange(conn, data, head_only)
@@ -330,17 +358,16 @@ class Pool:
                 if not retry or conn.received:
                     raise
                 return await self._exchange(await self._connect(), data, head_only)
+        finally:
+            self._slots.release()
 
     async def _exchange(self, conn: Connection, data: bytes, head_only: bool) -> Reply:
-        waiter = conn.send(data, head_only)
-        timer = conn.loop.call_later(self.read_timeout, _expire, waiter)
         try:
-            return await waiter
+            return await conn.send(data, head_only, self.read_timeout)
         except BaseException:
             conn.abort()
             raise
         finally:
-            timer.cancel()
             self._release(conn)
 
     async def close(self) -> None:
@@ -352,7 +379,3 @@ class Pool:
         with contextlib.suppress(Exception):
             await asyncio.sleep(0)
 
-
-def _expire(waiter: asyncio.Future[Reply]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError("upstream read timeout"))

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -157,6 +158,40 @@ def test_read_timeout(tmp_path: Path) -> None:
 
     with pytest.raises(TimeoutError):
         exchange(tmp_path, never, read_timeout=0.2)
+
+
+def test_read_timeout_counts_from_each_request_on_a_reused_connection(tmp_path: Path) -> None:
+    """The connection's one deadline timer follows its requests: an early answer leaves
+    the next request its whole timeout, a late one still times out, and a timer that
+    fires while the connection sits idle in the pool does nothing."""
+    delays = iter([0.0, 0.25, 0.25, 5.0])
+
+    async def answer(_r, w) -> None:
+        await asyncio.sleep(next(delays))
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await w.drain()
+
+    async def go():
+        server = await raw_upstream(tmp_path / "u.sock", answer)
+        pool = Pool(str(tmp_path / "u.sock"), connect_timeout=1, read_timeout=0.4, max_body=10)
+        try:
+            first = await pool.request("GET", "/", [], None)
+            await asyncio.sleep(0.2)  # the first deadline passes after the next request began
+            second = await pool.request("GET", "/", [], None)
+            await asyncio.sleep(0.5)  # a deadline timer fires while the connection is idle
+            third = await pool.request("GET", "/", [], None)
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await pool.request("GET", "/", [], None)
+            return [first[2], second[2], third[2]], time.monotonic() - started, len(pool._all)
+        finally:
+            await pool.close()
+            server.close()
+
+    bodies, waited, open_connections = run(go())
+    assert bodies == [b"ok"] * 3
+    assert 0.35 < waited < 2.0
+    assert open_connections == 0  # the timed-out connection is closed, never reused
 
 
 def test_stale_reused_connection_is_retried_for_idempotent_methods(tmp_path: Path) -> None:
