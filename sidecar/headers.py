@@ -48,9 +48,19 @@ def normal(name: str) -> str:
     return name.lower().replace("_", "-")
 
 
+# Connection values that name no header that is not dropped anyway (the common case).
+PLAIN_CONNECTION = frozenset({"keep-alive", ""})
+
+
 def is_connection(name: str) -> bool:
     """Whether a header name is Connection (any case)."""
     return len(name) == 10 and name.lower() == "connection"
+
+
+def names_headers(headers: Iterable[tuple[str, str]]) -> bool:
+    """Whether a Connection header names other headers (which are then hop-by-hop too)."""
+    return any(is_connection(name) and value.strip().lower() not in PLAIN_CONNECTION
+               for name, value in headers)
 
 
 def connection_named(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
@@ -73,14 +83,14 @@ _VERDICTS: dict[str, bool] = {}
 _VERDICTS_MAX = 4096
 
 
-def is_stripped(name: str, extra: frozenset[str] = frozenset()) -> bool:
-    """Whether a client header must not reach the framework."""
+def is_stripped(name: str) -> bool:
+    """Whether a client header must not reach the framework (before Connection is read)."""
     verdict = _VERDICTS.get(name)
     if verdict is None:
         verdict = _stripped(name)
         if len(_VERDICTS) < _VERDICTS_MAX:
             _VERDICTS[name] = verdict
-    return verdict or (bool(extra) and normal(name) in extra)
+    return verdict
 
 
 def identity_headers(principal: Principal | None, request_id: str) -> dict[str, str]:
@@ -103,8 +113,10 @@ def upstream_headers(client: Iterable[tuple[str, str]], identity: dict[str, str]
                      now: float | None = None) -> list[tuple[str, str]]:
     """The headers sent to the framework: the client's safe ones, then ours, signed."""
     items = list(client)
-    extra = connection_named(items) if any(is_connection(n) for n, _ in items) else frozenset()
-    out = [(name, value) for name, value in items if not is_stripped(name, extra)]
+    out = [(name, value) for name, value in items if not is_stripped(name)]
+    if len(out) < len(items) and names_headers(items):
+        extra = connection_named(items)
+        out = [(name, value) for name, value in out if normal(name) not in extra]
     out.extend(identity.items())
     out.append((FORWARDED_FOR, peer))
     out.append((FORWARDED_PROTO, proto))
@@ -112,8 +124,22 @@ def upstream_headers(client: Iterable[tuple[str, str]], identity: dict[str, str]
     return out
 
 
+# The framework's answers repeat the same few header names: remember their verdicts.
+_DROPPED: dict[str, bool] = {}
+
+
 def response_headers(upstream: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """The framework's answer headers that are passed on to the client."""
-    extra = connection_named(upstream)
-    return [(name, value) for name, value in upstream
-            if (n := normal(name)) not in RESPONSE_DROPPED and n not in extra]
+    out = []
+    for item in upstream:
+        dropped = _DROPPED.get(item[0])
+        if dropped is None:
+            dropped = normal(item[0]) in RESPONSE_DROPPED
+            if len(_DROPPED) < _VERDICTS_MAX:
+                _DROPPED[item[0]] = dropped
+        if not dropped:
+            out.append(item)
+    if len(out) < len(upstream) and names_headers(upstream):
+        extra = connection_named(upstream)
+        out = [(name, value) for name, value in out if normal(name) not in extra]
+    return out
