@@ -25,7 +25,6 @@ sidecar, which caps it; signing binds the identity to the method, path and reque
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import time
 from collections.abc import Mapping
@@ -56,7 +55,7 @@ def sign(secret: bytes, method: str, path: str, headers: Mapping[str, str],
          now: float | None = None) -> dict[str, str]:
     """The two signature headers for a request carrying ``headers``."""
     ts = str(int(time.time() if now is None else now))
-    mac = hmac.new(secret, canonical(ts, method, path, headers), hashlib.sha256).hexdigest()
+    mac = hmac.digest(secret, canonical(ts, method, path, headers), "sha256").hex()
     return {TIMESTAMP: ts, SIGNATURE: f"{VERSION}={mac}"}
 
 
@@ -72,6 +71,6 @@ def verify(secret: bytes, method: str, path: str, headers: Mapping[str, str],
         return False
     if abs((time.time() if now is None else now) - int(ts)) > MAX_SKEW:
         return False
-    mac = hmac.new(secret, canonical(ts, method, path, headers), hashlib.sha256).hexdigest()
+    mac = hmac.digest(secret, canonical(ts, method, path, headers), "sha256").hex()
     # Compare bytes: compare_digest refuses non-ASCII str, and a forged header may hold any.
     return hmac.compare_digest(given[len(VERSION) + 1:].encode(), mac.encode())
