@@ -166,6 +166,11 @@ class HttpConnection(BaseProtocol):
         """Whether a request is being answered or waits to be."""
         return self._task is not None
 
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """What answers this connection's requests, while it runs."""
+        return self._task
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
@@ -205,6 +210,7 @@ class HttpConnection(BaseProtocol):
     def _start(self) -> None:
         if self._task is None:
             self._task = self.front.loop.create_task(self._serve())
+            self.front.busy.add(self)
 
     async def _serve(self) -> None:
         """Answer queued requests in order until none is left."""
@@ -223,6 +229,7 @@ class HttpConnection(BaseProtocol):
                     return
         finally:
             self._task = None
+            self.front.busy.discard(self)
             self.idle_since = self.front.loop.time()
             if self.front.stopping and self.transport is not None and not self._queue:
                 self.transport.close()
@@ -320,6 +327,9 @@ class Front:
         self.handler = handler
         self.loop = loop
         self.connections: set[HttpConnection] = set()
+        # Connections whose handler runs, open or not: a client that went away leaves
+        # its request running, and what the handler uses closes once drain() returns.
+        self.busy: set[HttpConnection] = set()
         self.stopping = False
         self._date = ""
         self._date_second = 0
@@ -344,17 +354,25 @@ class Front:
                 conn.expire(now)
 
     async def drain(self, timeout: float) -> None:
-        """Stop: close idle connections now, let busy ones finish within ``timeout``."""
+        """Stop: close idle connections now, let busy ones finish within ``timeout``.
+
+        Handlers still running after it are cancelled, so none outlives the server.
+        """
         self.stopping = True
         for conn in list(self.connections):
             if not conn.busy:
                 conn.close()
         deadline = self.loop.time() + timeout
-        while any(c.busy for c in self.connections) and self.loop.time() < deadline:
+        while self.busy and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
+        late = [conn.task for conn in self.busy if conn.task is not None]
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late, timeout=1.0)
 
 
 async def serve(handler: Handler, *, shutdown_timeout: float, host: str = "", port: int = 0,

@@ -37,6 +37,7 @@ async def echo(request: Request) -> Response:
         raise RuntimeError(SECRET)
     if request.path == "/slow":
         await asyncio.sleep(0.3)
+        seen.append("slow answered")
     if request.path == "/empty":
         return Response(204)
     if request.path == "/odd":
@@ -301,6 +302,53 @@ def test_stop_lets_the_request_in_flight_finish_and_closes_idle_connections(
             await asyncio.wait_for(task, 5)
             return status, headers["connection"], idle_rest
     assert asyncio.run(go()) == (200, "close", b"")
+
+
+def test_stop_waits_for_a_request_whose_client_went_away(tmp_path: Path) -> None:
+    """The handler still runs after its client left; serve() returns only once it is done,
+    since what it uses (audit log, upstream pool) is closed right after."""
+    async def go() -> bool:
+        seen.clear()
+        async with served(tmp_path) as (sock, stop, task):
+            _reader, writer = await asyncio.open_unix_connection(sock)
+            writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.sleep(0.1)
+            writer.close()
+            await asyncio.sleep(0.05)
+            stop.set()
+            await asyncio.wait_for(task, 5)
+            return "slow answered" in seen
+    assert asyncio.run(go())
+
+
+def test_a_handler_still_running_past_the_shutdown_timeout_is_cancelled(
+        tmp_path: Path) -> None:
+    cancelled = []
+
+    async def stuck(_request: Request) -> Response:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        return Response(200)
+
+    async def go() -> float:
+        sock = str(tmp_path / "s.sock")
+        stop = asyncio.Event()
+        task = asyncio.create_task(serve(stuck, shutdown_timeout=0.2, path=sock, stop=stop))
+        while not Path(sock).exists():
+            await asyncio.sleep(0.01)
+        _reader, writer = await asyncio.open_unix_connection(sock)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.sleep(0.1)
+        started = asyncio.get_running_loop().time()
+        stop.set()
+        await asyncio.wait_for(task, 5)
+        writer.close()
+        return asyncio.get_running_loop().time() - started
+    assert asyncio.run(go()) < 2
+    assert cancelled == [True]
 
 
 def test_tcp_listener_reports_the_peer_address(tmp_path: Path) -> None:
