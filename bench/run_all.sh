@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark of docs/benchmarks.md in one go, with short settings (~20 min on
+# Every benchmark of docs/benchmarks.md in one go, with short settings (~22 min on
 # 2 cores). Run on a quiet machine: each script compares figures of its own run.
 # The 5-minute soak is separate: bench/soak.sh.
 set -euo pipefail
@@ -17,6 +17,7 @@ run framework    $PY bench/framework_wrk.py --duration 5 --rounds 3 --breakdown
 run dispatch     $PY bench/dispatch_micro.py
 run sidecar      bench/sidecar_wrk.sh 5 32
 run sidecar-py   $PY bench/sidecar_micro.py 20000
+run sidecar-rate $PY bench/sidecar_rate.py 3 32
 run halfload     $PY bench/sidecar_halfload.py 5 1
 run limiter      $PY bench/limiter_micro.py
 run scale-limit  $PY bench/scale_limiter.py
