@@ -26,6 +26,8 @@ NO_BODY_STATUSES = frozenset({204, 304})
 HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 _FRAMING_LENGTHS = frozenset(map(len, ("content-length", "transfer-encoding", "connection")))
+# What bytes.strip() strips: str.strip() would also strip "\x85" and "\xa0" (latin-1).
+_SPACE = " \t\n\r\x0b\x0c"
 
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_TRAILER, _UNTIL_CLOSE, _DONE = range(7)
 
@@ -188,9 +190,9 @@ class Connection(asyncio.Protocol):
         keep_alive = version == "HTTP/1.1"
         for line in lines[1:]:
             name, sep, value = line.partition(":")
-            if not sep or not name or name != name.strip():
+            if not sep or not name or name != name.strip(_SPACE):
                 raise ProtocolViolation("bad header line")
-            value = value.strip()
+            value = value.strip(_SPACE)
             headers.append((name, value))
             if len(name) not in _FRAMING_LENGTHS:
                 continue  # cannot be one of the three names below
@@ -203,7 +205,7 @@ class Connection(asyncio.Protocol):
                 length = int(value)
             elif low == "transfer-encoding":
                 # Several fields make one list; only the final coding decides (RFC 9112 6.3).
-                codings += [c.strip().lower() for c in value.split(",") if c.strip()]
+                codings += [c.strip(_SPACE).lower() for c in value.split(",") if c.strip(_SPACE)]
             elif low == "connection":
                 tokens = value.lower()
                 if "close" in tokens:

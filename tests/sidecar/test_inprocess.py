@@ -66,18 +66,29 @@ def run(coro):
     return asyncio.run(coro)
 
 
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+@contextlib.asynccontextmanager
+async def pooled(tmp_path: Path, answer: Answer, *, read_timeout: float = 5.0,
+                 max_body: int = 1000) -> AsyncIterator[Pool]:
+    """A pool towards a raw upstream answering with ``answer``; both closed on exit."""
+    server = await raw_upstream(tmp_path / "u.sock", answer)
+    pool = Pool(str(tmp_path / "u.sock"), connect_timeout=1, read_timeout=read_timeout,
+                max_body=max_body)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+        server.close()
+
+
 def exchange(tmp_path: Path, answer: Answer, method: str = "GET", max_body: int = 1000,
              read_timeout: float = 5.0, times: int = 1):
     async def go():
-        server = await raw_upstream(tmp_path / "u.sock", answer)
-        pool = Pool(str(tmp_path / "u.sock"), connect_timeout=1, read_timeout=read_timeout,
-                    max_body=max_body)
-        try:
+        async with pooled(tmp_path, answer, read_timeout=read_timeout, max_body=max_body) as pool:
             return [await pool.request(method, "/x", [("A", "b")], b"body" if method == "POST"
                                        else None) for _ in range(times)]
-        finally:
-            await pool.close()
-            server.close()
     return run(go())
 
 
@@ -122,6 +133,8 @@ def test_no_body_statuses_and_head(tmp_path: Path) -> None:
     (b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 2000, TooLarge),
     (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", UpstreamClosed),
     (b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\nab", ProtocolViolation),
+    # Only ASCII space is trimmed: a latin-1 NBSP is not whitespace in HTTP.
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\xa0\r\n\r\nab", ProtocolViolation),
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x3\r\nabc\r\n0\r\n\r\n",
      ProtocolViolation),
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+3\r\nabc\r\n0\r\n\r\n",
@@ -168,13 +181,11 @@ def test_read_timeout_counts_from_each_request_on_a_reused_connection(tmp_path: 
 
     async def answer(_r, w) -> None:
         await asyncio.sleep(next(delays))
-        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        w.write(OK)
         await w.drain()
 
     async def go():
-        server = await raw_upstream(tmp_path / "u.sock", answer)
-        pool = Pool(str(tmp_path / "u.sock"), connect_timeout=1, read_timeout=0.4, max_body=10)
-        try:
+        async with pooled(tmp_path, answer, read_timeout=0.4) as pool:
             first = await pool.request("GET", "/", [], None)
             await asyncio.sleep(0.2)  # the first deadline passes after the next request began
             second = await pool.request("GET", "/", [], None)
@@ -184,9 +195,6 @@ def test_read_timeout_counts_from_each_request_on_a_reused_connection(tmp_path: 
             with pytest.raises(TimeoutError):
                 await pool.request("GET", "/", [], None)
             return [first[2], second[2], third[2]], time.monotonic() - started, len(pool._all)
-        finally:
-            await pool.close()
-            server.close()
 
     bodies, waited, open_connections = run(go())
     assert bodies == [b"ok"] * 3
@@ -293,17 +301,12 @@ def test_connections_to_the_framework_are_capped(tmp_path: Path, monkeypatch) ->
         busy["max"] = max(busy["max"], busy["now"])
         await asyncio.sleep(0.05)
         busy["now"] -= 1
-        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        w.write(OK)
         await w.drain()
 
     async def go():
-        server = await raw_upstream(tmp_path / "u.sock", answer)
-        pool = Pool(str(tmp_path / "u.sock"), connect_timeout=1, read_timeout=5, max_body=100)
-        try:
+        async with pooled(tmp_path, answer) as pool:
             return await asyncio.gather(*(pool.request("GET", "/", [], None) for _ in range(3)))
-        finally:
-            await pool.close()
-            server.close()
 
     assert [r[0] for r in run(go())] == [200, 200, 200]
     assert busy["max"] == 1
