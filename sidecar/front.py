@@ -210,7 +210,7 @@ class HttpConnection(BaseProtocol):
     def _start(self) -> None:
         if self._task is None:
             self._task = self.front.loop.create_task(self._serve())
-            self.front.busy.add(self)
+            self.front.answering.add(self)
 
     async def _serve(self) -> None:
         """Answer queued requests in order until none is left."""
@@ -229,7 +229,7 @@ class HttpConnection(BaseProtocol):
                     return
         finally:
             self._task = None
-            self.front.busy.discard(self)
+            self.front.answering.discard(self)
             self.idle_since = self.front.loop.time()
             if self.front.stopping and self.transport is not None and not self._queue:
                 self.transport.close()
@@ -329,7 +329,7 @@ class Front:
         self.connections: set[HttpConnection] = set()
         # Connections whose handler runs, open or not: a client that went away leaves
         # its request running, and what the handler uses closes once drain() returns.
-        self.busy: set[HttpConnection] = set()
+        self.answering: set[HttpConnection] = set()
         self.stopping = False
         self._date = ""
         self._date_second = 0
@@ -363,12 +363,12 @@ class Front:
             if not conn.busy:
                 conn.close()
         deadline = self.loop.time() + timeout
-        while self.busy and self.loop.time() < deadline:
+        while self.answering and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
-        late = [conn.task for conn in self.busy if conn.task is not None]
+        late = [conn.task for conn in self.answering if conn.task is not None]
         for task in late:
             task.cancel()
         if late:
