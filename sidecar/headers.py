@@ -14,6 +14,7 @@ Then the identity headers, ``X-Forwarded-For``/``-Proto`` and the signature are 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import lru_cache
 
 from framework import signing
 from sidecar.principal import Principal
@@ -72,25 +73,19 @@ def connection_named(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
     return frozenset(named)
 
 
-def _stripped(name: str) -> bool:
+# Header names repeat from request to request: each spelling's verdict is remembered
+# (bounded, so hostile names cannot grow it without limit).
+@lru_cache(maxsize=4096)
+def is_stripped(name: str) -> bool:
+    """Whether a client header must not reach the framework (before Connection is read)."""
     n = normal(name)
     return n in STRIPPED or n.startswith(STRIPPED_PREFIXES)
 
 
-# Header names repeat from request to request: remember each spelling's verdict
-# (bounded, so hostile names cannot grow it without limit).
-_VERDICTS: dict[str, bool] = {}
-_VERDICTS_MAX = 4096
-
-
-def is_stripped(name: str) -> bool:
-    """Whether a client header must not reach the framework (before Connection is read)."""
-    verdict = _VERDICTS.get(name)
-    if verdict is None:
-        verdict = _stripped(name)
-        if len(_VERDICTS) < _VERDICTS_MAX:
-            _VERDICTS[name] = verdict
-    return verdict
+@lru_cache(maxsize=4096)
+def is_dropped(name: str) -> bool:
+    """Whether a header of the framework's answer is not passed on as it is."""
+    return normal(name) in RESPONSE_DROPPED
 
 
 def identity_headers(principal: Principal | None, request_id: str) -> dict[str, str]:
@@ -124,21 +119,9 @@ def upstream_headers(client: Iterable[tuple[str, str]], identity: dict[str, str]
     return out
 
 
-# The framework's answers repeat the same few header names: remember their verdicts.
-_DROPPED: dict[str, bool] = {}
-
-
 def response_headers(upstream: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """The framework's answer headers that are passed on to the client."""
-    out = []
-    for item in upstream:
-        dropped = _DROPPED.get(item[0])
-        if dropped is None:
-            dropped = normal(item[0]) in RESPONSE_DROPPED
-            if len(_DROPPED) < _VERDICTS_MAX:
-                _DROPPED[item[0]] = dropped
-        if not dropped:
-            out.append(item)
+    out = [(name, value) for name, value in upstream if not is_dropped(name)]
     if len(out) < len(upstream) and names_headers(upstream):
         extra = connection_named(upstream)
         out = [(name, value) for name, value in out if normal(name) not in extra]
