@@ -166,11 +166,6 @@ class HttpConnection(BaseProtocol):
         """Whether a request is being answered or waits to be."""
         return self._task is not None
 
-    @property
-    def task(self) -> asyncio.Task[None] | None:
-        """What answers this connection's requests, while it runs."""
-        return self._task
-
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
@@ -210,7 +205,7 @@ class HttpConnection(BaseProtocol):
     def _start(self) -> None:
         if self._task is None:
             self._task = self.front.loop.create_task(self._serve())
-            self.front.answering.add(self)
+            self.front.answering.add(self._task)
 
     async def _serve(self) -> None:
         """Answer queued requests in order until none is left."""
@@ -228,8 +223,8 @@ class HttpConnection(BaseProtocol):
                 if not await self._answer(message, payload):
                     return
         finally:
+            self.front.answering.discard(self._task)
             self._task = None
-            self.front.answering.discard(self)
             self.idle_since = self.front.loop.time()
             if self.front.stopping and self.transport is not None and not self._queue:
                 self.transport.close()
@@ -327,9 +322,9 @@ class Front:
         self.handler = handler
         self.loop = loop
         self.connections: set[HttpConnection] = set()
-        # Connections whose handler runs, open or not: a client that went away leaves
-        # its request running, and what the handler uses closes once drain() returns.
-        self.answering: set[HttpConnection] = set()
+        # The connections' running answer tasks, open or not: a client that went away
+        # leaves its request running, and what the handler uses closes once drain() returns.
+        self.answering: set[asyncio.Task[None]] = set()
         self.stopping = False
         self._date = ""
         self._date_second = 0
@@ -368,7 +363,7 @@ class Front:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
-        late = [conn.task for conn in self.answering if conn.task is not None]
+        late = list(self.answering)
         for task in late:
             task.cancel()
         if late:
