@@ -1,8 +1,9 @@
-"""The sidecar application: one catch-all route whose handler runs the stages in order.
+"""The sidecar application: one handler, :meth:`Sidecar.handle`, runs the stages in order.
 
 authenticate -> bind tenant -> authorize -> rate limit -> strip/inject + sign
--> proxy, then audit. A single handler calling plain stage functions costs less
-per request than a stack of aiohttp middlewares, and reads top to bottom.
+-> proxy, then audit. Plain stage functions called from one handler cost less per
+request than a stack of middlewares, and read top to bottom. The HTTP server in
+front of it is sidecar/front.py.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ class Connection(asyncio.Protocol):
         # The read deadline of the request in flight. One timer per connection checks
         # it and re-arms itself only while a request is running: a timer per request
         # (call_later + cancel) cost more than the rest of the pool's bookkeeping.
-        self.deadline = 0.0
+        self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
 
     # asyncio callbacks
@@ -106,9 +106,9 @@ class Connection(asyncio.Protocol):
         """
         assert self.transport is not None
         self._waiter = self.loop.create_future()
-        self.deadline = self.loop.time() + timeout
+        self._deadline = self.loop.time() + timeout
         if self._timer is None:
-            self._timer = self.loop.call_at(self.deadline, self._check_deadline)
+            self._timer = self.loop.call_at(self._deadline, self._check_deadline)
         self._state = _HEAD
         self._head_only = head_only
         self._buf.clear()
@@ -121,10 +121,10 @@ class Connection(asyncio.Protocol):
         self._timer = None
         if self._state == _DONE:
             return  # idle: the next request arms the timer again
-        if self.loop.time() >= self.deadline:
+        if self.loop.time() >= self._deadline:
             self._fail(TimeoutError("upstream read timeout"))
         else:  # an earlier request's timer: wait for this request's deadline
-            self._timer = self.loop.call_at(self.deadline, self._check_deadline)
+            self._timer = self.loop.call_at(self._deadline, self._check_deadline)
 
     def close(self) -> None:
         self.closed = True
