@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator
+from typing import ClassVar
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -29,8 +30,8 @@ OTHER = "_other"
 class Metrics:
     """Requests, latency, rate-limit and authz decisions, labelled tenant/service/operation."""
 
-    AUTHZ = "authz"
-    RATELIMIT = "ratelimit"
+    AUTHZ: ClassVar[str] = "authz"
+    RATELIMIT: ClassVar[str] = "ratelimit"
 
     def __init__(self, max_targets: int = MAX_TARGETS) -> None:
         self.max_targets = max_targets
@@ -83,8 +84,9 @@ class Metrics:
                                         "Time from arrival to answer", labels=LABELS)
         for key, row in self.latency.items():
             cumulative, buckets = 0.0, []
-            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), row[:-1], strict=True):
-                cumulative += count
+            for bound, in_bucket in zip((*LATENCY_BUCKETS, float("inf")), row[:-1],
+                                        strict=True):
+                cumulative += in_bucket
                 buckets.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
             latency.add_metric(key, buckets, row[-1])
         yield latency
