@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from framework.settings import Settings
 from framework.tenant_config import parse_tenant
 from sidecar import http1
-from sidecar.app import create_app
 from sidecar.front import Front, Request
 from sidecar.headers import identity_headers, response_headers, upstream_headers
 from sidecar.proxy import UpstreamReply
+from sidecar.startup import create_app
 
 SIDECAR_SECRET = "bench-sidecar-secret-" + "x" * 32
 JWT_SECRET = "bench-jwt-secret-" + "y" * 48

@@ -3,7 +3,7 @@
 authenticate -> bind tenant -> authorize -> rate limit -> strip/inject + sign
 -> proxy, then audit. Plain stage functions called from one handler cost less per
 request than a stack of middlewares, and read top to bottom. The HTTP server in
-front of it is sidecar/front.py.
+front of it is sidecar/front.py; sidecar/startup.py builds it from the config.
 """
 
 from __future__ import annotations
@@ -12,18 +12,13 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
-from prometheus_client import Gauge
 
 from framework.problem import request_id as make_request_id
 from framework.settings import Settings
-from framework.tenant_config import ConfigError, TenantConfig
-from sidecar.apikeys import ApiKeys
+from framework.tenant_config import TenantConfig
 from sidecar.audit import AuditLog
 from sidecar.authenticate import Authenticator
 from sidecar.authorize import authorize, refuse_ambiguous_path, service_target
@@ -48,13 +43,10 @@ from sidecar.headers import (
     response_headers,
     upstream_headers,
 )
-from sidecar.limiter import LimiterBackend, MemoryBackend
 from sidecar.metrics import Metrics
-from sidecar.overlay import OverlayWatcher
 from sidecar.principal import Principal
-from sidecar.proxy import Timeouts, Upstream
+from sidecar.proxy import Upstream
 from sidecar.ratelimit import RateLimiter
-from sidecar.tokens import TokenVerifier, load_public_key
 
 log = logging.getLogger("mtp.sidecar")
 
@@ -233,103 +225,3 @@ class Sidecar:
             text += f"# framework metrics unavailable: {exc.reason}\n".encode()
         return Response(200, [("Content-Type", METRICS_TYPE), ("X-Request-ID", rid)], text)
 
-
-def _identity_modules(tenant: TenantConfig, settings: Settings) -> dict[str, Any]:
-    """LDAP and JWKS clients when configured; imported only then."""
-    found: dict[str, Any] = {"directory": None, "keys": None, "unavailable": (),
-                             "unknown_key": ()}
-    if tenant.ldap.enabled:
-        from sidecar.ldap_directory import DirectoryUnavailable, LdapDirectory
-
-        found["directory"] = LdapDirectory(tenant.ldap,
-                                           settings.secret(tenant.ldap.bind_password_env))
-        found["unavailable"] += (DirectoryUnavailable,)
-    if tenant.jwt.jwks_url:
-        from sidecar.jwks import JwksKeys, JwksUnavailable, UnknownKey
-
-        found["keys"] = JwksKeys(tenant.jwt.jwks_url, tenant.jwt.jwks_cache_ttl)
-        found["unavailable"] += (JwksUnavailable,)
-        found["unknown_key"] = (UnknownKey,)
-    return found
-
-
-def jwt_secret(tenant: TenantConfig, settings: Settings) -> str:
-    """The HS* secret; refuse to run without it when HS* is configured."""
-    if not tenant.jwt.uses_hmac:
-        return ""
-    secret = settings.secret(tenant.jwt.secret_env)
-    if not secret:
-        raise ConfigError("environment", tenant.jwt.secret_env,
-                          "must be set: [auth.jwt] accepts HS* tokens")
-    return secret
-
-
-def limiter_backend(settings: Settings) -> LimiterBackend:
-    """Shared limits in Redis when MTP_REDIS_URL is set (imported only then), else in memory."""
-    if not settings.redis_url:
-        return MemoryBackend()
-    from sidecar.limiter_redis import RedisBackend, connect
-
-    return RedisBackend(connect(settings.redis_url))
-
-
-def degraded_gauge(sidecar: Sidecar) -> None:
-    """``mtp_limiter_degraded``: 1 while Redis is away and each replica limits alone."""
-    backend = sidecar.limiter.backend
-    Gauge("mtp_limiter_degraded", "1 while shared (Redis) limits fell back to local ones",
-          registry=sidecar.metrics.registry).set_function(
-        lambda: float(getattr(backend, "degraded", False)))
-
-
-@dataclass(frozen=True)
-class App:
-    """A sidecar whose configuration was checked; :meth:`started` opens its clients."""
-
-    settings: Settings
-    tenant: TenantConfig
-    jwt_secret: str
-    public_key: Any
-    timeouts: Timeouts | None = None
-    backend: LimiterBackend | None = None
-
-    @asynccontextmanager
-    async def started(self) -> AsyncIterator[Sidecar]:
-        """The running sidecar; its connections, files and watchers close on exit."""
-        settings, tenant = self.settings, self.tenant
-        ids = _identity_modules(tenant, settings)
-        tokens = TokenVerifier(tenant.jwt, secret=self.jwt_secret, public_key=self.public_key,
-                               keys=ids["keys"])
-        sidecar = Sidecar(
-            settings=settings, tenant=tenant,
-            authenticator=Authenticator(tenant.tenant_id, tokens, ApiKeys(tenant.api_keys),
-                                        ids["directory"], ids["unavailable"],
-                                        ids["unknown_key"]),
-            limiter=RateLimiter(self.backend or limiter_backend(settings)),
-            upstream=Upstream(settings, self.timeouts),
-            audit=AuditLog(settings.audit_file),
-        )
-        degraded_gauge(sidecar)
-        await sidecar.upstream.start()
-        sidecar.audit.start()
-        watcher = OverlayWatcher(settings.config_overlay, tenant, sidecar)
-        watcher.start()
-        try:
-            yield sidecar
-        finally:
-            await watcher.close()
-            await sidecar.upstream.close()
-            await tokens.close()
-            if ids["directory"] is not None:
-                await ids["directory"].close()
-            await sidecar.limiter.backend.close()
-            await sidecar.audit.close()
-
-
-def create_app(settings: Settings, tenant: TenantConfig, *, timeouts: Timeouts | None = None,
-               backend: LimiterBackend | None = None) -> App:
-    """The sidecar, checked (config errors raise here, before anything listens)."""
-    settings.require_sidecar_secret()
-    secret = jwt_secret(tenant, settings)
-    public_key = (load_public_key(tenant.jwt.public_key_file)
-                  if tenant.jwt.public_key_file else None)
-    return App(settings, tenant, secret, public_key, timeouts, backend)

@@ -28,8 +28,8 @@ def install_uvloop() -> str:
 @click.option("--tenant-dir", default=None, help="Tenant directory (else MTP_TENANT_DIR or .).")
 def sidecar(tenant_dir: str | None) -> None:
     """Run the security sidecar: authenticate, authorize, limit, sign, proxy."""
-    from sidecar.app import create_app
     from sidecar.server import run
+    from sidecar.startup import create_app
 
     found = resolve_tenant_dir(tenant_dir)
     settings = Settings.from_env(tenant_dir=found)

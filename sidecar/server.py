@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from sidecar.app import App
 from sidecar.front import install_stop_signals, serve
+from sidecar.startup import App
 
 
 async def main(app: App, *, shutdown_timeout: float, host: str = "", port: int = 0,

@@ -151,7 +151,7 @@ def pipeline(tmp_path_factory) -> Pipeline:
 
 LOADED = """
 import sys
-import framework.app, framework.cli.run, framework.assemble, sidecar.app
+import framework.app, framework.cli.run, framework.assemble, sidecar.app, sidecar.startup
 for name, module in sorted(sys.modules.items()):
     if name.split(".")[0] in ("framework", "sidecar") and getattr(module, "__file__", None):
         print(module.__file__)

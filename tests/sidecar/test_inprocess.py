@@ -15,10 +15,11 @@ import pytest
 
 from framework.settings import Settings
 from framework.tenant_config import ConfigError, parse_tenant
-from sidecar.app import App, Sidecar, create_app
+from sidecar.app import Sidecar
 from sidecar.front import serve
 from sidecar.http1 import Pool, ProtocolViolation, TooLarge, UpstreamClosed, encode_request
 from sidecar.proxy import Timeouts
+from sidecar.startup import App, create_app
 from tests.sidecar.support import JWT_SECRET, SIDECAR_SECRET, token
 
 TENANT = parse_tenant({"tenant": {"id": "acme"}, "auth": {"jwt": {"algorithms": ["HS256"]}}})
