@@ -150,9 +150,11 @@ class HttpConnection(BaseProtocol):
         super().__init__(front.loop)
         self.front = front
         self.peer = ""
-        self._parser = HttpRequestParser(
+        self._request_parser = HttpRequestParser(
             self, front.loop, READ_LIMIT, max_line_size=MAX_LINE, max_field_size=MAX_LINE,
             max_headers=MAX_HEADERS, auto_decompress=False)  # bodies pass through as sent
+        # BaseProtocol pauses this parser when a body's buffer fills (its pause_reading).
+        self._parser = self._request_parser
         self._queue: deque[tuple[RawRequestMessage | _Refused, StreamReader]] = deque()
         self._task: asyncio.Task[None] | None = None
         self._current: StreamReader | None = None
@@ -184,7 +186,7 @@ class HttpConnection(BaseProtocol):
         if self._closing or self._refused:
             return
         try:
-            messages, _upgraded, _tail = self._parser.feed_data(data)
+            messages, _upgraded, _tail = self._request_parser.feed_data(data)
         except HttpProcessingError as exc:
             # No more parsing on this connection: answer what came before, then this.
             self._refused = True

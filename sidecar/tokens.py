@@ -13,7 +13,7 @@ import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jwt
 from cachetools import TLRUCache
@@ -21,6 +21,9 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from framework.tenant_config import ConfigError, JwtSettings
 from sidecar.principal import JWT, BadIdentity, Principal
+
+if TYPE_CHECKING:
+    from jwt.types import Options  # PyJWT >= 2.10 names it; a plain dict at run time
 
 CACHE_SIZE = 50_000
 
@@ -80,8 +83,7 @@ class TokenVerifier:
         self._key: Any = secret.encode() if cfg.uses_hmac else public_key
         self._keys = keys
         self._clock = clock
-        self._options: dict[str, Any] = {"require": ["exp", "sub"],
-                                         "verify_aud": bool(cfg.audience)}
+        self._options: Options = {"require": ["exp", "sub"], "verify_aud": bool(cfg.audience)}
         self._issuer = cfg.issuer or None
         self._audience = cfg.audience or None
         # Entry lives until exp + leeway; TLRU evicts by that time, LRU beyond the size.
