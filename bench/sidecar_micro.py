@@ -10,6 +10,10 @@ is then timed alone. A last row runs the whole path instead: request bytes into 
 server's connection, through the stages and the upstream pool's connection, answer
 bytes out, with in-memory transports (no sockets, no system calls but the event
 loop's own). CPU time (``time.process_time``), best of 5 runs.
+
+Run from a checkout whose modules were compiled with mypyc (docs/benchmarks.md,
+session 5), it times that build; the first row is left out there, because compiled
+classes cannot have their upstream replaced by a stub.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from aiohttp.http import HttpRequestParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import sidecar.app
 from framework.settings import Settings
 from framework.tenant_config import parse_tenant
 from sidecar import http1
@@ -37,6 +42,7 @@ from sidecar.headers import identity_headers, response_headers, upstream_headers
 from sidecar.proxy import UpstreamReply
 from sidecar.startup import create_app
 
+COMPILED = not sidecar.app.__file__.endswith(".py")
 SIDECAR_SECRET = "bench-sidecar-secret-" + "x" * 32
 JWT_SECRET = "bench-jwt-secret-" + "y" * 48
 REPLY = UpstreamReply(200, [("Content-Type", "application/json"), ("Content-Length", "11")],
@@ -46,11 +52,6 @@ REPLY = UpstreamReply(200, [("Content-Type", "application/json"), ("Content-Leng
 UPSTREAM_ANSWER = (b"HTTP/1.1 200 OK\r\nServer: gunicorn\r\nDate: Sun, 22 Nov 2026 22:00:00 GMT"
                    b"\r\nConnection: keep-alive\r\nContent-Type: application/json\r\n"
                    b"Content-Length: 12\r\n\r\n{\"ok\":true}\n")
-
-
-class _Conn:
-    peer = "127.0.0.1"
-    transport = None
 
 
 class _ClientTransport(asyncio.Transport):
@@ -114,14 +115,14 @@ def main() -> None:
     asyncio.set_event_loop(loop)
     parser = HttpRequestParser(BaseProtocol(loop), loop, 2**16, auto_decompress=False)
     (message, payload), = parser.feed_data(raw)[0]
-    conn = _Conn()
 
     async def stub_send(*_args: object) -> UpstreamReply:
         return REPLY
 
     context = create_app(settings, tenant).started()
     sidecar = loop.run_until_complete(context.__aenter__())
-    sidecar.upstream.send = stub_send  # type: ignore[method-assign]
+    if not COMPILED:
+        sidecar.upstream.send = stub_send  # type: ignore[method-assign]
     principal = loop.run_until_complete(sidecar.authenticator.authenticate(message.headers))
     secret = settings.sidecar_secret
 
@@ -142,10 +143,10 @@ def main() -> None:
         await client.answered
 
     async def whole() -> None:
-        await sidecar.handle(Request(message, payload, conn))  # type: ignore[arg-type]
+        await sidecar.handle(Request(message, payload, server_conn))
 
     async def request_object() -> None:
-        Request(message, payload, conn)  # type: ignore[arg-type]
+        Request(message, payload, server_conn)
 
     async def authenticate() -> None:
         await sidecar.authenticator.authenticate(message.headers)
@@ -172,7 +173,8 @@ def main() -> None:
         sidecar.metrics.decision("ratelimit", "bench", "hello", "", "allowed")
 
     try:
-        print(f"{n} calls each, best of 5, CPU µs per call (uvloop, load average "
+        build = "compiled with mypyc" if COMPILED else "interpreted"
+        print(f"{n} calls each, best of 5, CPU µs per call ({build}, uvloop, load average "
               f"{os.getloadavg()[0]:.2f})")
         print("| part | µs |")
         print("|---|---|")
@@ -186,6 +188,8 @@ def main() -> None:
                          ("metrics (request + decision)", metrics),
                          ("whole path: server connection, stages, pool connection "
                           "(in-memory transports)", whole_path)):
+            if fn is whole and COMPILED:
+                continue
             print(f"| {name} | {best(n, fn, loop):.1f} |")
         assert client.answered is not None and b" 200 OK\r\n" in client.answered.result()
     finally:
