@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -23,6 +24,9 @@ seen: list[str] = []  # what the echo handler noticed beyond its answer
 async def echo(request: Request) -> Response:
     """Answers with what it saw; reads the body when there is one."""
     body = b""
+    if request.path == "/sink":  # a big body: its size and digest
+        body = await request.read(64 << 20)
+        return Response(200, [], f"{len(body)} {hashlib.sha256(body).hexdigest()}".encode())
     if request.body_exists:
         try:
             body = await request.read(100)
@@ -114,6 +118,19 @@ def test_pipelined_requests_are_answered_in_order_on_one_connection(tmp_path: Pa
     assert json.loads(answers[3][2])["query"] == "q=3"
     assert answers[-1][1]["connection"] == "close" and rest == b""
     assert "date" in answers[0][1] and "server" not in answers[0][1]
+
+
+def test_bodies_bigger_than_the_read_buffer_arrive_whole(tmp_path: Path) -> None:
+    # 16 MiB pause the body reader's buffer many times; aiohttp's BaseProtocol then
+    # pauses the request parser and resumes it through data_received(b"").
+    data = bytes(range(256)) * (1 << 16)
+    sized = f"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n"
+    chunked = (f"POST /sink HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+               f"{len(data):x}\r\n")
+    answers, _ = exchange(tmp_path, sized.encode() + data,
+                          chunked.encode() + data + b"\r\n0\r\n\r\n", answers=2, wait=0)
+    want = f"{len(data)} {hashlib.sha256(data).hexdigest()}".encode()
+    assert [(status, body) for status, _, body in answers] == [(200, want), (200, want)]
 
 
 def test_percent_decoded_path_and_raw_target(tmp_path: Path) -> None:
