@@ -32,38 +32,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from sidecar_rate import measure  # noqa: E402
 from sidecar_wrk import (  # noqa: E402
     JWT_SECRET,
     PATH,
     SERVICE,
     SIDECAR_SECRET,
     TENANT,
-    TICK,
     TRIVIAL,
     start,
     stop,
-    tree_cpu_ticks,
 )
 
 from tests.helpers import free_port, wait_for_port, wait_for_unix  # noqa: E402
-
-
-def one_round(pid: int, port: int, token: str, seconds: float,
-              conns: int) -> tuple[float, float, int]:
-    """(requests/s, CPU µs per request of ``pid``'s tree, non-2xx + socket errors)."""
-    before = tree_cpu_ticks(pid)
-    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "-H",
-                          f"Authorization: Bearer {token}", f"http://127.0.0.1:{port}{PATH}"],
-                         capture_output=True, text=True, check=True).stdout
-    after = tree_cpu_ticks(pid)
-    requests = int(out.split(" requests in", 1)[0].rsplit(None, 1)[1])
-    errors = sum(int(line.rsplit(None, 1)[1]) for line in out.splitlines()
-                 if line.strip().startswith("Non-2xx"))
-    if "Socket errors" in out:
-        errors += sum(int(x) for x in out.split("Socket errors:", 1)[1].split("\n", 1)[0]
-                      .replace(",", " ").split() if x.isdigit())
-    cpu = (sum(after) - sum(before)) / TICK / max(requests, 1) * 1e6
-    return requests / seconds, cpu, errors
 
 
 def main() -> None:
@@ -71,7 +52,7 @@ def main() -> None:
     parser.add_argument("other", type=Path, help="the checkout of build B")
     parser.add_argument("--kind", choices=("flask", "echo"), default="flask")
     parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--seconds", type=float, default=4)
+    parser.add_argument("--seconds", type=int, default=4)
     parser.add_argument("--connections", type=int, default=32)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="mtp-bench-ab-"))
@@ -107,31 +88,29 @@ def main() -> None:
             wait_for_port(port, proc, timeout=30)
         token = jwt.encode({"sub": "alice", "tenant_id": "bench",
                             "exp": int(time.time()) + 3600}, JWT_SECRET, "HS256")
-        for proc, port in sidecars.values():
-            one_round(proc.pid, port, token, 2, args.connections)  # warm up
-        rounds: dict[str, list[tuple[float, float, int]]] = {"A": [], "B": []}
+        bearer = ["-H", f"Authorization: Bearer {token}"]
+        rounds: dict[str, list[tuple[float, float, float]]] = {"A": [], "B": []}
         print(f"{args.kind} upstream, unix socket; wrk -t1 -c{args.connections} "
-              f"-d{args.seconds:g}s per round; 2 cores; load average "
+              f"-d{args.seconds}s per round (after 1 s of warm-up); 2 cores; load average "
               f"{os.getloadavg()[0]:.2f}")
         print("| round | A req/s | A CPU µs/req | B req/s | B CPU µs/req | B/A CPU |")
         print("|---|---|---|---|---|---|")
         for i in range(args.rounds):
             for name in ("A", "B") if i % 2 == 0 else ("B", "A"):
                 proc, port = sidecars[name]
-                rounds[name].append(one_round(proc.pid, port, token, args.seconds,
-                                              args.connections))
+                rounds[name].append(measure(port, PATH, bearer, args.seconds,
+                                            args.connections, proc.pid))
             (ar, ac, _), (br, bc, _) = rounds["A"][-1], rounds["B"][-1]
             print(f"| {i + 1} | {ar:.0f} | {ac:.0f} | {br:.0f} | {bc:.0f} | {bc / ac:.3f} |",
                   flush=True)
         ratios = [b[1] / a[1] for a, b in zip(rounds["A"], rounds["B"], strict=True)]
-        errors = sum(r[2] for rs in rounds.values() for r in rs)
         med = {n: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
                for n, rs in rounds.items()}
         print(f"| median | {med['A'][0]:.0f} | {med['A'][1]:.1f} | {med['B'][0]:.0f} | "
               f"{med['B'][1]:.1f} | **{statistics.median(ratios):.3f}** |")
         print(f"\npaired B/A CPU ratio: median {statistics.median(ratios):.3f}, "
-              f"range {min(ratios):.3f}-{max(ratios):.3f}; errors {errors}; load average "
-              f"{os.getloadavg()[0]:.2f}")
+              f"range {min(ratios):.3f}-{max(ratios):.3f}; no errors (any stops the run); "
+              f"load average {os.getloadavg()[0]:.2f}")
     finally:
         for proc, _ in sidecars.values():
             stop(proc)
