@@ -224,4 +224,3 @@ class Sidecar:
         except SidecarError as exc:
             text += f"# framework metrics unavailable: {exc.reason}\n".encode()
         return Response(200, [("Content-Type", METRICS_TYPE), ("X-Request-ID", rid)], text)
-

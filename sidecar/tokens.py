@@ -23,7 +23,7 @@ from framework.tenant_config import ConfigError, JwtSettings
 from sidecar.principal import JWT, BadIdentity, Principal
 
 if TYPE_CHECKING:
-    from jwt.types import Options  # PyJWT >= 2.10 names it; a plain dict at run time
+    from jwt.types import Options  # a TypedDict: a plain dict at run time
 
 CACHE_SIZE = 50_000
 
