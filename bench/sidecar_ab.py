@@ -36,10 +36,8 @@ from sidecar_rate import measure  # noqa: E402
 from sidecar_wrk import (  # noqa: E402
     JWT_SECRET,
     PATH,
-    SERVICE,
-    SIDECAR_SECRET,
-    TENANT,
-    TRIVIAL,
+    bench_dir,
+    bench_env,
     start,
     stop,
 )
@@ -56,17 +54,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="mtp-bench-ab-"))
-    (tmp / "tenant" / "services").mkdir(parents=True)
-    (tmp / "tenant" / "tenant.toml").write_text(TENANT)
-    (tmp / "tenant" / "services" / "hello.py").write_text(SERVICE)
-    (tmp / "trivial.py").write_text(TRIVIAL)
-    (tmp / "data").mkdir()
+    bench_dir(tmp)
     upstream = f"unix:{tmp}/upstream.sock"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MTP_")}
-    env.update(MTP_TENANT_DIR=str(tmp / "tenant"), MTP_SIDECAR_SECRET=SIDECAR_SECRET,
-               MTP_JWT_SECRET=JWT_SECRET, MTP_DATA_DIR=str(tmp / "data"),
-               MTP_UPSTREAM=upstream, MTP_LOG_LEVEL="WARNING",
-               MTP_AUDIT_FILE=str(tmp / "audit.log"))
+    env = bench_env(tmp, upstream)
     py = sys.executable
     if args.kind == "echo":
         up = start([py, "-m", "tests.sidecar.echo_upstream", upstream],

@@ -37,6 +37,7 @@ from sidecar_wrk import (  # noqa: E402
     SIDECAR_SECRET,
     TENANT,
     TICK,
+    bench_env,
     start,
     stop,
     tree_cpu_ticks,
@@ -92,11 +93,7 @@ def main() -> None:
         (tmp / "tenant" / "tenant.toml").write_text(TENANT)
         (tmp / "data").mkdir()
         upstream = f"unix:{tmp / 'data' / 'echo.sock'}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MTP_")}
-        env.update(MTP_TENANT_DIR=str(tmp / "tenant"), MTP_SIDECAR_SECRET=SIDECAR_SECRET,
-                   MTP_JWT_SECRET=JWT_SECRET, MTP_DATA_DIR=str(tmp / "data"),
-                   MTP_UPSTREAM=upstream, MTP_LOG_LEVEL="WARNING",
-                   MTP_AUDIT_FILE=str(tmp / "audit.log"))
+        env = bench_env(tmp, upstream)
         py = sys.executable
         echo = start([py, "-m", "tests.sidecar.echo_upstream", upstream],
                      {**env, "PYTHONPATH": str(ROOT)}, tmp / "echo.log")

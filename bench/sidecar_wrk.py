@@ -96,6 +96,25 @@ http {{
 """
 
 
+def bench_dir(tmp: Path) -> None:
+    """The benchmarks' tenant (``hello`` service), the trivial Flask app and a data dir."""
+    (tmp / "tenant" / "services").mkdir(parents=True)
+    (tmp / "tenant" / "tenant.toml").write_text(TENANT)
+    (tmp / "tenant" / "services" / "hello.py").write_text(SERVICE)
+    (tmp / "trivial.py").write_text(TRIVIAL)
+    (tmp / "data").mkdir()
+
+
+def bench_env(tmp: Path, upstream: str, **extra: str) -> dict[str, str]:
+    """The environment of the benchmarks' processes: this one's without MTP_*, then theirs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MTP_")}
+    env.update(MTP_TENANT_DIR=str(tmp / "tenant"), MTP_SIDECAR_SECRET=SIDECAR_SECRET,
+               MTP_JWT_SECRET=JWT_SECRET, MTP_DATA_DIR=str(tmp / "data"),
+               MTP_UPSTREAM=upstream, MTP_LOG_LEVEL="WARNING",
+               MTP_AUDIT_FILE=str(tmp / "audit.log"), **extra)
+    return env
+
+
 def tree_cpu_ticks(pid: int) -> tuple[int, int]:
     """(utime, stime) of ``pid`` and every live descendant."""
     children: dict[int, list[int]] = {}
@@ -189,11 +208,7 @@ def phase(tmp: Path, upstream: str, seconds: int, conns: int, direct: bool,
     ``framework``, the full framework; ``echo``, the tests' aiohttp echo upstream, fast
     enough that the proxies, not the upstream, are the limit.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MTP_")}
-    env.update(MTP_TENANT_DIR=str(tmp / "tenant"), MTP_SIDECAR_SECRET=SIDECAR_SECRET,
-               MTP_JWT_SECRET=JWT_SECRET, MTP_DATA_DIR=str(tmp / "data"),
-               MTP_UPSTREAM=upstream, MTP_WORKERS="2", MTP_THREADS="8",
-               MTP_LOG_LEVEL="WARNING", MTP_AUDIT_FILE=str(tmp / "audit.log"))
+    env = bench_env(tmp, upstream, MTP_WORKERS="2", MTP_THREADS="8")
     py = sys.executable
     if kind == "flask":
         fw = start([py, "-m", "gunicorn", "-w", "2", "-k", "gthread", "--threads", "8",
@@ -290,11 +305,7 @@ def main() -> None:
     load_before = f"{os.getloadavg()[0]:.2f}"
     tmp = Path(tempfile.mkdtemp(prefix="mtp-bench-"))
     try:
-        (tmp / "tenant" / "services").mkdir(parents=True)
-        (tmp / "tenant" / "tenant.toml").write_text(TENANT)
-        (tmp / "tenant" / "services" / "hello.py").write_text(SERVICE)
-        (tmp / "trivial.py").write_text(TRIVIAL)
-        (tmp / "data").mkdir()
+        bench_dir(tmp)
         results = []
         for kind in ("flask", "framework"):
             group = phase(tmp, f"127.0.0.1:{free_port()}", seconds, conns, True, kind)
