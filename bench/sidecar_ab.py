@@ -39,6 +39,7 @@ from sidecar_wrk import (  # noqa: E402
     bench_dir,
     bench_env,
     start,
+    start_upstream,
     stop,
 )
 
@@ -58,13 +59,7 @@ def main() -> None:
     upstream = f"unix:{tmp}/upstream.sock"
     env = bench_env(tmp, upstream)
     py = sys.executable
-    if args.kind == "echo":
-        up = start([py, "-m", "tests.sidecar.echo_upstream", upstream],
-                   {**env, "PYTHONPATH": str(ROOT)}, tmp / "upstream.log")
-    else:
-        up = start([py, "-m", "gunicorn", "-w", "2", "-k", "gthread", "--threads", "8",
-                    "--keep-alive", "75", "-b", upstream, "--chdir", str(tmp),
-                    "--no-control-socket", "trivial:app"], env, tmp / "upstream.log")
+    up = start_upstream(args.kind, upstream, env, tmp)
     sidecars: dict[str, tuple[subprocess.Popen, int]] = {}
     try:
         wait_for_unix(upstream[5:], up, timeout=30)
@@ -94,11 +89,12 @@ def main() -> None:
             print(f"| {i + 1} | {ar:.0f} | {ac:.0f} | {br:.0f} | {bc:.0f} | {bc / ac:.3f} |",
                   flush=True)
         ratios = [b[1] / a[1] for a, b in zip(rounds["A"], rounds["B"], strict=True)]
+        ratio = statistics.median(ratios)
         med = {n: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
                for n, rs in rounds.items()}
         print(f"| median | {med['A'][0]:.0f} | {med['A'][1]:.1f} | {med['B'][0]:.0f} | "
-              f"{med['B'][1]:.1f} | **{statistics.median(ratios):.3f}** |")
-        print(f"\npaired B/A CPU ratio: median {statistics.median(ratios):.3f}, "
+              f"{med['B'][1]:.1f} | **{ratio:.3f}** |")
+        print(f"\npaired B/A CPU ratio: median {ratio:.3f}, "
               f"range {min(ratios):.3f}-{max(ratios):.3f}; no errors (any stops the run); "
               f"load average {os.getloadavg()[0]:.2f}")
     finally:

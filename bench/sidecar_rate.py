@@ -39,6 +39,7 @@ from sidecar_wrk import (  # noqa: E402
     TICK,
     bench_env,
     start,
+    start_upstream,
     stop,
     tree_cpu_ticks,
 )
@@ -95,8 +96,7 @@ def main() -> None:
         upstream = f"unix:{tmp / 'data' / 'echo.sock'}"
         env = bench_env(tmp, upstream)
         py = sys.executable
-        echo = start([py, "-m", "tests.sidecar.echo_upstream", upstream],
-                     {**env, "PYTHONPATH": str(ROOT)}, tmp / "echo.log")
+        echo = start_upstream("echo", upstream, env, tmp)
         procs.append(echo)
         wait_for_unix(upstream[5:], echo, timeout=30)
         sc_port, nv_port = free_port(), free_port()

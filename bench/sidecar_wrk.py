@@ -115,6 +115,20 @@ def bench_env(tmp: Path, upstream: str, **extra: str) -> dict[str, str]:
     return env
 
 
+def start_upstream(kind: str, upstream: str, env: dict[str, str],
+                   tmp: Path) -> subprocess.Popen:
+    """``flask`` (the trivial route, gunicorn gthread, 2 workers), ``echo`` or ``framework``."""
+    py = sys.executable
+    if kind == "flask":
+        return start([py, "-m", "gunicorn", "-w", "2", "-k", "gthread", "--threads", "8",
+                      "--keep-alive", "75", "-b", upstream, "--chdir", str(tmp),
+                      "--no-control-socket", "trivial:app"], env, tmp / "trivial.log")
+    if kind == "echo":
+        return start([py, "-m", "tests.sidecar.echo_upstream", upstream],
+                     {**env, "PYTHONPATH": str(ROOT)}, tmp / "echo.log")
+    return start([py, "-m", "framework", "framework"], env, tmp / "framework.log")
+
+
 def tree_cpu_ticks(pid: int) -> tuple[int, int]:
     """(utime, stime) of ``pid`` and every live descendant."""
     children: dict[int, list[int]] = {}
@@ -210,15 +224,7 @@ def phase(tmp: Path, upstream: str, seconds: int, conns: int, direct: bool,
     """
     env = bench_env(tmp, upstream, MTP_WORKERS="2", MTP_THREADS="8")
     py = sys.executable
-    if kind == "flask":
-        fw = start([py, "-m", "gunicorn", "-w", "2", "-k", "gthread", "--threads", "8",
-                    "--keep-alive", "75", "-b", upstream, "--chdir", str(tmp),
-                    "--no-control-socket", "trivial:app"], env, tmp / "trivial.log")
-    elif kind == "echo":
-        fw = start([py, "-m", "tests.sidecar.echo_upstream", upstream],
-                   {**env, "PYTHONPATH": str(ROOT)}, tmp / "echo.log")
-    else:
-        fw = start([py, "-m", "framework", "framework"], env, tmp / "framework.log")
+    fw = start_upstream(kind, upstream, env, tmp)
     if upstream.startswith("unix:"):
         wait_for_unix(upstream[5:], fw, timeout=30)
         nginx_up = upstream
