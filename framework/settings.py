@@ -72,6 +72,7 @@ class Settings:
     handler_threads: int = 0  # sync handler threads per worker (running + abandoned); 0: 2*threads
     job_workers: int = 4  # async job threads per worker
     job_queue: int = 64  # async jobs waiting per worker before 503
+    grace_seconds: int = 25  # SIGTERM to exit; every layer's drain derives from it
     environ: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -105,6 +106,7 @@ class Settings:
             handler_threads=_int(env, "MTP_HANDLER_THREADS", 0, minimum=0),
             job_workers=_int(env, "MTP_JOB_WORKERS", 4, minimum=1),
             job_queue=_int(env, "MTP_JOB_QUEUE", 64, minimum=0),
+            grace_seconds=_int(env, "MTP_GRACE_SECONDS", 25, minimum=1),
             environ=env,
         )
 
