@@ -103,6 +103,6 @@ def load_public_key(tenant: TenantConfig) -> Any:
         raise ConfigError(where, KEY, f"{path}: {exc}") from None
     for algorithm in tenant.jwt.algorithms:
         if not algorithm.startswith("HS") and not key_fits(algorithm, key):
-            raise ConfigError(where, KEY, f"{path}: a {describe(key)} key cannot verify "
+            raise ConfigError(where, KEY, f"{path}: {describe(key)} key cannot verify "
                                           f"{algorithm} (auth.jwt.algorithms)")
     return key
