@@ -7,6 +7,13 @@ a private package name, never through ``sys.path``: a tenant's ``os.py`` or
 for ``os``. Three failures are told apart: no such service (404), the module
 raised on import (500, file and line named), the module is not a usable service
 (500, reason named).
+
+``services/_x.py`` (a leading underscore) is a private helper: services import it
+relatively (``from ._x import f`` or ``from . import _x``), as a submodule of the
+same private package, so it resolves in ``mtp run``, ``mtp invoke``, an assembled
+tree and the image alike. A helper is never a service: its name fails
+``SERVICE_NAME_RE``, so it is refused (404) before the filesystem is asked and
+never listed. In dev mode a changed helper reloads the services with it.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from framework.errors import (
 from framework.tenant_config import MODES, SERVICE_NAME_RE, TenantConfig
 
 OPERATION_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+HELPER_NAME_RE = re.compile(r"_[a-z][a-z0-9_]{0,63}")
 DEFAULT_TIMEOUT = 30.0
 CACHE_SIZE = 1024
 
@@ -77,6 +85,11 @@ class ServiceSpec:
 def valid_name(name: str) -> bool:
     """True for a well-formed service name (fullmatch: no trailing newline sneaks in)."""
     return SERVICE_NAME_RE.fullmatch(name) is not None
+
+
+def helper_name(name: str) -> bool:
+    """True for a private helper module's name (``_x``)."""
+    return HELPER_NAME_RE.fullmatch(name) is not None
 
 
 def _where(exc: BaseException, path: Path) -> int | None:
@@ -126,6 +139,8 @@ class Registry:
         stamp = self._stamp(path)
         if stamp is None:
             raise ServiceNotFound(f"no service named {name!r}")
+        if self.dev:
+            stamp = (*stamp, self._helpers_stamp())
         if entry is not None and entry[0] == stamp:
             return self._unwrap(entry[1])
         with self._load_lock:
@@ -154,6 +169,24 @@ class Registry:
             return None
         return (st.st_mtime_ns, st.st_size)
 
+    def _helpers(self) -> list[Path]:
+        if not self.services_dir.is_dir():
+            return []
+        return sorted(p for p in self.services_dir.glob("_*.py") if helper_name(p.stem))
+
+    def _helpers_stamp(self) -> tuple[tuple[str, int, int], ...]:
+        """What the helpers on disk look like: a change reloads every service (dev mode)."""
+        return tuple((p.name, *(self._stamp(p) or (0, 0))) for p in self._helpers())
+
+    def _forget_helpers(self) -> None:
+        """Drop imported helpers so that the next import reads them again (dev mode)."""
+        package = sys.modules.get(self.package)
+        for modname in [m for m in sys.modules if m.startswith(f"{self.package}._")]:
+            sys.modules.pop(modname, None)
+            # `from . import _x` reads the package attribute before sys.modules.
+            if package is not None and modname.count(".") == 1:
+                package.__dict__.pop(modname.rpartition(".")[2], None)
+
     def _package(self) -> None:
         if self.package not in sys.modules:
             pkg = types.ModuleType(self.package)
@@ -173,6 +206,8 @@ class Registry:
 
     def _import(self, name: str, path: Path) -> types.ModuleType:
         self._package()
+        if self.dev:
+            self._forget_helpers()
         modname = f"{self.package}.{name}"
         spec = importlib.util.spec_from_file_location(modname, path)
         if spec is None or spec.loader is None:  # pragma: no cover - a .py path always has one
@@ -186,10 +221,25 @@ class Registry:
             sys.modules.pop(modname, None)
             line = _where(exc, path)
             at = f", line {line}" if line else ""
-            reason = (exc.msg if isinstance(exc, SyntaxError) else str(exc))[:200]
+            reason = (exc.msg if isinstance(exc, SyntaxError) else str(exc))
+            # The private package name means nothing to the tenant: say "services".
+            reason = reason.replace(self.package, "services")[:200]
             raise ServiceLoadFailed(
                 f"{self.rel(path)}{at}: {type(exc).__name__} on import: {reason}") from exc
         return module
+
+    def _import_helper(self, path: Path) -> None:
+        """Import one helper as the services do (through the package)."""
+        self._package()
+        try:
+            importlib.import_module(f"{self.package}.{path.stem}")
+        except (Exception, SystemExit) as exc:
+            line = _where(exc, path)
+            at = f", line {line}" if line else ""
+            reason = (exc.msg if isinstance(exc, SyntaxError) else str(exc))
+            reason = reason.replace(self.package, "services")[:200]
+            raise ServiceLoadFailed(
+                f"{self.rel(path)}{at}: {type(exc).__name__} on import: {reason}") from exc
 
     def _spec(self, name: str, path: Path, module: types.ModuleType) -> ServiceSpec:
         where = self.rel(path)
@@ -257,13 +307,21 @@ class Registry:
         return specs
 
     def problems(self) -> list[str]:
-        """Every reason a service module on disk is unusable (for ``mtp check``)."""
+        """Every reason a service or helper module on disk is unusable (for ``mtp check``)."""
         found = []
         if self.services_dir.is_dir():
             for path in sorted(self.services_dir.glob("*.py")):
-                if not valid_name(path.stem) and path.stem != "__init__":
+                if not (valid_name(path.stem) or helper_name(path.stem)
+                        or path.stem == "__init__"):
                     found.append(f"{self.rel(path)}: not a valid service name "
-                                 f"(must match {SERVICE_NAME_RE.pattern})")
+                                 f"(must match {SERVICE_NAME_RE.pattern}) nor helper name "
+                                 f"(_ then the same)")
+        for path in self._helpers():
+            # Imported on its own too: a broken helper no service imports yet must not ship.
+            try:
+                self._import_helper(path)
+            except ServiceLoadFailed as exc:
+                found.append(exc.detail)
         for name in self.names():
             # Disabled (or not entitled) services are checked too: they may be enabled later.
             loaded = self._load(name, self.services_dir / f"{name}.py")

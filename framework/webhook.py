@@ -1,12 +1,21 @@
 """Billing export: finished hourly usage buckets POSTed to ``billing.webhook_url``.
 
-One POST per finished hour of the tenant, body JSON, signed
-``X-MTP-Signature: sha256=<hex HMAC-SHA256 of the body>`` with the secret from
-``billing.webhook_secret_env``, and ``Idempotency-Key: usage-<tenant>-<hour>-<source>``
-(stable: a retry of the same hour carries the same key, so the receiver drops
-duplicates). ``source`` is the usage database's id: replicas with their own data
-dir each send their share of an hour under their own key (the receiver adds
-them up), never one replica's share under another's key. Delivery is
+One POST per finished hour of the tenant, body JSON, signed in the Standard
+Webhooks format (https://www.standardwebhooks.com/) so that a receiver verifies it,
+timestamp and replay window included, with an off-the-shelf library
+(``standardwebhooks.Webhook(secret).verify(body, headers)``)::
+
+    webhook-id: usage-<tenant>-<hour>-<source>      (the same on every retry)
+    webhook-timestamp: <unix seconds at this attempt>
+    webhook-signature: v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">
+
+The key is ``billing.webhook_secret_env``'s value: a Standard Webhooks secret
+(``whsec_<base64>``) is base64-decoded, any other value is used as its UTF-8
+bytes (then the receiver's secret is ``whsec_`` + base64 of it). The id also
+goes out as ``Idempotency-Key`` (a retry of the same hour carries the same id,
+so the receiver drops duplicates). ``source`` is the usage database's id:
+replicas with their own data dir each send their share of an hour under their
+own key (the receiver adds them up), never one replica's share under another's. Delivery is
 at-least-once: an hour is marked sent in SQLite only after a 2xx, failures are
 retried with exponential backoff and jitter, and a restart resumes from the table.
 
@@ -18,8 +27,8 @@ at a time and hands over when its holder dies.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+import base64
+import binascii
 import http.client
 import json
 import logging
@@ -33,7 +42,10 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
+
+from standardwebhooks import Webhook
 
 from framework import __version__
 from framework.tenant_config import BillingSettings
@@ -41,8 +53,11 @@ from framework.usage import HOUR, UsageStore, cost, iso_hour
 
 log = logging.getLogger("mtp.webhook")
 
-SIGNATURE_HEADER = "X-MTP-Signature"
+ID_HEADER = "webhook-id"
+TIMESTAMP_HEADER = "webhook-timestamp"
+SIGNATURE_HEADER = "webhook-signature"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+SECRET_PREFIX = "whsec_"  # noqa: S105 - the Standard Webhooks secret prefix, not a secret
 LEASE = "billing-webhook"
 
 SCHEMA = """
@@ -64,14 +79,30 @@ CREATE TABLE IF NOT EXISTS leases (
 """
 
 
-def sign(secret: bytes, body: bytes) -> str:
-    """The ``X-MTP-Signature`` value of a body."""
-    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+def signing_key(secret: str) -> bytes:
+    """The HMAC key of a configured secret: ``whsec_<base64>`` decoded, else its UTF-8 bytes.
+
+    ValueError when a ``whsec_`` secret is not valid base64 (the message never holds it).
+    """
+    if secret.startswith(SECRET_PREFIX):
+        try:
+            key = base64.b64decode(secret[len(SECRET_PREFIX):], validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("a whsec_ secret must be base64 after the prefix") from None
+        if not key:
+            raise ValueError("a whsec_ secret must not be empty")
+        return key
+    return secret.encode()
 
 
-def verify(secret: bytes, body: bytes, header: str) -> bool:
-    """What a receiver checks (constant-time)."""
-    return hmac.compare_digest(sign(secret, body), header or "")
+def signed_headers(key: bytes, msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    """The three Standard Webhooks headers of one delivery attempt."""
+    when = datetime.fromtimestamp(timestamp, UTC)
+    return {
+        ID_HEADER: msg_id,
+        TIMESTAMP_HEADER: str(timestamp),
+        SIGNATURE_HEADER: Webhook(key).sign(msg_id, when, body.decode()),
+    }
 
 
 def idempotency_key(tenant: str, hour: int, source: str) -> str:
@@ -224,12 +255,15 @@ class WebhookExporter:
     def deliver(self, hour: int) -> int:
         """POST one hour; record success, or schedule the retry. Returns 1 when sent."""
         body = json.dumps(self.payload(hour), sort_keys=True, separators=(",", ":")).encode()
+        msg_id = idempotency_key(self.tenant, hour, self.source)
+        # Signed at send time: each retry carries a fresh timestamp (and the same id), so
+        # a receiver's replay window never refuses a late but genuine retry.
         request = urllib.request.Request(  # noqa: S310 - scheme checked in __init__
             self.prices.webhook_url, data=body, method="POST", headers={
                 "Content-Type": "application/json",
                 "User-Agent": f"mtp/{__version__}",
-                SIGNATURE_HEADER: sign(self._secret, body),
-                IDEMPOTENCY_HEADER: idempotency_key(self.tenant, hour, self.source),
+                IDEMPOTENCY_HEADER: msg_id,
+                **signed_headers(self._secret, msg_id, int(time.time()), body),
             })
         error = ""
         try:
@@ -308,4 +342,9 @@ def start_exporter(store: UsageStore, tenant: str, prices: BillingSettings,
         log.error("billing webhook disabled: %s is not set (refusing to send unsigned usage)",
                   prices.webhook_secret_env)
         return None
-    return (cls or WebhookExporter)(store, tenant, prices, secret.encode(), policy).start()
+    try:
+        key = signing_key(secret)
+    except ValueError as exc:
+        log.error("billing webhook disabled: %s: %s", prices.webhook_secret_env, exc)
+        return None
+    return (cls or WebhookExporter)(store, tenant, prices, key, policy).start()

@@ -15,6 +15,7 @@ from typing import Any
 
 from prometheus_client import Gauge
 
+from framework.jwt_keys import load_public_key
 from framework.settings import Settings
 from framework.tenant_config import ConfigError, TenantConfig
 from sidecar.apikeys import ApiKeys
@@ -25,7 +26,7 @@ from sidecar.limiter import LimiterBackend, MemoryBackend
 from sidecar.overlay import OverlayWatcher
 from sidecar.proxy import Timeouts, Upstream
 from sidecar.ratelimit import RateLimiter
-from sidecar.tokens import TokenVerifier, load_public_key
+from sidecar.tokens import TokenVerifier
 
 
 def _identity_modules(tenant: TenantConfig, settings: Settings) -> dict[str, Any]:
@@ -124,6 +125,5 @@ def create_app(settings: Settings, tenant: TenantConfig, *, timeouts: Timeouts |
     """The sidecar, checked (config errors raise here, before anything listens)."""
     settings.require_sidecar_secret()
     secret = jwt_secret(tenant, settings)
-    public_key = (load_public_key(tenant.jwt.public_key_file)
-                  if tenant.jwt.public_key_file else None)
+    public_key = load_public_key(tenant)  # the same loader and checks as `mtp check`
     return App(settings, tenant, secret, public_key, timeouts, backend)

@@ -5,6 +5,10 @@ Algorithms come only from ``[auth.jwt] algorithms`` (never from the token header
 checked with ``leeway``; ``iss``/``aud`` when configured. A verified token is
 cached by the SHA-256 of its text until it expires, and the expiry is checked
 again on every hit, so a cache hit is never more permissive than a verification.
+With a JWKS key source the entry also remembers the key that verified the token:
+a hit asks the key source for that kid again (which refreshes the set past its
+TTL) and counts only while the same key is still published, so removing a key
+from the set ends its tokens' cached validity at the next refresh.
 """
 
 from __future__ import annotations
@@ -12,14 +16,13 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import jwt
 from cachetools import TLRUCache
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from framework.tenant_config import ConfigError, JwtSettings
+from framework.tenant_config import JwtSettings
 from sidecar.principal import JWT, BadIdentity, Principal
 
 if TYPE_CHECKING:
@@ -32,23 +35,30 @@ class TokenInvalid(Exception):
     """The token is not acceptable; the message is the audit reason, never shown to clients."""
 
 
+class SourceKey(Protocol):
+    """A key from a key source: the key object and what identifies its published form."""
+
+    key: Any
+    fingerprint: bytes
+
+
 class KeySource(Protocol):
     """Where asymmetric keys come from when a JWKS URL is configured (sidecar/jwks.py)."""
 
-    async def key_for(self, kid: str | None) -> Any: ...
+    async def key_for(self, kid: str | None, algorithm: str) -> SourceKey: ...
 
     async def close(self) -> None: ...
 
 
-def load_public_key(path: str) -> Any:
-    """The PEM public key of ``public_key_file``, parsed once (ConfigError when unusable)."""
-    try:
-        return load_pem_public_key(Path(path).read_bytes())
-    except OSError as exc:
-        raise ConfigError(path, "auth.jwt.public_key_file",
-                          f"cannot read: {exc.strerror}") from None
-    except ValueError:
-        raise ConfigError(path, "auth.jwt.public_key_file", "not a PEM public key") from None
+@dataclass(frozen=True)
+class _Verified:
+    """A cache entry: who the token names, until when, and which key vouched for it."""
+
+    principal: Principal
+    expires: float
+    kid: str | None = None
+    algorithm: str = ""
+    fingerprint: bytes = b""
 
 
 def _str_list(claims: dict[str, Any], name: str) -> tuple[str, ...]:
@@ -87,8 +97,8 @@ class TokenVerifier:
         self._issuer = cfg.issuer or None
         self._audience = cfg.audience or None
         # Entry lives until exp + leeway; TLRU evicts by that time, LRU beyond the size.
-        self._cache: TLRUCache[bytes, tuple[Principal, float]] = TLRUCache(
-            maxsize=cache_size, ttu=lambda _k, v, _now: v[1], timer=clock)
+        self._cache: TLRUCache[bytes, _Verified] = TLRUCache(
+            maxsize=cache_size, ttu=lambda _k, v, _now: v.expires, timer=clock)
 
     def decode(self, token: str, key: Any) -> dict[str, Any]:
         """Verify ``token`` with ``key``; the claims, or TokenInvalid naming the reason."""
@@ -99,11 +109,11 @@ class TokenVerifier:
         except jwt.PyJWTError as exc:
             raise TokenInvalid(f"jwt: {type(exc).__name__}: {exc}") from None
 
-    def cached(self, digest: bytes) -> Principal | None:
-        """A still-valid cached principal for a token digest."""
+    def cached(self, digest: bytes) -> _Verified | None:
+        """A cache entry for a token digest that has not expired."""
         hit = self._cache.get(digest)
-        if hit is not None and self._clock() < hit[1]:
-            return hit[0]
+        if hit is not None and self._clock() < hit.expires:
+            return hit
         return None
 
     async def verify(self, token: str) -> Principal:
@@ -115,19 +125,39 @@ class TokenVerifier:
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         hit = self.cached(digest)
         if hit is not None:
-            return hit
-        key = self._key
-        if self._keys is not None:
-            try:
-                kid = jwt.get_unverified_header(token).get("kid")
-            except jwt.PyJWTError as exc:
-                raise TokenInvalid(f"jwt: {type(exc).__name__}: {exc}") from None
-            key = await self._keys.key_for(kid if isinstance(kid, str) else None)
-        claims = self.decode(token, key)
-        principal = principal_from_claims(claims, self.cfg.tenant_claim)
-        expires = float(claims["exp"]) + self.cfg.leeway
-        self._cache[digest] = (principal, expires)
-        return principal
+            if self._keys is None:
+                return hit.principal  # the configured key cannot change while we run
+            # UnknownKey here (the key left the set) refuses the token, as a fresh check would.
+            current = await self._keys.key_for(hit.kid, hit.algorithm)
+            if current.fingerprint == hit.fingerprint:
+                return hit.principal
+            self._cache.pop(digest, None)  # same kid, other key: verify again below
+        if self._keys is None:
+            claims = self.decode(token, self._key)
+            entry = _Verified(principal_from_claims(claims, self.cfg.tenant_claim),
+                              float(claims["exp"]) + self.cfg.leeway)
+        else:
+            kid, algorithm = self._header(token)
+            source_key = await self._keys.key_for(kid, algorithm)
+            claims = self.decode(token, source_key.key)
+            entry = _Verified(principal_from_claims(claims, self.cfg.tenant_claim),
+                              float(claims["exp"]) + self.cfg.leeway,
+                              kid, algorithm, source_key.fingerprint)
+        self._cache[digest] = entry
+        return entry.principal
+
+    def _header(self, token: str) -> tuple[str | None, str]:
+        """The token's kid and alg, the alg one the tenant allows (before any key lookup)."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise TokenInvalid(f"jwt: {type(exc).__name__}: {exc}") from None
+        algorithm, kid = header.get("alg"), header.get("kid")
+        if not isinstance(algorithm, str) or algorithm not in self._algorithms:
+            # Checked here too so that a made-up alg never reaches the key source.
+            raise TokenInvalid("jwt: InvalidAlgorithmError: the specified alg value is not "
+                               "allowed")
+        return (kid if isinstance(kid, str) else None), algorithm
 
     async def close(self) -> None:
         """Release the key source, if any."""

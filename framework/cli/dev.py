@@ -11,6 +11,7 @@ import click
 from framework.cli import check_version_pin, resolve_tenant_dir
 from framework.errors import FrameworkError
 from framework.inputs import choose, parse_prefer
+from framework.jwt_keys import load_public_key
 from framework.problem import problem
 from framework.registry import Registry, valid_name
 from framework.settings import Settings
@@ -45,6 +46,10 @@ def check(tenant_dir: str | None) -> None:
         problems.append(str(exc))
         tenant = None
     if tenant is not None:
+        try:
+            load_public_key(tenant)  # the sidecar's own loader: check and start cannot disagree
+        except ConfigError as exc:
+            problems.append(str(exc))
         registry = Registry(directory, tenant)
         problems.extend(registry.problems())
     for reason in problems:

@@ -27,11 +27,12 @@ class SigningKey:
     kid: str
     algorithm: str
     private: Any
+    publish_alg: bool = True  # False: the JWK carries no "alg" (RFC 7517 makes it optional)
 
     @classmethod
-    def generate(cls, kid: str, algorithm: str) -> SigningKey:
-        """A fresh key: RS256 (RSA 2048), ES256 (P-256) or EdDSA (Ed25519)."""
-        if algorithm == "RS256":
+    def generate(cls, kid: str, algorithm: str, publish_alg: bool = True) -> SigningKey:
+        """A fresh key: RS256 or PS256 (RSA 2048), ES256 (P-256) or EdDSA (Ed25519)."""
+        if algorithm in ("RS256", "PS256"):
             private: Any = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         elif algorithm == "ES256":
             private = ec.generate_private_key(ec.SECP256R1())
@@ -39,19 +40,25 @@ class SigningKey:
             private = ed25519.Ed25519PrivateKey.generate()
         else:
             raise ValueError(algorithm)
-        return cls(kid, algorithm, private)
+        return cls(kid, algorithm, private, publish_alg)
 
     @property
     def jwk(self) -> dict[str, Any]:
-        codec = {"RS256": RSAAlgorithm, "ES256": ECAlgorithm, "EdDSA": OKPAlgorithm}[self.algorithm]
+        codec = {"RS256": RSAAlgorithm, "PS256": RSAAlgorithm, "ES256": ECAlgorithm,
+                 "EdDSA": OKPAlgorithm}[self.algorithm]
         data = dict(codec.to_jwk(self.private.public_key(), as_dict=True))
-        data.update(kid=self.kid, alg=self.algorithm, use="sig")
+        data.update(kid=self.kid, use="sig")
+        if self.publish_alg:
+            data["alg"] = self.algorithm
         return data
 
-    def token(self, claims: dict[str, Any], kid: str | None = "") -> str:
-        """A JWT signed with this key; ``kid`` overrides the header's kid (None: no kid)."""
+    def token(self, claims: dict[str, Any], kid: str | None = "",
+              algorithm: str | None = None) -> str:
+        """A JWT signed with this key; ``kid`` overrides the header's kid (None: no kid),
+        ``algorithm`` the key's own algorithm (an RSA key signs RS256 and PS256 alike)."""
         headers = {} if kid is None else {"kid": kid or self.kid}
-        return jwt.encode(claims, self.private, algorithm=self.algorithm, headers=headers)
+        return jwt.encode(claims, self.private, algorithm=algorithm or self.algorithm,
+                          headers=headers)
 
 
 @dataclass

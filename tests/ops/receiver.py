@@ -1,4 +1,8 @@
-"""A real aiohttp webhook receiver on loopback, run in a thread, for the billing tests."""
+"""A real aiohttp webhook receiver on loopback, run in a thread, for the billing tests.
+
+It verifies each delivery the way a receiver outside the project would: with the
+Standard Webhooks library's own ``Webhook.verify`` (signature and timestamp window).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
-from framework.webhook import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, verify
+from framework.webhook import IDEMPOTENCY_HEADER
 from tests.helpers import free_port
 
 
@@ -23,13 +29,15 @@ class Receiver:
     receiver that de-duplicates would; ``deliveries`` counts every 2xx per key.
     """
 
-    secret: bytes
+    secret: bytes | str  # bytes: the HMAC key itself; str: a whsec_ secret
     fail_first: int = 0
     fail_status: int = 500
     requests: int = 0
     bad_signatures: int = 0
     accepted: dict[str, dict[str, Any]] = field(default_factory=dict)
     deliveries: Counter[str] = field(default_factory=Counter)
+    # Every request as received (body, headers), to replay one in a test.
+    received: list[tuple[bytes, dict[str, str]]] = field(default_factory=list)
     port: int = 0
 
     @property
@@ -43,7 +51,11 @@ class Receiver:
             if self.fail_status in (301, 302, 303, 307):
                 return web.Response(status=self.fail_status, headers={"Location": "/elsewhere"})
             return web.Response(status=self.fail_status, text="try later")
-        if not verify(self.secret, body, request.headers.get(SIGNATURE_HEADER, "")):
+        headers = dict(request.headers)
+        self.received.append((body, headers))
+        try:
+            Webhook(self.secret).verify(body, headers)
+        except WebhookVerificationError:
             self.bad_signatures += 1
             return web.Response(status=401)
         key = request.headers[IDEMPOTENCY_HEADER]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import base64
 import logging
 import socket
 import threading
@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from framework.tenant_config import BillingSettings
 from framework.usage import HOUR, UsageMeter, UsageStore, hour_of, iso_hour
@@ -18,9 +20,9 @@ from framework.webhook import (
     WebhookExporter,
     backoff,
     idempotency_key,
-    sign,
+    signed_headers,
+    signing_key,
     start_exporter,
-    verify,
 )
 from tests.helpers import free_port
 from tests.ops.receiver import Receiver
@@ -219,10 +221,72 @@ def test_replicas_with_their_own_database_export_under_their_own_keys(
     assert len(receiver.accepted) == 2  # both shares of the hour arrive
 
 
-def test_signature_and_backoff_helpers() -> None:
-    body = json.dumps({"a": 1}).encode()
-    assert sign(b"k", body).startswith("sha256=") and verify(b"k", body, sign(b"k", body))
-    assert not verify(b"k", body + b" ", sign(b"k", body)) and not verify(b"k", body, "")
+def test_backoff_helper() -> None:
     assert backoff(1, 1.0, 300, lambda: 0.0) == 0.5
     assert backoff(4, 1.0, 300, lambda: 1.0) == 8.0
     assert backoff(30, 1.0, 300, lambda: 1.0) == 300
+
+
+def test_a_delivered_webhook_verifies_with_the_standard_library_and_a_replay_does_not(
+        store, receiver) -> None:
+    exporter = WebhookExporter(store, "acme", prices(receiver.url), SECRET, FAST)
+    assert exporter.run_once() == 3
+    assert receiver.bad_signatures == 0 and len(receiver.accepted) == 3
+    body, headers = receiver.received[0]
+    lower = {k.lower(): v for k, v in headers.items()}
+    assert lower["webhook-id"] == lower["idempotency-key"] == idempotency_key(
+        "acme", HOURS[0], exporter.source)
+    assert lower["webhook-signature"].startswith("v1,")
+    # What a receiver outside the project runs: the library, not our code.
+    assert Webhook(SECRET).verify(body, headers)["hour"] == iso_hour(HOURS[0])
+    assert Webhook("whsec_" + base64.b64encode(SECRET).decode()).verify(body, headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(SECRET).verify(body + b" ", headers)  # another body
+    with pytest.raises(WebhookVerificationError):
+        Webhook(b"another-key").verify(body, headers)
+    # A captured delivery replayed later: the library refuses its old timestamp, and
+    # re-stamping it breaks the signature.
+    old = int(time.time()) - 600
+    replayed = {**headers, **signed_headers(SECRET, lower["webhook-id"], old, body)}
+    with pytest.raises(WebhookVerificationError, match="too old"):
+        Webhook(SECRET).verify(body, replayed)
+    moved = {**headers, "webhook-timestamp": str(int(lower["webhook-timestamp"]) - 1)}
+    with pytest.raises(WebhookVerificationError, match="No matching signature"):
+        Webhook(SECRET).verify(body, moved)
+
+
+def test_a_replayed_delivery_is_refused_by_the_receiver(store, receiver) -> None:
+    import urllib.request
+
+    exporter = WebhookExporter(store, "acme", prices(receiver.url), SECRET, FAST)
+    assert exporter.deliver(HOURS[0]) == 1
+    body, headers = receiver.received[0]
+    lower = {k.lower(): v for k, v in headers.items()}
+    # The attacker resends the captured request with an old (signed) timestamp.
+    stale = signed_headers(SECRET, lower["webhook-id"], int(time.time()) - 3600, body)
+    request = urllib.request.Request(receiver.url, data=body, method="POST", headers={
+        "Content-Type": "application/json", **stale})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 401 and receiver.bad_signatures == 1
+
+
+@pytest.mark.parametrize("secret, key", [
+    ("plain-secret", b"plain-secret"),
+    ("whsec_" + base64.b64encode(b"\x00random key bytes").decode(), b"\x00random key bytes"),
+])
+def test_secret_mapping(secret: str, key: bytes) -> None:
+    assert signing_key(secret) == key
+    headers = signed_headers(signing_key(secret), "msg_1", int(time.time()), b'{"a":1}')
+    # A receiver configured with the whsec_ form of the same key verifies it.
+    standard = secret if secret.startswith("whsec_") else (
+        "whsec_" + base64.b64encode(secret.encode()).decode())
+    assert Webhook(standard).verify(b'{"a":1}', headers) == {"a": 1}
+
+
+@pytest.mark.parametrize("secret", ["whsec_not base64!", "whsec_"])
+def test_a_malformed_standard_secret_disables_the_export(store, caplog, secret: str) -> None:
+    with caplog.at_level(logging.ERROR, "mtp.webhook"):
+        assert start_exporter(store, "acme", prices("http://127.0.0.1:9/x"), secret,
+                              FAST) is None
+    assert "MTP_BILLING_SECRET" in caplog.text and "not base64!" not in caplog.text

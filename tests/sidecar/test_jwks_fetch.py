@@ -41,8 +41,8 @@ def fetch_dribbled(kid: str) -> str | None:
         port = runner.addresses[0][1]
         keys = JwksKeys(f"http://127.0.0.1:{port}/jwks.json", cache_ttl=60)
         try:
-            found = await keys.key_for(kid)
-            return found.key_id
+            found = await keys.key_for(kid, "RS256")
+            return found.kid
         finally:
             await keys.close()
             await runner.cleanup()

@@ -7,15 +7,17 @@ import base64
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from framework.tenant_config import ConfigError, JwtSettings
+from framework.jwt_keys import load_public_key
+from framework.tenant_config import JwtSettings, TenantConfig
 from sidecar.principal import JWT
-from sidecar.tokens import TokenInvalid, TokenVerifier, load_public_key
+from sidecar.tokens import TokenInvalid, TokenVerifier
 
 SECRET = "s3cret-for-tests-" + "0123456789abcdef" * 3
 HS = JwtSettings(algorithms=("HS256",), leeway=0)
@@ -109,7 +111,7 @@ def test_hs_rs_confusion_public_pem_as_hmac_secret_is_refused(rsa_key, rsa_pem,
     pem_file = tmp_path / "pub.pem"
     pem_file.write_bytes(rsa_pem)
     rs = JwtSettings(algorithms=("RS256",), public_key_file=str(pem_file), leeway=0)
-    verifier = TokenVerifier(rs, public_key=load_public_key(str(pem_file)))
+    verifier = TokenVerifier(rs, public_key=load_public_key(TenantConfig(tenant_id="a", jwt=rs)))
     assert verify(verifier, jwt.encode(claims(), rsa_key, "RS256")).user == "alice"
     forged = _forge_hs256(claims(), rsa_pem)
     with pytest.raises(TokenInvalid, match="InvalidAlgorithmError"):
@@ -147,7 +149,7 @@ def test_cache_hit_still_checks_expiry() -> None:
     assert verify(v, token) is first  # served from the cache
     import hashlib
     digest = hashlib.sha256(token.encode()).digest()
-    _principal, expires = v._cache[digest]
+    expires = v._cache[digest].expires
     # Pretend the clock moved past exp: the cached entry must not be honoured.
     now[0] = expires + 1
     assert v.cached(digest) is None
@@ -155,37 +157,68 @@ def test_cache_hit_still_checks_expiry() -> None:
         verify(v, jwt.encode(claims(exp=int(time.time()) - 1), SECRET, "HS256"))
 
 
-def test_public_key_file_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read"):
-        load_public_key(str(tmp_path / "missing.pem"))
-    bad = tmp_path / "bad.pem"
-    bad.write_text("not a key")
-    with pytest.raises(ConfigError, match="not a PEM public key"):
-        load_public_key(str(bad))
-
-
 class _Keys:
     """A key source like sidecar/jwks.py's, for the JWKS code path."""
 
     def __init__(self, key) -> None:
-        self.key, self.kids, self.closed = key, [], False
+        self.kids: list = []
+        self.closed = False
+        self.publish(key)
 
-    async def key_for(self, kid):
-        self.kids.append(kid)
-        return self.key
+    def publish(self, key, fingerprint: bytes = b"one") -> None:
+        """What the set holds now: ``None`` is a removed key."""
+        self.current = None if key is None else SimpleNamespace(key=key, fingerprint=fingerprint)
+
+    async def key_for(self, kid, algorithm):
+        self.kids.append((kid, algorithm))
+        if self.current is None:
+            raise LookupError(f"no key {kid}")
+        return self.current
 
     async def close(self) -> None:
         self.closed = True
 
 
-def test_key_source_is_asked_by_kid(rsa_key) -> None:
+def test_key_source_is_asked_by_kid_and_alg(rsa_key) -> None:
     keys = _Keys(rsa_key.public_key())
-    cfg = JwtSettings(algorithms=("RS256",), jwks_url="http://idp/jwks", leeway=0)
+    cfg = JwtSettings(algorithms=("RS256", "PS256"), jwks_url="http://idp/jwks", leeway=0)
     v = TokenVerifier(cfg, keys=keys)
-    token = jwt.encode(claims(), rsa_key, "RS256", headers={"kid": "k1"})
+    token = jwt.encode(claims(), rsa_key, "PS256", headers={"kid": "k1"})
     assert verify(v, token).user == "alice"
-    assert keys.kids == ["k1"]
+    assert keys.kids == [("k1", "PS256")]
     with pytest.raises(TokenInvalid, match="DecodeError"):
         verify(v, "garbage")
     asyncio.run(v.close())
     assert keys.closed
+
+
+def test_an_alg_the_tenant_does_not_allow_never_reaches_the_key_source(rsa_key) -> None:
+    keys = _Keys(rsa_key.public_key())
+    v = TokenVerifier(JwtSettings(algorithms=("RS256",), jwks_url="http://idp", leeway=0),
+                      keys=keys)
+    for alg in ("PS256", "none"):
+        token = jwt.encode(claims(), rsa_key if alg != "none" else None, alg)
+        with pytest.raises(TokenInvalid, match="InvalidAlgorithmError"):
+            verify(v, token)
+    assert keys.kids == []
+
+
+def test_a_cached_token_is_only_as_good_as_its_key(rsa_key) -> None:
+    keys = _Keys(rsa_key.public_key())
+    v = TokenVerifier(JwtSettings(algorithms=("RS256",), jwks_url="http://idp", leeway=0),
+                      keys=keys)
+    token = jwt.encode(claims(), rsa_key, "RS256", headers={"kid": "k1"})
+    first = verify(v, token)
+    assert verify(v, token) is first  # a hit: the key is still the one that verified it
+    # The same kid now names another key: the hit does not count, the token is checked
+    # again (and still verifies: only the published form changed).
+    keys.publish(rsa_key.public_key(), b"two")
+    again = verify(v, token)
+    assert again == first and again is not first
+    keys.publish(None)  # the key left the set: the cached token goes with it
+    with pytest.raises(LookupError):
+        verify(v, token)
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    keys.publish(other.public_key(), b"three")  # rotated under the same kid
+    with pytest.raises(TokenInvalid, match="InvalidSignatureError"):
+        verify(v, token)
