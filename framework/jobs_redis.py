@@ -27,7 +27,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -60,6 +60,7 @@ from framework.jobs import (
     new_job_id,
     runner_alive,
 )
+from framework.redis_wait import Outage
 from framework.registry import ServiceSpec
 from framework.runtime import Runtime
 from framework.settings import Settings
@@ -70,6 +71,9 @@ log = logging.getLogger("mtp.framework.jobs")
 RETRIES = 3  # extra runs of an idempotent job whose worker died
 TIMEOUT_MARGIN = 5  # RQ kills a work horse this long after the service's timeout
 POOL_WAIT = 5.0
+# Seconds after Redis is back before a silent job counts as abandoned: a worker's
+# heartbeat interval, RQ's grace and the worker's longest retry pause, with margin.
+OUTAGE_GRACE = 10
 WAIT_POLL = (0.01, 0.1)  # first and longest pause while waiting for a result
 
 # KEYS[1] job hash, optional KEYS[2] RQ queue list and KEYS[3] RQ job hash (cancel).
@@ -79,7 +83,15 @@ TRANSITION_LUA = """
 local old = redis.call('HGET', KEYS[1], 'status')
 if not old then return false end
 local allowed = false
-for s in string.gmatch(ARGV[3], '[^,]+') do if s == old then allowed = true end end
+for s in string.gmatch(ARGV[3], '[^,]+') do
+  if s == old then allowed = true end
+  -- '~RUNNER': a job marked interrupted while RUNNER still ran it (its heartbeat
+  -- stopped during a Redis outage) takes RUNNER's late result after all.
+  if string.sub(s, 1, 1) == '~' and old == 'failed'
+     and redis.call('HGET', KEYS[1], 'runner') == string.sub(s, 2)
+     and string.find(redis.call('HGET', KEYS[1], 'error') or '', '"interrupted"', 1, true)
+  then allowed = true end
+end
 if not allowed then return false end
 local id, prefix, new, now, ttl = ARGV[1], ARGV[2], ARGV[4], ARGV[5], tonumber(ARGV[6])
 if #KEYS == 3 then
@@ -137,6 +149,8 @@ class RedisJobStore:
         # what Redis holds would let anyone who can write to Redis run code in workers.
         self.queue = Queue(queue_name(tenant), connection=client, serializer=JSONSerializer)
         self._transition = client.register_script(TRANSITION_LUA)
+        self._outage_seen = False
+        self._hold_until = 0.0
 
     def key(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}"
@@ -176,8 +190,11 @@ class RedisJobStore:
                           deadline=repr(deadline))
 
     def finish(self, job_id: str, status: str, result_json: bytes | None = None,
-               error: dict[str, Any] | None = None) -> bool:
-        return self._move(job_id, [RUNNING], status, self.retention,
+               error: dict[str, Any] | None = None, runner: str = "") -> bool:
+        """running -> ``status``; with ``runner``, also over an ``interrupted`` mark that
+        was set while that runner, cut off from Redis, was still running the job."""
+        old = [RUNNING, f"~{runner}"] if runner else [RUNNING]
+        return self._move(job_id, old, status, self.retention,
                           result=result_json.decode() if result_json is not None else None,
                           error=_dump(error), finished=repr(time.time()))
 
@@ -204,7 +221,20 @@ class RedisJobStore:
     def reap(self, alive: Any = runner_alive) -> int:
         """RQ's abandoned-job handling for executions whose heartbeat stopped."""
         registry = StartedJobRegistry(queue=self.queue, death_penalty_class=TimerDeathPenalty)
-        expired = registry.get_expired_job_ids()
+        try:
+            expired = registry.get_expired_job_ids()
+            uptime = int(self.client.info("server").get("uptime_in_seconds", OUTAGE_GRACE))
+        except RedisError:
+            self._outage_seen = True
+            raise
+        if self._outage_seen or uptime < OUTAGE_GRACE:
+            # Redis was away: no worker could beat, so every running job looks abandoned.
+            # Workers that lived through it beat again within seconds; only a job whose
+            # worker stays silent past the grace is handed to the abandoned-job handling.
+            self._outage_seen = False
+            self._hold_until = time.monotonic() + OUTAGE_GRACE - min(uptime, OUTAGE_GRACE)
+        if time.monotonic() < self._hold_until:
+            return 0
         if expired:
             registry.cleanup()
         return len(expired)
@@ -317,6 +347,7 @@ class JobWorker:
     rt: Runtime  # registry, executor seams (metered, breaker) and the live tenant config
     store: RedisJobStore
     close: Callable[[], Any] = lambda: None  # at exit: the usage meter's last flush
+    outage: Outage = field(default_factory=lambda: Outage(log, "the job worker"))
 
     def context(self, spec: ServiceSpec, call: dict[str, Any]) -> Context:
         """The handler's context, rebuilt from the identity stored with the job."""
@@ -335,15 +366,18 @@ class JobWorker:
     def run(self, job_id: str, call: dict[str, Any], runner: str) -> str | None:
         """Claim and run one job; returns its final status (None: not ours to run)."""
         logs.REQUEST_ID.set(call["request_id"])
+        store, until = self.store, self.outage.until
+        # Every write below waits out a Redis outage: a job that was dequeued is claimed,
+        # and one whose handler finished keeps its result until Redis takes it.
         try:
             spec = self.rt.registry.resolve(call["service"])
         except FrameworkError as exc:
             # The service went away (or broke) between accepting the job and running it.
-            self.store.claim(job_id, runner, time.time())
-            self.store.finish(job_id, FAILED, error=error_document(
-                Outcome(exc.status, error=exc), call["request_id"]))
+            doc = error_document(Outcome(exc.status, error=exc), call["request_id"])
+            until(lambda: store.claim(job_id, runner, time.time()))
+            until(lambda: store.finish(job_id, FAILED, error=doc, runner=runner))
             return FAILED
-        if not self.store.claim(job_id, runner, time.time() + spec.timeout):
+        if not until(lambda: store.claim(job_id, runner, time.time() + spec.timeout)):
             return None  # cancelled while queued, or already handled
         ctx = self.context(spec, call)
         outcome = self.rt.executor.call(spec, ctx)
@@ -351,12 +385,12 @@ class JobWorker:
             outcome = Outcome(504, error=DeadlineExceeded(
                 f"service {spec.name!r} did not finish within {spec.timeout:g}s"))
         if outcome.ok:
-            self.store.finish(job_id, SUCCEEDED, result_json=outcome.body)
-            status = SUCCEEDED
-        else:
-            self.store.finish(job_id, FAILED, error=error_document(outcome, call["request_id"]))
-            status = FAILED
-        return status
+            body = outcome.body
+            until(lambda: store.finish(job_id, SUCCEEDED, result_json=body, runner=runner))
+            return SUCCEEDED
+        doc = error_document(outcome, call["request_id"])
+        until(lambda: store.finish(job_id, FAILED, error=doc, runner=runner))
+        return FAILED
 
 
 _WORKER: JobWorker | None = None

@@ -14,8 +14,8 @@ redis-py after a Redis restart), so it is atomic across replicas:
 
 Redis unreachable: every call falls back to a local :class:`MemoryBackend`
 (per-replica limits; requests are still served), ``degraded`` turns True, one
-log line marks each transition, and a background probe switches back as soon as
-Redis answers again.
+log line marks each transition, and a background probe switches back once Redis
+has answered for a few seconds (and drops the connections that outlived the outage).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ PREFIX = "mtp:rl:"
 QUOTA_TTL = 2 * 86400  # a day's counter outlives its day, then goes
 SLOT_TTL = 30.0  # seconds a crashed replica's concurrency slots stay taken
 PROBE_INTERVAL = 1.0
+RECOVER_AFTER = 3.0  # seconds Redis must answer before limits are shared again
 SOCKET_TIMEOUT = 0.5  # a decision must not hang a request when Redis stalls
 POOL_SIZE = 32
 POOL_WAIT = 1.0
@@ -134,12 +135,14 @@ class RedisBackend:
 
     def __init__(self, client: Redis, *, fallback: MemoryBackend | None = None,
                  server_clock: bool = True, slot_ttl: float = SLOT_TTL,
-                 probe_interval: float = PROBE_INTERVAL, prefix: str = PREFIX) -> None:
+                 probe_interval: float = PROBE_INTERVAL, recover_after: float = RECOVER_AFTER,
+                 prefix: str = PREFIX) -> None:
         self.client = client
         self.local = fallback or MemoryBackend()
         self.server_clock = server_clock
         self.slot_ttl_ms = int(slot_ttl * 1000)
         self.probe_interval = probe_interval
+        self.recover_after = recover_after
         self.prefix = prefix
         self.degraded = False
         self._gcra = client.register_script(GCRA_LUA)
@@ -244,13 +247,23 @@ class RedisBackend:
             self._probe = asyncio.get_running_loop().create_task(self._recover())
 
     async def _recover(self) -> None:
-        """Ping Redis until it answers, then use it again."""
+        """Ping Redis until it has answered for ``recover_after`` seconds, then use it."""
+        answering_since: float | None = None
+        loop = asyncio.get_running_loop()
         while self.degraded:
             await asyncio.sleep(self.probe_interval)
             try:
                 await self.client.ping()
             except (RedisError, OSError):
+                answering_since = None
                 continue
+            if answering_since is None:
+                answering_since = loop.time()
+            if loop.time() - answering_since < self.recover_after:
+                continue  # a restarting Redis answers, then drops: switch back only once
+            # Connections that sat idle in the pool through the outage point at the old
+            # server: each would fail once and flip the limiter back to local limits.
+            await self.client.connection_pool.disconnect(inuse_connections=False)
             self.degraded = False
             log.warning("Redis reachable again: rate limits are shared again")
 

@@ -225,11 +225,13 @@ def write_test_ca_and_cert(directory: Path, name: str = "127.0.0.1") -> tuple[Pa
 
 @dataclass
 class RedisServer:
-    """A redis-server on 127.0.0.1 without persistence; ``stop()``/``start()`` reuse the port."""
+    """A redis-server on 127.0.0.1; ``stop()``/``start()`` reuse the port (and, with
+    ``persist``, the append-only file, fsynced on every write, as production runs it)."""
 
     workdir: Path
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    persist: bool = False
 
     @property
     def url(self) -> str:
@@ -244,7 +246,8 @@ class RedisServer:
         binary = require_binary("redis-server")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = spawn([binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                           "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
+                           "--save", "", "--appendonly", "yes" if self.persist else "no",
+                           "--appendfsync", "always", "--dir", str(self.workdir)],
                           env={}, log=self.workdir / "redis.log")
         wait_for_port(self.port, self.proc)
 

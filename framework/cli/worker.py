@@ -34,6 +34,7 @@ from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
 from framework.cli import check_version_pin, resolve_tenant_dir
+from framework.redis_wait import Outage
 from framework.settings import Settings
 from framework.tenant_config import ConfigError, TenantConfig
 
@@ -61,6 +62,16 @@ class MtpWorker(SimpleWorker):
     one stuck past it in C code stops the heartbeat and ends this process, so its job
     is handed to RQ's abandoned-job handling and the pool starts a fresh worker.
     """
+
+    # RQ doubles its pause after each failed dequeue up to 60 s: a worker would then
+    # take up the queue up to a minute after Redis is back.
+    max_connection_wait_time = 5.0
+    stopping = False
+
+    def request_stop(self, signum: int, frame: Any) -> None:
+        self.stopping = True  # a stop during an outage must not wait for Redis
+        STOP.set()
+        super().request_stop(signum, frame)
 
     def get_heartbeat_ttl(self, job: RqJob, working_time: float = 0.0) -> int:
         # RQ's default grace is 60 s; a dead worker's job should move on within seconds.
@@ -90,7 +101,22 @@ class MtpWorker(SimpleWorker):
             try:
                 self.maintain_heartbeats(job, execution)
             except RedisError as exc:
-                log.warning("heartbeat for job %s failed (%s)", job.id, type(exc).__name__)
+                OUTAGE.failed(exc)  # one line per outage, not one per beat
+            else:
+                OUTAGE.answered()
+
+
+STOP = threading.Event()  # set by SIGTERM/SIGINT while this process waits for Redis
+
+# One per worker process: its heartbeats, dequeues and job writes share one view of Redis.
+OUTAGE = Outage(log, "the job worker")
+
+
+class _QuietRetries(logging.Filter):
+    """Drops RQ's line per failed dequeue: :data:`OUTAGE` logs the transitions instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "could not connect to Redis" not in record.getMessage()
 
 
 def build_job_worker(settings: Settings, tenant: TenantConfig) -> Any:
@@ -118,22 +144,45 @@ def build_job_worker(settings: Settings, tenant: TenantConfig) -> Any:
 
 
 def run_worker(settings: Settings, tenant: TenantConfig, burst: bool) -> int:
-    """One RQ worker process (a child of ``mtp worker``)."""
+    """One RQ worker process (a child of ``mtp worker``); it outlives Redis outages."""
     from framework.jobs_redis import install_worker, queue_name
 
     job_worker = build_job_worker(settings, tenant)
+    job_worker.outage = OUTAGE
     install_worker(job_worker)
-    worker = MtpWorker([job_worker.store.queue], connection=job_worker.store.client,
-                       serializer=JSONSerializer,
-                       job_monitoring_interval=MONITOR_INTERVAL, worker_ttl=WORKER_TTL,
-                       maintenance_interval=MAINTENANCE_INTERVAL,
-                       name=f"{queue_name(tenant.tenant_id)}.{os.uname().nodename}.{os.getpid()}")
+    logging.getLogger("rq.worker").addFilter(_QuietRetries())
+    client = job_worker.store.client
+    name = f"{queue_name(tenant.tenant_id)}.{os.uname().nodename}.{os.getpid()}"
     try:
-        worker.work(burst=burst, logging_level=settings.log_level, with_scheduler=False,
-                    max_jobs=MAX_JOBS)
+        while True:
+            # RQ's loop quits on a Redis error outside its dequeue (registering, its
+            # bookkeeping after a job): wait for Redis here, then start a fresh RQ worker,
+            # instead of a process exit and a restart loop while Redis is away.
+            OUTAGE.until(client.ping, STOP)
+            worker = MtpWorker([job_worker.store.queue], connection=client,
+                               serializer=JSONSerializer,
+                               job_monitoring_interval=MONITOR_INTERVAL, worker_ttl=WORKER_TTL,
+                               maintenance_interval=MAINTENANCE_INTERVAL,
+                               name=f"{name}.{int(time.time() * 1000) % 10**6}")
+            try:
+                worker.work(burst=burst, logging_level=settings.log_level,
+                            with_scheduler=False, max_jobs=MAX_JOBS)
+            except RedisError as exc:  # from RQ's teardown while Redis is away
+                OUTAGE.failed(exc)
+                continue
+            if burst or worker.stopping or _redis_up(client):
+                return 0  # a stop, max_jobs or an error that was not Redis': done
     finally:
         job_worker.close()  # usage still in memory goes to the store
-    return 0
+
+
+def _redis_up(client: Any) -> bool:
+    try:
+        client.ping()
+    except RedisError as exc:
+        OUTAGE.failed(exc)
+        return False
+    return True
 
 
 def _die_with_parent() -> None:
@@ -239,6 +288,14 @@ def worker(tenant_dir: str | None, processes: int | None, burst: bool) -> None:
                           "must be set: `mtp worker` runs jobs from the shared Redis queue")
     tenant = settings.load_tenant()
     check_version_pin(tenant.framework_version, tenant.source)
+    from framework.jobs_redis import connect
+    from framework.redis_wait import durability_warning
+
+    probe = connect(settings.redis_url, pool_size=1)
+    warning = durability_warning(probe)
+    probe.close()
+    if warning:
+        click.echo(f"mtp worker: WARNING: {warning}", err=True)
     pool = WorkerPool(settings, tenant, processes or settings.job_workers, burst)
     click.echo(f"mtp worker: tenant {tenant.tenant_id}, {pool.size} process(es)", err=True)
     sys.exit(pool.run())

@@ -290,6 +290,8 @@ def test_a_worker_stuck_past_the_timeout_exits_and_its_job_is_abandoned(
     from framework.registry import Registry
 
     monkeypatch.setattr(framework.jobs_redis, "TIMEOUT_MARGIN", 0)  # RQ timeout = 1 s
+    # The module's redis-server is seconds old: no grace as after a restart.
+    monkeypatch.setattr(framework.jobs_redis, "OUTAGE_GRACE", 0)
     tenant = settings.load_tenant()
     store, runner = redis_jobs(settings, tenant)
     spec = Registry(settings.tenant_dir, tenant).resolve("stuck")

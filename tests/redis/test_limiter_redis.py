@@ -4,6 +4,7 @@ state across replicas, slots that expire with their replica, quota days, outage 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import time
@@ -159,7 +160,7 @@ def test_redis_outage_falls_back_to_local_limits_and_recovers(tmp_path, caplog) 
     limits = [Limit("outage", 1.0, 1)]
 
     async def go() -> dict[str, Any]:
-        backend = RedisBackend(connect(server.url), probe_interval=0.05)
+        backend = RedisBackend(connect(server.url), probe_interval=0.05, recover_after=0.5)
         seen: dict[str, Any] = {}
         try:
             assert await backend.acquire_slot("slot", 5)  # held in Redis across the outage
@@ -238,3 +239,50 @@ def test_losing_redis_while_holding_slots_is_noticed_by_the_refresh(tmp_path) ->
         assert run(go) is True
     finally:
         server.stop()
+
+
+def test_after_an_outage_the_limiter_switches_back_once(tmp_path, caplog) -> None:
+    """Redis killed and restarted under concurrent load: one switch to local limits and
+    one back, once Redis has answered for a while, not a flip per stale connection."""
+    import signal as signals
+
+    caplog.set_level(logging.WARNING, logger="mtp.sidecar.limiter")
+    server = RedisServer(tmp_path / "redis", persist=True)
+    server.start()
+    limits = [Limit("flap", 100000.0, 100000)]
+
+    async def go() -> list[str]:
+        backend = RedisBackend(connect(server.url), probe_interval=0.05, recover_after=0.5)
+        states: list[str] = []
+
+        async def load(seconds: float, at_once: int) -> None:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                await asyncio.gather(*(backend.admit(limits, time.monotonic())
+                                       for _ in range(at_once)))
+                states.append(backend.state)
+                await asyncio.sleep(0.01)
+
+        try:
+            # Sixteen at once fill the pool with connections; during the outage one call
+            # at a time finds it, so fifteen of them are stale when Redis is back.
+            await load(0.3, 16)
+            assert server.proc is not None
+            server.proc.send_signal(signals.SIGKILL)
+            server.proc.wait(5)
+            await load(0.5, 1)
+            server.start()
+            await load(3.0, 16)
+        finally:
+            await backend.close()
+        return states
+
+    try:
+        states = run(go)
+    finally:
+        server.stop()
+    switches = [b for a, b in itertools.pairwise(states) if a != b]
+    assert switches == ["degraded", "redis"], switches
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("unreachable" in m for m in messages) == 1, messages
+    assert sum("reachable again" in m for m in messages) == 1, messages
