@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test lint servers image-test bench clean
+.PHONY: run test lint servers image-test bench chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,6 +35,10 @@ image-test: $(STAMP)
 
 bench: $(STAMP)
 	bash bench/run_all.sh
+
+# Faults under steady load for 10 minutes (bench/chaos.py): a table for docs/benchmarks.md.
+chaos: $(STAMP) servers
+	$(PY) bench/chaos.py --minutes $${CHAOS_MINUTES:-10}
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .coverage .coverage.* coverage.xml pytest_results.json
