@@ -7,6 +7,7 @@ never gunicorn's HTML error page.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -242,3 +243,16 @@ def test_absolute_form_target_is_routed_on_its_path(run: RunStack) -> None:
     # The path checks apply to the path of an absolute-form target as to any other.
     problem(one(run, request("POST", "http://acme.example//services/whoami", body=b"{}")),
             404)
+
+
+# -- 4. RateLimit fields of the current draft beside the older three ---------------------
+
+def test_answers_carry_the_drafts_ratelimit_fields(run: RunStack) -> None:
+    status, fields, _ = one(run, request("POST", "/services/whoami", body=b"{}"))
+    assert status == 200
+    # tenant_toml(): rate 10000, burst 10000 -> 10000 per 1 s window (not burst + 1).
+    assert fields["ratelimit-limit"] == "10000"
+    assert fields["ratelimit-policy"] == '"tenant";q=10000;w=1'
+    assert re.fullmatch(r'"tenant";r=(\d+);t=(\d+)', fields["ratelimit"])
+    remaining = fields["ratelimit"].split(";")[1]
+    assert remaining == f"r={fields['ratelimit-remaining']}"
