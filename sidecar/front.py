@@ -185,7 +185,8 @@ class HttpConnection(BaseProtocol):
         self._task: asyncio.Task[None] | None = None
         self._current: StreamReader | None = None
         self._closing = False
-        self._refused = False  # the parser gave up, or the last request was read
+        self._refused = False  # the parser gave up: nothing more is read
+        self._last: StreamReader | None = None  # the body of a request ending the connection
         self.idle_since = front.loop.time()
         self.head_since = 0.0
 
@@ -209,8 +210,8 @@ class HttpConnection(BaseProtocol):
         self._queue.clear()
 
     def data_received(self, data: bytes) -> None:
-        if self._closing or self._refused:
-            return
+        if self._closing or self._refused or (self._last is not None and self._last.is_eof()):
+            return  # after the last request (and its body) nothing more is parsed
         parser = self._request_parser
         queued = 0
         try:
@@ -219,7 +220,7 @@ class HttpConnection(BaseProtocol):
                 self._queue.extend(messages)
                 queued += len(messages)
                 if ends_connection(messages[-1][0]):
-                    self._refused = True  # what follows the last request is never parsed
+                    self._last = messages[-1][1]  # its body is still read, then nothing
                     break
                 if self._reading_paused:  # a body's buffer is full: resumed by aiohttp
                     break

@@ -218,6 +218,15 @@ def test_data_after_connection_close_is_ignored_not_a_400(tmp_path: Path, after:
     assert headers["connection"] == "close" and rest == b""
 
 
+def test_a_closing_request_still_gets_a_body_that_comes_later(tmp_path: Path) -> None:
+    # Parsing stops after the request that ends the connection, not before its body.
+    [(status, headers, body)], rest = exchange(
+        tmp_path, b"POST /p HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 6\r\n\r\n",
+        b"abc", b"def" + b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n", pause=0.1)
+    assert status == 200 and json.loads(body)["body"] == "abcdef"
+    assert headers["connection"] == "close" and rest == b""
+
+
 def test_two_http10_requests_in_one_packet_answer_the_first_then_close(
         tmp_path: Path) -> None:
     [(status, headers, body)], rest = exchange(
