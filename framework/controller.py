@@ -11,7 +11,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from flask import Flask, Response, g, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from framework import logs, metrics
 from framework.authz import decide
@@ -100,6 +100,10 @@ def register(app: Flask, rt: Runtime) -> None:
     @app.route("/services/<service>/<operation>", methods=["GET", "POST"])
     def call_service(service: str, operation: str | None) -> Response:
         state, req = g._get_current_object(), request._get_current_object()
+        if req.method == "HEAD":
+            # Flask adds HEAD to every GET route; HEAD never runs a service (DESIGN.md),
+            # also when a signed one gets past the sidecar.
+            raise MethodNotAllowed(valid_methods=["GET", "POST"])
         spec = rt.registry.resolve(service)
         state.service = spec.name
         spec.check_operation(operation)

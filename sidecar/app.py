@@ -21,24 +21,23 @@ from framework.settings import Settings
 from framework.tenant_config import TenantConfig
 from sidecar.audit import AuditLog
 from sidecar.authenticate import Authenticator
-from sidecar.authorize import authorize, refuse_ambiguous_path, service_target
+from sidecar.authorize import PREFIX, authorize, refuse_ambiguous_path, service_target
 from sidecar.bind_tenant import bind_tenant
 from sidecar.errors import (
     BadRequest,
-    HeadersTooLarge,
     MethodNotAllowed,
+    MethodNotImplemented,
     NotFound,
     PayloadTooLarge,
     RequestTimeout,
     SidecarError,
     Unavailable,
-    UriTooLong,
     render,
 )
 from sidecar.front import BodyTooLarge, Request, Response
 from sidecar.headers import (
-    MAX_CLIENT_HEADERS,
-    MAX_REQUEST_LINE,
+    check_request,
+    check_upstream,
     identity_headers,
     response_headers,
     upstream_headers,
@@ -55,6 +54,12 @@ READY = "/readyz"
 METRICS = "/metrics"
 OWN_ROUTES = frozenset((HEALTH, READY, METRICS))  # answered here, not by the framework
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# The methods the sidecar knows: those of RFC 9110 (GET, HEAD, POST, PUT, DELETE, CONNECT,
+# OPTIONS, TRACE) and PATCH (RFC 5789). Any other one is 501 (RFC 9110 §15.6.2), also
+# those llhttp parses (PROPFIND, QUERY, ...): no route of the contract takes them.
+KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS",
+                           "TRACE", "PATCH"))
+SERVICE_METHODS = "GET, POST"  # a service call: HEAD never runs a service (DESIGN.md)
 
 
 @dataclass
@@ -73,18 +78,24 @@ class Sidecar:
         """Answer one request (never raises: every failure becomes problem+json)."""
         started = time.perf_counter()
         rid = make_request_id(request.headers.get("X-Request-ID"))
-        path = request.path
+        path, method = request.path, request.method
+        if method not in KNOWN_METHODS:
+            return render(MethodNotImplemented(f"unknown method {method[:20]!r}"), rid)
         if path[:1] != "/":  # "*" (OPTIONS) or "host:port" (CONNECT): nothing to proxy
             return render(NotFound("the request target is not a path"), rid)
-        if path in OWN_ROUTES and request.method not in ("GET", "HEAD"):
+        if path in OWN_ROUTES and method not in ("GET", "HEAD"):
             return render(MethodNotAllowed("GET, HEAD"), rid)  # DESIGN: GET routes only
         if path in (HEALTH, READY):
             return await self._health(path, rid)
+        if path.startswith(PREFIX) and method not in ("GET", "POST"):
+            # Refused before anything is forwarded (a HEAD created jobs).
+            return render(MethodNotAllowed(SERVICE_METHODS), rid)
         tenant = self.tenant
         principal: Principal | None = None
         service, operation, rule, slot = "", None, None, None
         outcome, reason = "allowed", ""
         try:
+            check_request(method, request.raw_path, request.headers.items())
             principal = await self.authenticator.authenticate(request.headers)
             bind_tenant(principal, tenant.tenant_id)
             if path == METRICS:
@@ -99,10 +110,6 @@ class Sidecar:
                     # Forward exactly the path that was authorized (see service_target).
                     query = request.query
                     upstream_path = f"{path}?{query}" if query else path
-                if len(request.method) + len(upstream_path) + 10 > MAX_REQUEST_LINE:
-                    raise UriTooLong("request line over the framework's limit")
-                if len(request.headers) > MAX_CLIENT_HEADERS:
-                    raise HeadersTooLarge(f"more than {MAX_CLIENT_HEADERS} request headers")
                 if (request.content_length or 0) > self.settings.max_body:
                     raise PayloadTooLarge("declared body over MTP_MAX_BODY")
                 limit_headers, slot, delay = await self._limit(tenant, principal, service,
@@ -177,6 +184,7 @@ class Sidecar:
             request.headers.items(), identity_headers(principal, rid),
             secret=self.settings.sidecar_secret, method=request.method, path=path,
             peer=request.remote or "", proto=request.scheme)
+        check_upstream(request.method, path, headers)
         reply = await self.upstream.send(request.method, path, headers, body)
         answer = response_headers(reply.headers)
         answer.append(("X-Request-ID", rid))

@@ -85,8 +85,14 @@ class UriTooLong(SidecarError):
 
 class HeadersTooLarge(SidecarError):
     status = 431
-    detail = "too many request headers"
+    detail = "the request header fields are too large"
     outcome = "too_large"
+
+
+class MethodNotImplemented(SidecarError):
+    status = 501
+    detail = "the request method is not implemented"
+    outcome = "bad_request"
 
 
 class RateLimited(SidecarError):

@@ -12,8 +12,17 @@ Per connection: requests are answered one at a time and in order (pipelining
 works); a connection that sent part of a request head for ``HEAD_TIMEOUT`` or sat
 idle for ``KEEPALIVE`` is closed by a once-a-second sweep rather than a timer per
 request; reading a body and writing to a client that does not read are bounded
-by ``BODY_TIMEOUT``. A request the parser refuses gets a problem+json 400 that
-quotes nothing of it (its bytes may hold a credential), and the connection closes.
+by ``BODY_TIMEOUT``. A request the parser refuses gets a problem+json answer that
+quotes nothing of it (its bytes may hold a credential), and the connection closes:
+414 for a request line over ``MAX_LINE``, 431 for a header over ``MAX_FIELD`` or more
+than ``MAX_HEADERS`` of them, 501 for a method the parser does not know, else 400.
+
+The parser is fed one message at a time (``max_msg_queue_size=1`` pauses llhttp
+after each one and keeps the rest): after a request that ends the connection
+(``Connection: close``, HTTP/1.0 without keep-alive, HTTP/1.0 with
+Transfer-Encoding, an upgrade or CONNECT) nothing more is parsed, so bytes that
+follow it in the same packet are ignored rather than turned into a 400 that
+would replace the answer (RFC 9112 §9.6).
 """
 
 from __future__ import annotations
@@ -31,8 +40,9 @@ from http import HTTPStatus
 
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http import HttpProcessingError, HttpRequestParser, RawRequestMessage
+from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
 from aiohttp.streams import EmptyStreamReader, StreamReader
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from framework.problem import CONTENT_TYPE, problem_bytes, request_id
 
@@ -42,8 +52,13 @@ HEAD_TIMEOUT = 20.0  # a request head must arrive whole within this (slow-loris)
 KEEPALIVE = 75.0  # an idle client connection is closed after this
 BODY_TIMEOUT = 60.0  # reading a request body, or writing to a client that stopped reading
 MAX_QUEUED = 16  # pipelined requests parsed ahead; reading pauses beyond
-MAX_LINE = 8190
+# The parser's own bounds. They only have to be at least the framework's (the app
+# refuses past gunicorn's smaller limits as problem+json); MAX_LINE differs from
+# MAX_FIELD so that a LineTooLong tells the request line (414) from a header (431).
+MAX_LINE = 8192
+MAX_FIELD = 8190
 MAX_HEADERS = 128
+TOO_MANY_HEADERS = "Too many headers received"  # aiohttp's message for MAX_HEADERS
 READ_LIMIT = 2**16
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 NO_BODY = frozenset({204, 304})
@@ -90,13 +105,22 @@ class Request:
     def __init__(self, message: RawRequestMessage, payload: StreamReader,
                  conn: HttpConnection) -> None:
         url = message.url
+        target = message.path
         self.method: str = message.method
-        self.raw_path: str = message.path  # the request target as sent
+        self.headers: CIMultiDictProxy[str] = message.headers
+        self.raw_path: str = target  # the request target in origin form, as sent
         # Percent-decoded, as aiohttp's request.path; "*" and "host:port" targets as sent
         # (yarl would give them the path "/").
-        self.path: str = url.path if message.path[:1] == "/" else message.path
+        self.path: str = url.path if target[:1] == "/" else target
         self.query: str = url.raw_query_string
-        self.headers: CIMultiDictProxy[str] = message.headers
+        if target[:1] != "/" and url.absolute and url.scheme in ("http", "https"):
+            # Absolute form (RFC 9112 §3.2.2): route on its path, and its authority
+            # replaces the Host header (the server MUST ignore the received one).
+            self.path = url.path
+            self.raw_path = url.raw_path + (f"?{self.query}" if self.query else "")
+            headers = CIMultiDict(message.headers)
+            headers["Host"] = url.host_port_subcomponent or ""
+            self.headers = CIMultiDictProxy(headers)
         self.remote: str = conn.peer
         self.scheme = "http"
         self._payload = payload
@@ -150,9 +174,11 @@ class HttpConnection(BaseProtocol):
         super().__init__(front.loop)
         self.front = front
         self.peer = ""
+        # max_msg_queue_size=1: one message per feed (see the module docstring).
         self._request_parser = HttpRequestParser(
-            self, front.loop, READ_LIMIT, max_line_size=MAX_LINE, max_field_size=MAX_LINE,
-            max_headers=MAX_HEADERS, auto_decompress=False)  # bodies pass through as sent
+            self, front.loop, READ_LIMIT, max_line_size=MAX_LINE, max_field_size=MAX_FIELD,
+            max_headers=MAX_HEADERS, auto_decompress=False,  # bodies pass through as sent
+            max_msg_queue_size=1)
         # BaseProtocol pauses this parser when a body's buffer fills (its pause_reading).
         self._parser = self._request_parser
         self._queue: deque[tuple[RawRequestMessage | _Refused, StreamReader]] = deque()
@@ -160,6 +186,7 @@ class HttpConnection(BaseProtocol):
         self._current: StreamReader | None = None
         self._closing = False
         self._refused = False  # the parser gave up: nothing more is read
+        self._last: StreamReader | None = None  # the body of a request ending the connection
         self.idle_since = front.loop.time()
         self.head_since = 0.0
 
@@ -183,21 +210,30 @@ class HttpConnection(BaseProtocol):
         self._queue.clear()
 
     def data_received(self, data: bytes) -> None:
-        if self._closing or self._refused:
-            return
+        if self._closing or self._refused or (self._last is not None and self._last.is_eof()):
+            return  # after the last request (and its body) nothing more is parsed
+        parser = self._request_parser
+        queued = 0
         try:
-            messages, _upgraded, _tail = self._request_parser.feed_data(data)
+            messages, _upgraded, _tail = parser.feed_data(data)
+            while messages:
+                self._queue.extend(messages)
+                queued += len(messages)
+                if ends_connection(messages[-1][0]):
+                    self._last = messages[-1][1]  # its body is still read, then nothing
+                    break
+                if self._reading_paused:  # a body's buffer is full: resumed by aiohttp
+                    break
+                messages, _upgraded, _tail = parser.feed_data(b"")
         except HttpProcessingError as exc:
             # No more parsing on this connection: answer what came before, then this.
             self._refused = True
-            self._queue.append((_Refused(exc.code if 400 <= exc.code < 500 else 400),
-                                EmptyStreamReader()))
+            self._queue.append((_Refused(refusal_status(exc)), EmptyStreamReader()))
             self._pause_transport_reading()
             self._start()
             return
-        if messages:
+        if queued:
             self.head_since = 0.0
-            self._queue.extend(messages)
             if len(self._queue) >= MAX_QUEUED:
                 self._pause_reading_for_buffer()
             self._start()
@@ -218,8 +254,8 @@ class HttpConnection(BaseProtocol):
                     self._resume_reading_for_buffer()
                 if isinstance(message, _Refused):
                     rid = request_id(None)
-                    log.info("request %s refused by the HTTP parser", rid)
-                    self._write(problem_response(message.status, "the request is not valid HTTP",
+                    log.info("request %s refused by the HTTP parser (%s)", rid, message.status)
+                    self._write(problem_response(message.status, REFUSALS[message.status],
                                                  rid), head=False, close=True)
                     return
                 if not await self._answer(message, payload):
@@ -242,10 +278,9 @@ class HttpConnection(BaseProtocol):
             response = problem_response(500, "the request could not be handled", rid)
         finally:
             self._current = None
-        # A body left unread (refused before reading) cannot be skipped safely, and after
-        # an Upgrade or CONNECT request the parser reads no more HTTP: close.
-        close = (message.should_close or self.front.stopping or self._closing
-                 or not payload.is_eof() or message.upgrade or message.method == "CONNECT")
+        # A body left unread (refused before reading) cannot be skipped safely: close.
+        close = (ends_connection(message) or self.front.stopping or self._closing
+                 or not payload.is_eof())
         self._write(response, head=message.method == "HEAD", close=close,
                     keep_alive_10=message.version < (1, 1) and not close)
         if close:
@@ -306,6 +341,36 @@ class HttpConnection(BaseProtocol):
         if (self.head_since and now - self.head_since > HEAD_TIMEOUT) or (
                 now - self.idle_since > KEEPALIVE):
             self.close()
+
+
+def ends_connection(message: RawRequestMessage) -> bool:
+    """Whether the connection closes after answering ``message``.
+
+    Connection: close or HTTP/1.0 without keep-alive; HTTP/1.0 with Transfer-Encoding
+    (RFC 9112 §6.1: its framing is faulty, close after the answer); after an Upgrade or
+    CONNECT request the parser reads no more HTTP.
+    """
+    return (message.should_close or message.upgrade or message.method == "CONNECT"
+            or (message.version < (1, 1) and "Transfer-Encoding" in message.headers))
+
+
+REFUSALS = {
+    400: "the request is not valid HTTP",
+    414: "the request line is too long",
+    431: "the request header fields are too large",
+    501: "the request method is not implemented",
+}
+
+
+def refusal_status(exc: HttpProcessingError) -> int:
+    """The status answering a request the parser refused (414, 431, 501 or 400)."""
+    if isinstance(exc, LineTooLong):
+        return 414 if exc.args[1] == MAX_LINE else 431
+    if isinstance(exc, BadHttpMethod):
+        return 501
+    if exc.message == TOO_MANY_HEADERS:
+        return 431
+    return 400
 
 
 def problem_response(status: int, detail: str, rid: str, *, kind: str | None = None,

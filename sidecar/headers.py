@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from functools import lru_cache
 
 from framework import signing
+from sidecar.errors import HeadersTooLarge, UriTooLong
 from sidecar.principal import Principal
 
 HOP_BY_HOP = frozenset({
@@ -32,16 +33,25 @@ STRIPPED_PREFIXES = ("x-tenant-", "x-user-", "x-auth-", "x-sidecar-", "x-forward
 RESPONSE_DROPPED = HOP_BY_HOP | frozenset({"content-length", "date", "server",
                                            "x-request-id"})
 
-# gunicorn refuses a request line over 4094 bytes or more than 100 header fields with
-# an HTML page (limit_request_line, limit_request_fields); the sidecar refuses such
-# requests first, as problem+json, leaving room for the headers it adds itself.
-MAX_REQUEST_LINE = 4094
-MAX_CLIENT_HEADERS = 80
-
 FORWARDED_FOR = "X-Forwarded-For"
 FORWARDED_PROTO = "X-Forwarded-Proto"
 IDENTITY = frozenset(h.lower() for h in (*signing.SIGNED_HEADERS, signing.TIMESTAMP,
                                           signing.SIGNATURE, FORWARDED_FOR, FORWARDED_PROTO))
+
+# gunicorn's limits (its defaults: framework/cli/serve.py sets none of them). gunicorn
+# answers a request over one with an HTML page, so the sidecar refuses it first, as
+# problem+json, counting what it adds itself (identity, signature, Host, Content-Length).
+# Every other rule gunicorn has that llhttp lacks is met by what the sidecar forwards:
+# names are tokens and values free of controls (llhttp, strict), a duplicate Host or
+# Content-Type is refused by llhttp, Expect / Transfer-Encoding / X-Forwarded-* are
+# stripped, names with "_" are dropped by gunicorn (header_map = "drop") but counted here.
+MAX_REQUEST_LINE = 4094  # limit_request_line: "METHOD target HTTP/1.1" without its CRLF
+MAX_FIELDS = 100  # limit_request_fields
+MAX_FIELD_LINE = 8190  # limit_request_field_size: "Name: value" with its CRLF
+# (gunicorn's head buffer, fields x (line + 2) + 4, holds any head within these two.)
+PROXY_FIELDS = 2  # Host and Content-Length, written by the upstream client (http1.py)
+OWN_FIELDS = len(IDENTITY) + PROXY_FIELDS
+MAX_CLIENT_HEADERS = MAX_FIELDS - OWN_FIELDS  # forwarded client headers at most
 
 
 def normal(name: str) -> str:
@@ -126,3 +136,42 @@ def response_headers(upstream: list[tuple[str, str]]) -> list[tuple[str, str]]:
         extra = connection_named(upstream)
         out = [(name, value) for name, value in out if normal(name) not in extra]
     return out
+
+
+def _size(text: str) -> int:
+    """Bytes ``text`` takes on the wire (the upstream client writes UTF-8, surrogateescape)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogateescape"))
+
+
+def check_request_line(method: str, target: str) -> None:
+    """UriTooLong when ``METHOD target HTTP/1.1`` is over the framework's limit."""
+    if len(method) + _size(target) + 10 > MAX_REQUEST_LINE:
+        raise UriTooLong("request line over the framework's limit")
+
+
+def check_fields(fields: Iterable[tuple[str, str]], more: int) -> None:
+    """HeadersTooLarge when ``fields`` plus ``more`` others are over the framework's limits."""
+    count = more
+    for name, value in fields:
+        count += 1
+        line = _size(name) + _size(value) + 4  # ": " and CRLF
+        if line > MAX_FIELD_LINE:
+            raise HeadersTooLarge(f"header field of {line} bytes, over the framework's limit")
+    if count > MAX_FIELDS:
+        raise HeadersTooLarge(f"{count} header fields, over the framework's {MAX_FIELDS}")
+
+
+def check_request(method: str, target: str, headers: Iterable[tuple[str, str]]) -> None:
+    """Refuse, before any work, a request whose forwarded form the framework would refuse.
+
+    The client's headers that are forwarded count with room for the sidecar's own;
+    :func:`check_upstream` then checks exactly what is sent.
+    """
+    check_request_line(method, target)
+    check_fields(((n, v) for n, v in headers if not is_stripped(n)), OWN_FIELDS)
+
+
+def check_upstream(method: str, path: str, headers: list[tuple[str, str]]) -> None:
+    """Refuse a request as it is about to be sent (identity values can be long too)."""
+    check_request_line(method, path)
+    check_fields(headers, PROXY_FIELDS)

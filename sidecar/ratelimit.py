@@ -2,11 +2,21 @@
 
 Order: GCRA (tenant, and user when ``user_rate`` is set, all-or-nothing), then
 the daily quota, then the delay inside the burst (degrade rather than deny),
-then a concurrency slot, held until the answer is sent. Answers carry
-``RateLimit-Limit``/``-Remaining``/``-Reset`` of the binding limit; a refusal is
-429 with ``Retry-After`` in whole seconds. Past 80% of the daily quota the
-answer carries ``X-Quota-Warning``; past 100% it is 429 until midnight UTC.
-Health and readiness never come here.
+then a concurrency slot, held until the answer is sent. A refusal is 429 with
+``Retry-After`` in whole seconds. Past 80% of the daily quota the answer carries
+``X-Quota-Warning``; past 100% it is 429 until midnight UTC. Health and
+readiness never come here.
+
+Answers describe the binding limit twice: ``RateLimit-Limit``/``-Remaining``/``-Reset``
+(the older draft's three fields) and the current IETF draft's structured fields
+(draft-ietf-httpapi-ratelimit-headers), ``RateLimit-Policy`` (every policy in
+force) and ``RateLimit`` (the binding one). A GCRA rate r with burst b maps to
+a quota ``q`` per window ``w`` seconds: the shortest whole window in which the
+rate admits a whole number of requests (100/s: q=100, w=1; 0.5/s: q=1, w=2;
+2.5/s: q=5, w=2), see :func:`window`. The burst has no field of its own: it is
+what lets ``Remaining`` requests through at once; ``Remaining`` is how many more
+may come now without a 429, never more than ``q``. ``Reset`` is when the GCRA
+state has drained (every request of the burst available again).
 """
 
 from __future__ import annotations
@@ -14,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 
 from framework.tenant_config import LimitSettings
 from sidecar.errors import RateLimited
@@ -23,15 +34,68 @@ from sidecar.limiter import Limit, LimiterBackend, Verdict
 
 QUOTA_WARNING = "X-Quota-Warning"
 WARN_FRACTION = 0.8
+MAX_WINDOW = 60  # seconds: the longest window looked at for a whole quota
+DAY = 86400
+TENANT, USER, DAILY, CONCURRENCY = "tenant", "user", "daily", "concurrency"
 
 
-def ratelimit_headers(verdict: Verdict) -> dict[str, str]:
-    """The RateLimit-* headers of a decision (whole seconds, rounded up)."""
+@lru_cache(maxsize=256)
+def window(rate: float) -> tuple[int, int]:
+    """(q, w): the rate as q requests per w seconds, both whole.
+
+    The shortest window up to MAX_WINDOW in which the rate admits a whole number
+    of requests; for other rates ⌊rate·w⌋ requests in w = ⌈1/rate⌉ s (at least 1),
+    which never claims more than the rate admits.
+    """
+    for w in range(1, MAX_WINDOW + 1):
+        q = rate * w
+        if q >= 1 and abs(q - round(q)) < 1e-9 * q:
+            return round(q), w
+    w = max(1, math.ceil(1 / rate))
+    return max(1, math.floor(rate * w)), w
+
+
+@lru_cache(maxsize=64)
+def policy_field(limits: LimitSettings) -> str:
+    """RateLimit-Policy: every policy in force, as a structured-field list."""
+    items = ['"{}";q={};w={}'.format(TENANT, *window(limits.rate))]
+    if limits.user_rate > 0:
+        items.append('"{}";q={};w={}'.format(USER, *window(limits.user_rate)))
+    if limits.daily_quota:
+        items.append(f'"{DAILY}";q={limits.daily_quota};w={DAY}')
+    if limits.concurrency:
+        items.append(f'"{CONCURRENCY}";q={limits.concurrency};qu="concurrent-requests"')
+    return ", ".join(items)
+
+
+def limit_fields(limits: LimitSettings, name: str, quota: int, remaining: int,
+                 reset: int) -> dict[str, str]:
+    """The five RateLimit fields for the binding policy ``name``."""
     return {
-        "RateLimit-Limit": str(verdict.limit),
-        "RateLimit-Remaining": str(verdict.remaining),
-        "RateLimit-Reset": str(max(0, math.ceil(verdict.reset))),
+        "RateLimit-Limit": str(quota),
+        "RateLimit-Remaining": str(remaining),
+        "RateLimit-Reset": str(reset),
+        "RateLimit-Policy": policy_field(limits),
+        "RateLimit": f'"{name}";r={remaining};t={reset}',
     }
+
+
+def binding(checks: Sequence[Limit], verdict: Verdict) -> int:
+    """Which of ``checks`` the verdict describes (backends report its capacity).
+
+    Two with the same burst: the slower rate, whose smaller quota is the safe one to show.
+    """
+    same = [i for i, limit in enumerate(checks) if limit.capacity == verdict.limit]
+    return min(same or range(len(checks)), key=lambda i: checks[i].rate)
+
+
+def ratelimit_headers(limits: LimitSettings, checks: Sequence[Limit],
+                      verdict: Verdict) -> dict[str, str]:
+    """The RateLimit fields of a GCRA decision (whole seconds, rounded up)."""
+    index = binding(checks, verdict)
+    quota, _ = window(checks[index].rate)
+    return limit_fields(limits, TENANT if index == 0 else USER, quota,
+                        min(verdict.remaining, quota), max(0, math.ceil(verdict.reset)))
 
 
 def seconds_to_midnight(now: datetime) -> float:
@@ -58,11 +122,11 @@ class RateLimiter:
         if limits.user_rate > 0:
             checks.append(Limit(f"{tenant}\x00{user}", limits.user_rate, limits.user_burst))
         verdict = await self.backend.admit(checks, self._clock())
-        headers = ratelimit_headers(verdict)
+        headers = ratelimit_headers(limits, checks, verdict)
         if not verdict.allowed:
             raise RateLimited("rate limit", verdict.retry_after, headers)
         if limits.daily_quota:
-            self._quota(await self._count(tenant), limits.daily_quota, headers)
+            self._quota(await self._count(tenant), limits, headers)
         delay = verdict.delay if limits.delay else 0.0
         if delay > 0:
             await self._sleep(delay)
@@ -72,22 +136,21 @@ class RateLimiter:
             if not await self.backend.acquire_slot(slot, limits.concurrency):
                 # The headers describe the limit that refused (the rate's said "remaining").
                 raise RateLimited("concurrency limit", 1.0, {
-                    **headers, "RateLimit-Limit": str(limits.concurrency),
-                    "RateLimit-Remaining": "0", "RateLimit-Reset": "1"})
+                    **headers, **limit_fields(limits, CONCURRENCY, limits.concurrency, 0, 1)})
         return headers, slot, delay
 
     async def _count(self, tenant: str) -> int:
         day = self._wall().strftime("%Y-%m-%d")
         return await self.backend.incr_quota(f"{tenant}\x00quota", day)
 
-    def _quota(self, used: int, quota: int, headers: dict[str, str]) -> None:
+    def _quota(self, used: int, limits: LimitSettings, headers: dict[str, str]) -> None:
+        quota = limits.daily_quota
         if used > quota:
             # The quota is now the binding limit: RateLimit-* describe it, not the rate
             # (whose Reset of ~1 s would contradict a Retry-After of hours).
             until = seconds_to_midnight(self._wall())
             raise RateLimited("daily quota exhausted", until, {
-                **headers, "RateLimit-Limit": str(quota), "RateLimit-Remaining": "0",
-                "RateLimit-Reset": str(max(1, math.ceil(until)))})
+                **headers, **limit_fields(limits, DAILY, quota, 0, max(1, math.ceil(until)))})
         if used > WARN_FRACTION * quota:
             headers[QUOTA_WARNING] = (f"{math.floor(100 * used / quota)}% of the daily quota "
                                       f"of {quota} requests used")

@@ -27,3 +27,6 @@ def test_an_exhausted_daily_quota_describes_the_quota_until_midnight():
     assert headers["Retry-After"] == "21600"
     assert (headers["RateLimit-Limit"], headers["RateLimit-Remaining"],
             headers["RateLimit-Reset"]) == ("3", "0", "21600")
+    # The current draft's fields say the same: the daily policy binds, reset at midnight.
+    assert headers["RateLimit"] == '"daily";r=0;t=21600'
+    assert headers["RateLimit-Policy"] == '"tenant";q=1000;w=1, "daily";q=3;w=86400'

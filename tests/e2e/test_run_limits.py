@@ -32,14 +32,15 @@ def run(tmp_path_factory) -> Iterator[RunStack]:
 def overlay(run: RunStack, limits: str, burst: int) -> Reply:
     """Apply an overlay and wait until the sidecar answers under it.
 
-    ``burst`` is unique per overlay and shows in RateLimit-Limit (burst + 1), so the
-    first answer carrying it is the first request served under the new limits.
+    ``burst`` is unique per overlay and is also its rate, which shows in RateLimit-Limit
+    (the rate's quota per 1 s window), so the first answer carrying it is the first
+    request served under the new limits.
     """
-    run.overlay.write_text(f"[limits]\nrate = 10000\nburst = {burst}\n{limits}\n")
+    run.overlay.write_text(f"[limits]\nrate = {burst}\nburst = {burst}\n{limits}\n")
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         r = run.call("POST", "/services/whoami", auth(), b"{}")
-        if r.headers.get("RateLimit-Limit") == str(burst + 1):
+        if r.headers.get("RateLimit-Limit") == str(burst):
             return r
         time.sleep(0.05)
     raise AssertionError("overlay not applied")
@@ -89,7 +90,7 @@ def test_rate_limit_admits_rate_times_time_plus_burst(run: RunStack) -> None:
     """The one slow test: 10 s of load against rate 50, burst 20, nodelay."""
     deadline = time.monotonic() + 10  # the overlays of the tests above are gone
     while run.call("POST", "/services/whoami", auth(), b"{}").headers.get(
-            "RateLimit-Limit") != str(BURST + 1):
+            "RateLimit-Limit") != str(RATE):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     time.sleep(1.0)  # let the bucket drain so the burst is whole again

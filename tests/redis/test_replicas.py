@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.ratelimit import window
 from tests.redis.stack import Replica, auth, token, wait_job, write_tenant
 
 pytestmark = pytest.mark.slow
@@ -41,12 +42,12 @@ def replicas(redis_server, tmp_path_factory, overlay) -> Iterator[tuple[Replica,
 def set_limits(overlay: Path, limits: str, *replicas: Replica) -> None:
     """Apply ``[limits]`` on every replica (the overlay is shared) and wait for it."""
     overlay.write_text(f"[limits]\n{limits}\n")
-    burst = int(limits.split("burst = ")[1].split()[0])
+    quota, _ = window(float(limits.split("rate = ")[1].split()[0]))
     deadline = time.monotonic() + 5
     for replica in replicas:
         while time.monotonic() < deadline:
             reply = replica.call("GET", "/services", auth("probe"))
-            if reply.headers.get("RateLimit-Limit") == str(burst + 1):
+            if reply.headers.get("RateLimit-Limit") == str(quota):
                 break
             time.sleep(0.05)
         else:

@@ -50,7 +50,7 @@ async def echo(request: Request) -> Response:
         return Response(200, [], b"x" * (8 << 20))
     doc = {"method": request.method, "path": request.path, "raw": request.raw_path,
            "query": request.query, "remote": request.remote, "body": body.decode(),
-           "length": request.content_length}
+           "length": request.content_length, "host": request.headers.get("Host")}
     head_length = {"/h": "1234", "/unknown": ""}.get(request.path)
     return Response(200, [("Content-Type", "application/json")], json.dumps(doc).encode(),
                     head_length=head_length if request.method == "HEAD" else None)
@@ -141,21 +141,27 @@ def test_percent_decoded_path_and_raw_target(tmp_path: Path) -> None:
     assert doc["remote"] == ""  # a unix-socket peer has no address
 
 
-@pytest.mark.parametrize("bad", [
-    b"GET / HTTP/1.1\r\nBad Name: " + SECRET.encode() + b"\r\n\r\n",
-    b"GET / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-    b"GET / HTTP/1.1\r\nX: " + b"a" * 9000 + SECRET.encode() + b"\r\n\r\n",
-    b"NOT-HTTP " + SECRET.encode() + b"\r\n\r\n",
+@pytest.mark.parametrize("bad, want", [
+    (b"GET / HTTP/1.1\r\nBad Name: " + SECRET.encode() + b"\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+     400),
+    (b"GET / HTTP/1.1\r\nX: " + b"a" * 9000 + SECRET.encode() + b"\r\n\r\n", 431),
+    (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, SECRET.encode())
+                                      for i in range(front.MAX_HEADERS + 1)) + b"\r\n", 431),
+    (b"GET /" + b"a" * front.MAX_LINE + SECRET.encode() + b" HTTP/1.1\r\n\r\n", 414),
+    (b"NOT-HTTP " + SECRET.encode() + b"\r\n\r\n", 501),  # a method llhttp does not know
+    (b"BREW /pot HTTP/1.1\r\nX: " + SECRET.encode() + b"\r\n\r\n", 501),
 ])
 def test_unparsable_requests_get_a_problem_that_quotes_nothing(
-        tmp_path: Path, bad: bytes, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, bad: bytes, want: int, caplog: pytest.LogCaptureFixture) -> None:
     good = b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n"
     with caplog.at_level(logging.INFO, logger="mtp.sidecar"):
         answers, rest = exchange(tmp_path, good, bad, answers=2, pause=0.1)
     assert answers[0][0] == 200  # the request before the broken one was answered
     status, headers, body = answers[1]
     doc = json.loads(body)
-    assert status == 400 and headers["content-type"] == "application/problem+json"
+    assert status == want and headers["content-type"] == "application/problem+json"
+    assert doc["status"] == want
     assert headers["x-request-id"] == doc["request_id"] and headers["connection"] == "close"
     assert SECRET not in body.decode() and SECRET not in caplog.text
     assert rest == b""
@@ -197,6 +203,55 @@ def test_http10_closes_unless_it_asks_for_keep_alive(tmp_path: Path) -> None:
                                        b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
                                        wait=0.5)
     assert headers["connection"] == "keep-alive" and rest == b"<open>"
+
+
+@pytest.mark.parametrize("after", [
+    b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"garbage that is no request at all " + SECRET.encode(),
+])
+def test_data_after_connection_close_is_ignored_not_a_400(tmp_path: Path, after: bytes) -> None:
+    # One packet: a complete request that closes, then anything. llhttp refuses the
+    # bytes after it ("Data after Connection: close"), which replaced the answer by 400.
+    first = b"GET /first HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    [(status, headers, body)], rest = exchange(tmp_path, first + after)
+    assert status == 200 and json.loads(body)["path"] == "/first"
+    assert headers["connection"] == "close" and rest == b""
+
+
+def test_a_closing_request_still_gets_a_body_that_comes_later(tmp_path: Path) -> None:
+    # Parsing stops after the request that ends the connection, not before its body.
+    [(status, headers, body)], rest = exchange(
+        tmp_path, b"POST /p HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 6\r\n\r\n",
+        b"abc", b"def" + b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n", pause=0.1)
+    assert status == 200 and json.loads(body)["body"] == "abcdef"
+    assert headers["connection"] == "close" and rest == b""
+
+
+def test_two_http10_requests_in_one_packet_answer_the_first_then_close(
+        tmp_path: Path) -> None:
+    [(status, headers, body)], rest = exchange(
+        tmp_path, b"GET /one HTTP/1.0\r\n\r\nGET /two HTTP/1.0\r\n\r\n")
+    assert status == 200 and json.loads(body)["path"] == "/one"
+    assert headers["connection"] == "close" and rest == b""
+
+
+def test_http10_with_transfer_encoding_is_answered_then_closed(tmp_path: Path) -> None:
+    # RFC 9112 §6.1: faulty framing, even when the client asks for keep-alive.
+    [(status, headers, body)], rest = exchange(
+        tmp_path, b"POST /te HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked"
+                  b"\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /next HTTP/1.0\r\n\r\n", wait=2)
+    assert status == 200 and json.loads(body)["body"] == "abc"
+    assert headers["connection"] == "close" and rest == b""
+
+
+def test_absolute_form_routes_on_its_path_and_host_comes_from_it(tmp_path: Path) -> None:
+    [(status, _, body)], _ = exchange(
+        tmp_path, b"GET http://svc.example:81/services/a%20b?q=1 HTTP/1.1\r\nHost: other\r\n"
+                  b"Connection: close\r\n\r\n")
+    doc = json.loads(body)
+    assert status == 200 and doc["path"] == "/services/a b"
+    assert doc["raw"] == "/services/a%20b?q=1" and doc["query"] == "q=1"
+    assert doc["host"] == "svc.example:81"
 
 
 def test_expect_100_continue_then_the_body(tmp_path: Path) -> None:

@@ -371,7 +371,7 @@ def test_head_without_a_known_size_claims_none(tmp_path: Path) -> None:
     head, _ = through_sidecar(
         tmp_path,
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n",
-        "HEAD /services/hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        "HEAD /jobs/0123 HTTP/1.1\r\nHost: x\r\n\r\n")
     head = head.lower()
     assert head.startswith(b"http/1.1 200") and b"content-type: text/plain" in head
     assert b"content-length" not in head and b"transfer-encoding" not in head

@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 from framework.tenant_config import LimitSettings
 from sidecar.errors import RateLimited
 from sidecar.limiter import SWEEP_MIN, Limit, MemoryBackend, gcra
-from sidecar.ratelimit import QUOTA_WARNING, RateLimiter, seconds_to_midnight
+from sidecar.ratelimit import (
+    QUOTA_WARNING,
+    RateLimiter,
+    binding,
+    policy_field,
+    seconds_to_midnight,
+    window,
+)
 
 
 class NginxModel:
@@ -140,6 +147,9 @@ def test_concurrency_slots_and_delay() -> None:
         got = refused.value.headers
         assert (got["RateLimit-Limit"], got["RateLimit-Remaining"], got["RateLimit-Reset"],
                 got["Retry-After"]) == ("2", "0", "1", "1")
+        assert got["RateLimit"] == '"concurrency";r=0;t=1'
+        assert got["RateLimit-Policy"] == ('"tenant";q=10;w=1, '
+                                           '"concurrency";q=2;qu="concurrent-requests"')
         await rl.release(a)
         _, c, _ = await rl.admit(limits, "t", "u")
         for slot in (b, c, None):
@@ -157,5 +167,39 @@ def test_nodelay_serves_the_burst_at_once_and_user_limits_apply() -> None:
     assert delays == [0.0, 0.0]
     with pytest.raises(RateLimited) as exc:
         run(rl.admit(limits, "t", "u"))
-    assert exc.value.headers["RateLimit-Limit"] == "2"
+    # The user's rate is binding: 1 request per 1 s window (not burst + 1).
+    assert exc.value.headers["RateLimit-Limit"] == "1"
+    assert exc.value.headers["RateLimit"] == '"user";r=0;t=2'  # its TAT: 2 s ahead
     assert exc.value.headers["Retry-After"] == "1"
+
+
+@pytest.mark.parametrize("rate, quota, seconds", [
+    (100, 100, 1), (10000, 10000, 1), (0.5, 1, 2), (2.5, 5, 2), (0.3, 3, 10),
+    (1 / 7, 1, 7), (1 / 61, 1, 61), (0.001, 1, 1000),
+    (1.2345, 1, 1),  # no whole quota within a minute: rounded down, never more than the rate
+])
+def test_a_gcra_rate_as_a_quota_per_window(rate: float, quota: int, seconds: int) -> None:
+    assert window(rate) == (quota, seconds)
+    assert quota / seconds <= rate * (1 + 1e-9)
+
+
+def test_limit_is_the_rates_window_quota_and_remaining_never_exceeds_it() -> None:
+    rl = RateLimiter(MemoryBackend(), clock=lambda: 3.0)
+    limits = LimitSettings(rate=2, burst=5, user_rate=0.5, user_burst=9, daily_quota=1000)
+    got = run(rl.admit(limits, "t", "u"))[0]
+    # Tenant: burst 5 left 5 more now, clamped to the quota of 2 per second; the user's
+    # burst (9, quota 1 per 2 s) leaves 9: the tenant binds.
+    assert (got["RateLimit-Limit"], got["RateLimit-Remaining"]) == ("2", "2")
+    assert got["RateLimit"] == '"tenant";r=2;t=1'
+    assert got["RateLimit-Policy"] == '"tenant";q=2;w=1, "user";q=1;w=2, "daily";q=1000;w=86400'
+
+
+def test_equal_bursts_show_the_slower_rate() -> None:
+    checks = [Limit("t", 10, 3), Limit("t\x00u", 2, 3)]
+    verdict = MemoryBackend().decide(checks, 0.0)
+    assert verdict.limit == 4 and binding(checks, verdict) == 1
+    assert binding([Limit("t", 10, 3)], verdict._replace(limit=99)) == 0  # never unknown
+
+
+def test_policy_field_for_the_tenant_alone() -> None:
+    assert policy_field(LimitSettings(rate=100, burst=100)) == '"tenant";q=100;w=1'
