@@ -4,13 +4,18 @@ Connecting is not enough: a stopped or deadlocked process's listen backlog still
 accepts connections, so a probe that only connects passes forever. This one sends
 ``GET /healthz`` and needs the status line of an answer within the timeout.
 Exit 0 on 200, 1 otherwise, with one short line on stderr.
+
+``mtp worker`` serves no HTTP: ``mtp probe worker`` asks Redis instead whether a worker
+process of this host has sent its heartbeat lately.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import time
+from datetime import UTC, datetime
 
 import click
 
@@ -18,6 +23,9 @@ from framework.settings import Settings, parse_address
 from framework.tenant_config import ConfigError
 
 FAILED = 1
+# An idle RQ worker heartbeats every worker_ttl - 15 s (15 s with mtp worker's 30), a busy
+# one every second: twice the TTL is late beyond doubt.
+WORKER_MAX_AGE = 60.0
 MAX_STATUS_LINE = 1024  # an HTTP status line is short; more without CRLF is not HTTP
 
 
@@ -96,6 +104,39 @@ def status_of(address: tuple[str, int] | str, path: str, timeout: float) -> int:
     return int(parts[1])
 
 
+def worker_heartbeat_age(settings: Settings, timeout: float) -> float | None:
+    """Seconds since the freshest heartbeat of this host's worker processes; None: no Redis.
+
+    Redis unreachable is not the worker's fault (it rides through the outage), so it is
+    reported as None and the probe passes: restarting the worker would not help.
+    """
+    from redis import Redis
+    from redis.exceptions import RedisError
+    from rq import Queue, Worker
+
+    from framework.jobs_redis import queue_name
+
+    if not settings.redis_url:
+        raise ProbeFailed("MTP_REDIS_URL is not set")
+    qname = queue_name(settings.load_tenant().tenant_id)
+    # The names `mtp worker` gives its processes: <queue>.<host>.<pid>
+    prefix = f"{qname}.{os.uname().nodename}."
+    client = Redis.from_url(settings.redis_url, socket_timeout=timeout,
+                            socket_connect_timeout=timeout)
+    try:
+        workers = Worker.all(connection=client, queue=Queue(qname, connection=client))
+    except RedisError:
+        return None
+    finally:
+        client.close()
+    now = datetime.now(UTC)
+    ages = [(now - w.last_heartbeat).total_seconds() for w in workers
+            if w.name.startswith(prefix) and w.last_heartbeat is not None]
+    if not ages:
+        raise ProbeFailed("no worker process of this host is registered")
+    return max(0.0, min(ages))
+
+
 def target_address(target: str, url: str | None, settings: Settings) -> tuple[str, int] | str:
     """--url, else the framework's MTP_UPSTREAM or the sidecar's MTP_LISTEN."""
     if url:
@@ -106,7 +147,8 @@ def target_address(target: str, url: str | None, settings: Settings) -> tuple[st
 
 
 @click.command()
-@click.argument("target", type=click.Choice(["framework", "sidecar"]), default="framework")
+@click.argument("target", type=click.Choice(["framework", "sidecar", "worker"]),
+                default="framework")
 @click.option("--url", default=None,
               help="unix:/path or host:port (default: MTP_UPSTREAM for the framework, "
                    "MTP_LISTEN for the sidecar).")
@@ -114,16 +156,24 @@ def target_address(target: str, url: str | None, settings: Settings) -> tuple[st
               help="The route to ask (the sidecar's /readyz for readiness).")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
               help="Seconds for the whole exchange: connect, ask, read the status line.")
-def probe(target: str, url: str | None, path: str, timeout: float) -> None:
+@click.option("--max-age", type=click.FloatRange(min=1), default=WORKER_MAX_AGE,
+              show_default=True, help="worker: the oldest heartbeat that still passes, seconds.")
+def probe(target: str, url: str | None, path: str, timeout: float, max_age: float) -> None:
     """Ask TARGET's health route and wait for the answer: exit 0 on 200, 1 otherwise.
 
     For Kubernetes exec probes: unlike a bare connect, it fails for a process that is
-    stopped or deadlocked but whose socket still accepts connections.
+    stopped or deadlocked but whose socket still accepts connections. TARGET worker
+    passes when a worker process of this host heartbeated within --max-age seconds
+    (or Redis cannot be reached: the worker waits for it, a restart would not help).
     """
     if not path.startswith("/") or any(c in path for c in " \r\n"):
         raise click.BadParameter("must be a path such as /healthz", param_hint="--path")
     try:
-        address = target_address(target, url, Settings.from_env())
+        settings = Settings.from_env()
+        if target == "worker":
+            probe_worker(settings, timeout, max_age)
+            return
+        address = target_address(target, url, settings)
     except ConfigError as exc:
         click.echo(f"mtp probe: {exc}", err=True)
         sys.exit(FAILED)
@@ -135,4 +185,20 @@ def probe(target: str, url: str | None, path: str, timeout: float) -> None:
         sys.exit(FAILED)
     if status != 200:
         click.echo(f"mtp probe: {target} at {where}: GET {path}: status {status}", err=True)
+        sys.exit(FAILED)
+
+
+def probe_worker(settings: Settings, timeout: float, max_age: float) -> None:
+    """Exit 1 unless a worker process of this host heartbeated within ``max_age``."""
+    try:
+        age = worker_heartbeat_age(settings, timeout)
+    except ProbeFailed as exc:
+        click.echo(f"mtp probe: worker: {exc}", err=True)
+        sys.exit(FAILED)
+    if age is None:
+        click.echo("mtp probe: worker: Redis unreachable; passing (the worker waits for it)",
+                   err=True)
+    elif age > max_age:
+        click.echo(f"mtp probe: worker: last heartbeat {age:.0f}s ago (over {max_age:g}s)",
+                   err=True)
         sys.exit(FAILED)
