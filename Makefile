@@ -35,7 +35,7 @@ test: $(STAMP) servers lint
 # the sidecar, the framework and their stores against real servers.
 LOWEST ?= .venv-lowest
 LOWEST_TESTS ?= tests/foundation tests/sidecar tests/framework tests/identity tests/redis \
-  tests/ops tests/conformance
+  tests/ops tests/conformance tests/delivery/test_probe.py tests/delivery/test_probe_worker.py
 test-lowest: $(STAMP) servers
 	$(PY) -m pip install -q 'uv>=0.5'
 	rm -rf $(LOWEST)
