@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test lint servers image-test bench chaos clean
+.PHONY: run test test-lowest lint servers image-test bench chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,22 @@ test: $(STAMP) servers lint
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here" >&2; exit 1; fi; \
 	exit $$rc
 
+# The declared lower bounds, tested: a separate venv with every direct dependency at the
+# lowest version pyproject.toml allows (uv's lowest-direct resolution), then the tests of
+# the sidecar, the framework and their stores against real servers.
+LOWEST ?= .venv-lowest
+LOWEST_TESTS ?= tests/foundation tests/sidecar tests/framework tests/identity tests/redis \
+  tests/ops tests/conformance tests/delivery/test_probe.py tests/delivery/test_probe_worker.py
+test-lowest: $(STAMP) servers
+	$(PY) -m pip install -q 'uv>=0.5'
+	rm -rf $(LOWEST)
+	$(VENV)/bin/uv venv -q --python $(PY) $(LOWEST)
+	$(VENV)/bin/uv pip install -q --python $(LOWEST)/bin/python --resolution lowest-direct -e '.[dev]'
+	set +e; PATH="$(CURDIR)/$(LOWEST)/bin:$$PATH" $(LOWEST)/bin/python -m pytest -q \
+	  -p no:cacheprovider $(LOWEST_TESTS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here" >&2; exit 1; fi; \
+	exit $$rc
+
 image-test: $(STAMP)
 	bash scripts/image-test.sh
 
@@ -41,4 +57,4 @@ chaos: $(STAMP) servers
 	$(PY) bench/chaos.py --minutes $${CHAOS_MINUTES:-10}
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .coverage .coverage.* coverage.xml pytest_results.json
+	rm -rf $(VENV) $(LOWEST) build dist *.egg-info .coverage .coverage.* coverage.xml pytest_results.json

@@ -21,7 +21,9 @@ TENANT_DIR=tenant_template   # the checks below call its hello service
 WORK=${MTP_PODMAN_DIR:-/var/tmp/mtp-podman}
 BASE=localhost/mtp-base:bookworm-slim
 IMAGE=${IMAGE:-localhost/mtp-image-test:latest}
-MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# The Debian mirror this machine's apt uses (sources.list, sources.list.d/*.list or
+# deb822 *.sources), so no host is named here; DEBIAN_MIRROR overrides it.
+MIRROR=${DEBIAN_MIRROR:-}
 GRACE=${GRACE:-20}
 NO_CACHE=${NO_CACHE:-}           # NO_CACHE=1: rebuild every layer (for timing a cold build)
 NAME="mtp-image-test-$$"
@@ -61,6 +63,10 @@ quiet() { "$@" 2> >(grep -v "systemd connection" >&2); }
 # 1. A local Debian base with python3 (no registry is reachable here).
 if ! "${P[@]}" image exists "$BASE"; then
   if [ ! -d "$WORK/rootfs" ]; then
+    if [ -z "$MIRROR" ]; then
+      MIRROR=$("$PY" scripts/debian-mirror.py --suite bookworm) \
+        || fail "no Debian mirror in the apt sources: set DEBIAN_MIRROR"
+    fi
     log "debootstrap bookworm from $MIRROR (about a minute, once)"
     rm -rf "$WORK/rootfs.partial"
     debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
@@ -216,6 +222,13 @@ wait_healthy "$PORT" "$POD-framework" "$POD-sidecar"
 http_checks "$PORT" || {
   "${P[@]}" logs "$POD-framework" >&2 || true; "${P[@]}" logs "$POD-sidecar" >&2 || true
   fail "HTTP checks (two-container pod)"; }
+# The manifests' probes and preStop hooks, run as the kubelet runs them (exec).
+for check in "$POD-framework mtp probe framework" "$POD-sidecar mtp probe sidecar" \
+             "$POD-sidecar mtp probe sidecar --path /readyz" "$POD-sidecar sleep 0"; do
+  # shellcheck disable=SC2086  # word splitting intended: container, then its command
+  "${P[@]}" exec $check || fail "exec probe failed: $check"
+done
+log "pod: exec probes (mtp probe) and the preStop sleep work in the image"
 quiet "${P[@]}" pod stop -t "$GRACE" "$POD" >/dev/null
 for c in "$POD-framework" "$POD-sidecar"; do
   code=$("${P[@]}" inspect --format '{{.State.ExitCode}}' "$c")
