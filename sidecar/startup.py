@@ -17,10 +17,12 @@ from prometheus_client import Gauge
 
 from framework.settings import Settings
 from framework.tenant_config import ConfigError, TenantConfig
+from sidecar.admission import Admission
 from sidecar.apikeys import ApiKeys
 from sidecar.app import Sidecar
 from sidecar.audit import AuditLog
 from sidecar.authenticate import Authenticator
+from sidecar.catalog import Catalog, CatalogWatcher
 from sidecar.limiter import LimiterBackend, MemoryBackend
 from sidecar.overlay import OverlayWatcher
 from sidecar.proxy import Timeouts, Upstream
@@ -101,15 +103,25 @@ class App:
             limiter=RateLimiter(self.backend or limiter_backend(settings)),
             upstream=Upstream(settings, self.timeouts),
             audit=AuditLog(settings.audit_file),
+            admission=Admission.for_settings(settings),
         )
         degraded_gauge(sidecar)
         await sidecar.upstream.start()
         sidecar.audit.start()
         watcher = OverlayWatcher(settings.config_overlay, tenant, sidecar)
         watcher.start()
+
+        def install(catalog: Catalog) -> None:
+            sidecar.catalog = catalog
+
+        catalog = CatalogWatcher(sidecar.upstream, settings.sidecar_secret,
+                                 lambda path: sidecar.internal_headers(path, "catalog"),
+                                 install, lambda: sidecar.catalog)
+        catalog.start()
         try:
             yield sidecar
         finally:
+            await catalog.close()
             await watcher.close()
             await sidecar.upstream.close()
             await tokens.close()
