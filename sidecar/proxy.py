@@ -75,11 +75,11 @@ class Upstream:
                    timeout: float, slack: float) -> UpstreamReply:
         """A call the framework runs on one of its threads: admitted, with a deadline.
 
-        Saturated (503) when no slot is free; DeadlinePassed (504) ``timeout`` +
+        Saturated (503) when no slot frees in time; DeadlinePassed (504) ``timeout`` +
         ``slack`` seconds after sending, the slot staying taken until the framework
         answers late (or the connection is given up).
         """
-        if not admission.enter():
+        if not admission.enter() and not await admission.admit():
             raise Saturated(admission.limit)
         try:
             reply = await self.send(method, path, headers, body, deadline=timeout + slack)

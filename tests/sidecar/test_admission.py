@@ -80,7 +80,7 @@ def test_a_soft_deadline_earlier_than_the_connections_timer_rearms_it(tmp_path: 
 def test_upstream_call_admits_and_gives_the_slot_back_only_when_answered(
         tmp_path: Path) -> None:
     async def go():
-        admission = Admission(1)
+        admission = Admission(1, wait=0)
         async with pooled(tmp_path, late_by([0.4, 0.0, 0.0])) as pool:
             upstream = Upstream(settings_for(tmp_path / "u.sock"))
             upstream.pool = pool
@@ -98,11 +98,48 @@ def test_upstream_call_admits_and_gives_the_slot_back_only_when_answered(
     assert run(go()) == (200, 0)
 
 
-def test_admission_counts_to_its_limit() -> None:
-    admission = Admission(2)
-    assert admission.enter() and admission.enter() and not admission.enter()
-    admission.leave()
-    assert admission.enter() and admission.busy == 2
+def test_admission_counts_to_its_limit_and_hands_slots_to_waiters_in_order() -> None:
+    async def go():
+        admission = Admission(2, wait=5, queue=2)
+        assert admission.enter() and admission.enter() and not admission.enter()
+        first = asyncio.ensure_future(admission.admit())
+        second = asyncio.ensure_future(admission.admit())
+        await asyncio.sleep(0)
+        assert admission.waiting == 2 and not await admission.admit()  # queue full: at once
+        admission.leave()
+        assert await first and not second.done() and admission.busy == 2
+        second.cancel()
+        await asyncio.sleep(0)
+        admission.leave()  # the cancelled waiter is skipped: the slot is free again
+        assert admission.busy == 1 and admission.enter() and admission.busy == 2
+
+    run(go())
+
+
+def test_a_waiter_gets_no_slot_when_none_frees_in_time() -> None:
+    async def go():
+        admission = Admission(1, wait=0.05)
+        assert admission.enter()
+        refused = await admission.admit()
+        admission.leave()  # the expired ticket is passed over
+        return refused, admission.busy, admission.enter()
+
+    assert run(go()) == (False, 0, True)
+
+
+def test_a_slot_handed_to_a_caller_that_went_away_is_passed_on() -> None:
+    async def go():
+        admission = Admission(1, wait=5)
+        assert admission.enter()
+        waiter = asyncio.ensure_future(admission.admit())
+        await asyncio.sleep(0)
+        admission.leave()  # handed to the waiter...
+        waiter.cancel()  # ...which is cancelled before it runs
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        return admission.busy
+
+    assert run(go()) == 0
 
 
 def signed(doc: object, status: int = 200, secret: bytes = SECRET) -> UpstreamReply:

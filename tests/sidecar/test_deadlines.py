@@ -177,10 +177,11 @@ def test_a_full_framework_is_503_readyz_answers_and_calls_are_admitted_again(
           what="free threads")
     # Three sleepers take the framework's three threads; each client gets 504 at 1 s.
     with ThreadPoolExecutor(3) as pool:
-        sleepers = list(pool.map(lambda i: platform.sleepy(5, f"full{i}"), range(3)))
+        sleepers = list(pool.map(lambda i: platform.sleepy(6, f"full{i}"), range(3)))
     assert [r.status for r in sleepers] == [504] * 3
     # The handlers still run and still hold their threads: the sidecar admits no more.
-    refused = [platform.sleepy(0, f"refused{i}") for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:  # each waits its short while for a slot, in vain
+        refused = list(pool.map(lambda i: platform.sleepy(0, f"refused{i}"), range(8)))
     for reply in refused:
         doc = problem(reply, 503)
         assert reply.headers["Retry-After"] == "1" and doc["type"].endswith("saturated")
@@ -236,3 +237,13 @@ def test_a_stopped_framework_is_504_at_the_deadline_and_not_ready(platform: Plat
     until(lambda: call(platform.port, "GET", "/readyz").status == 200, what="ready again")
     until(lambda: platform.call("POST", "/services/fast", b"{}").status == 200,
           what="served again")
+
+
+def test_a_burst_of_quick_calls_past_the_thread_count_is_served(platform: Platform) -> None:
+    until(lambda: platform.call("POST", "/services/fast", b"{}").status == 200,
+          what="free threads")
+    # Four times as many callers as framework threads: each waits its turn briefly.
+    with ThreadPoolExecutor(12) as pool:
+        replies = list(pool.map(lambda _: platform.call("POST", "/services/fast", b"{}"),
+                                range(48)))
+    assert [r.status for r in replies] == [200] * 48
