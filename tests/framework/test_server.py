@@ -311,6 +311,8 @@ def test_a_late_call_is_504_and_health_never_waits_for_busy_threads(server: Serv
     assert all(a.status == 504 for a in answers)
     # The same threads serve again once the sleepers return.
     assert c.post("/services/hang", {"seconds": 0}).json() == {"woke": True}
+    text = c.get("/metrics", sign=False).body.decode()
+    assert 'service="hang",status="504"' in text  # the late answers, in the metrics
 
 
 def test_the_catalog_lists_every_timeout_signed_for_the_sidecar_only(server: Server):

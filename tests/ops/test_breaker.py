@@ -182,6 +182,12 @@ def test_a_handler_still_running_past_its_deadline_opens_the_breaker(tmp_path) -
         assert late.status_code == 504 and late.get_json()["type"].endswith("deadline-exceeded")
         assert ops.breakers.states()["slow"] == OPEN  # counted once, still open
         assert len(rt.executor.inflight) == 0
+        ops.meter.flush()  # the late call is in usage as an error (504)
+        tenant = rt.tenant
+        rows = ops.store.query(tenant.tenant_id, tenant.billing, None, None, ["service"])
+        slow = next(r for r in rows if r["service"] == "slow")
+        # Both are 5xx: the late 504 and the 503 of the breaker (refused, never ran).
+        assert slow["calls"] == 2 and slow["errors"] == 2
     finally:
         ops.close()
         rt.close()
