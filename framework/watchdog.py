@@ -4,8 +4,8 @@ A sync handler runs on the gunicorn thread that took the request and cannot be
 stopped (Python threads cannot be killed). The sidecar answers the client 504 at
 the deadline; here, the call is counted as a deadline miss (circuit breaker,
 log) as soon as the deadline passes, not only when, or if, the handler returns.
-One daemon thread per worker scans the start times of the calls in flight every
-``interval`` seconds: no timer or thread per call, and a call costs two dict
+One daemon thread per worker scans the deadlines (start + timeout) of the calls
+in flight every ``interval`` seconds: no timer or thread per call, and a call costs two dict
 operations under an uncontended lock.
 """
 
@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import count
 
 log = logging.getLogger("mtp.framework.watchdog")
@@ -31,7 +31,6 @@ class Entry:
     operation: str | None
     deadline: float  # time.monotonic()
     request_id: str = ""
-    started: float = field(default_factory=time.monotonic)
     overdue: bool = False  # counted by the watchdog already
 
 
