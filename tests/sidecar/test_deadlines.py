@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import base_env, free_port, spawn, stop, wait_for_port, wait_for_unix
+from tests.sidecar.run_stack import pids_in_group
 from tests.sidecar.support import JWT_SECRET, SIDECAR_SECRET, Reply, call, token
 
 PROBLEM = "application/problem+json"
@@ -109,6 +110,17 @@ def problem(reply: Reply, status: int) -> dict:
     return doc
 
 
+def threads_of(pgid: int) -> int:
+    """Threads of every process of the framework (master and workers)."""
+    total = 0
+    for pid in pids_in_group(pgid):
+        try:
+            total += len(list(Path(f"/proc/{pid}/task").iterdir()))
+        except OSError:
+            continue
+    return total
+
+
 def until(condition, timeout: float = 20.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while True:
@@ -179,6 +191,7 @@ def test_a_full_framework_is_503_readyz_answers_and_calls_are_admitted_again(
     with ThreadPoolExecutor(3) as pool:
         sleepers = list(pool.map(lambda i: platform.sleepy(6, f"full{i}"), range(3)))
     assert [r.status for r in sleepers] == [504] * 3
+    threads = threads_of(platform.framework.pid)
     # The handlers still run and still hold their threads: the sidecar admits no more.
     with ThreadPoolExecutor(8) as pool:  # each waits its short while for a slot, in vain
         refused = list(pool.map(lambda i: platform.sleepy(0, f"refused{i}"), range(8)))
@@ -192,6 +205,7 @@ def test_a_full_framework_is_503_readyz_answers_and_calls_are_admitted_again(
     # No call past the limit reached the framework: no handler thread beyond its three.
     assert not any((platform.marks / f"refused{i}.started").exists() for i in range(8))
     assert len(list(platform.marks.glob("full*.started"))) == 3
+    assert threads_of(platform.framework.pid) == threads
     # Health and readiness still answer under a full pool.
     ready = call(platform.port, "GET", "/readyz")
     assert ready.status == 200, ready.body
