@@ -76,8 +76,11 @@ class Sidecar:
     upstream: Upstream
     audit: AuditLog
     metrics: Metrics = field(default_factory=Metrics)
-    admission: Admission = field(default_factory=lambda: Admission(16))
     catalog: Catalog = field(default_factory=Catalog)
+    admission: Admission = field(init=False)  # MTP_WORKERS x MTP_THREADS of the settings
+
+    def __post_init__(self) -> None:
+        self.admission = Admission.for_settings(self.settings)
 
     async def handle(self, request: Request) -> Response:
         """Answer one request (never raises: every failure becomes problem+json)."""

@@ -17,7 +17,6 @@ from prometheus_client import Gauge
 
 from framework.settings import Settings
 from framework.tenant_config import ConfigError, TenantConfig
-from sidecar.admission import Admission
 from sidecar.apikeys import ApiKeys
 from sidecar.app import Sidecar
 from sidecar.audit import AuditLog
@@ -103,7 +102,6 @@ class App:
             limiter=RateLimiter(self.backend or limiter_backend(settings)),
             upstream=Upstream(settings, self.timeouts),
             audit=AuditLog(settings.audit_file),
-            admission=Admission.for_settings(settings),
         )
         degraded_gauge(sidecar)
         await sidecar.upstream.start()
