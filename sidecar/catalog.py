@@ -3,8 +3,10 @@
 The framework's ``GET /internal/catalog`` (framework/catalog.py) lists every
 service's timeout, signed with the shared secret; its ``/readyz`` names the
 catalog's version. :class:`CatalogWatcher` asks the framework's ``/readyz``
-every POLL_SECONDS and fetches the catalog when the version is new: once the
-framework is ready, and again after a config change or a restart. Until then,
+every FIRST_POLL_SECONDS until it has a catalog, then every POLL_SECONDS (each
+ask is an access-log line in the framework), and fetches the catalog when the
+version is new: once the framework is ready, and again after a config change or
+a restart. Until then,
 and for a service the catalog does not name, the deadline is the default
 timeout.
 """
@@ -28,7 +30,8 @@ from sidecar.proxy import Upstream, UpstreamReply
 
 log = logging.getLogger("mtp.sidecar")
 
-POLL_SECONDS = 2.0
+FIRST_POLL_SECONDS = 1.0
+POLL_SECONDS = 5.0
 ASK_TIMEOUT = 2.0  # the framework answers /readyz and the catalog off its request threads
 
 Headers = Callable[[str], list[tuple[str, str]]]  # path -> signed headers for a GET
@@ -77,9 +80,10 @@ class CatalogWatcher:
 
     def __init__(self, upstream: Upstream, secret: bytes, headers: Headers,
                  install: Callable[[Catalog], None], current: Callable[[], Catalog],
-                 poll: float = POLL_SECONDS) -> None:
+                 poll: float = POLL_SECONDS, first_poll: float = FIRST_POLL_SECONDS) -> None:
         self.upstream, self.secret, self.headers = upstream, secret, headers
-        self.install, self.current, self.poll = install, current, poll
+        self.install, self.current = install, current
+        self.poll, self.first_poll = poll, first_poll
         self._task: asyncio.Task[None] | None = None
 
     async def _get(self, path: str) -> UpstreamReply:
@@ -110,7 +114,7 @@ class CatalogWatcher:
                 if not failing:  # once per outage, not every poll
                     log.warning("service catalog not loaded: %s", exc)
                 failing = True
-            await asyncio.sleep(self.poll)
+            await asyncio.sleep(self.poll if self.current().version else self.first_poll)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())

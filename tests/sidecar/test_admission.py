@@ -199,7 +199,7 @@ def test_the_watcher_fetches_the_catalog_only_when_its_version_changes() -> None
 def test_the_watcher_loop_survives_a_framework_that_is_away(caplog) -> None:
     upstream = FakeUpstream({"/readyz": UpstreamReply(200, [], b"not json")})
     watcher = CatalogWatcher(upstream, SECRET, lambda path: [],  # type: ignore[arg-type]
-                             lambda c: None, Catalog, poll=0.01)
+                             lambda c: None, Catalog, poll=0.01, first_poll=0.01)
 
     async def go():
         watcher.start()
