@@ -10,6 +10,7 @@ No timing assertions beyond "answered before a generous bound".
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -26,6 +27,7 @@ from tests.sidecar.run_stack import pids_in_group
 from tests.sidecar.support import JWT_SECRET, SIDECAR_SECRET, Reply, call, token
 
 PROBLEM = "application/problem+json"
+LOADED = re.compile(r"service catalog \w+ loaded")
 
 TENANT_TOML = """
 [tenant]
@@ -156,8 +158,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
                         log=d / "sidecar.log")
         wait_for_port(port, sidecar)
         # The sidecar knows the services' timeouts once it loaded the framework's catalog.
-        until(lambda: "service catalog" in (d / "sidecar.log").read_text(errors="replace")
-              and "loaded" in (d / "sidecar.log").read_text(errors="replace"),
+        until(lambda: LOADED.search((d / "sidecar.log").read_text(errors="replace")),
               what="catalog loaded")
         yield Platform(port, d, framework, sidecar, marks)
     finally:
@@ -261,3 +262,18 @@ def test_a_burst_of_quick_calls_past_the_thread_count_is_served(platform: Platfo
         replies = list(pool.map(lambda _: platform.call("POST", "/services/fast", b"{}"),
                                 range(48)))
     assert [r.status for r in replies] == [200] * 48
+
+
+def test_a_new_catalog_version_reaches_the_sidecar(platform: Platform) -> None:
+    log = platform.dir / "sidecar.log"
+    loaded = len(LOADED.findall(log.read_text(errors="replace")))
+    # A service added while both run (as in development): a new catalog version.
+    later = SLEEPY.replace("TIMEOUT = 1", "TIMEOUT = 0.5")
+    (platform.dir / "tenant" / "services" / "later.py").write_text(later)
+    until(lambda: len(LOADED.findall(log.read_text(errors="replace"))) > loaded,
+          what="the new catalog loaded")
+    body = f'{{"s": 6, "dir": "{platform.marks}", "id": "later"}}'.encode()
+    reply = platform.call("POST", "/services/later", body)
+    # Its own 0.5 s deadline, not the default 30 s: answered while the handler still runs.
+    assert "0.5s" in problem(reply, 504)["detail"]
+    assert not (platform.marks / "later.ended").exists()
