@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from framework import logs  # noqa: E402
 from framework.controller import make_context  # noqa: E402
-from framework.execute import HandlerPool, run_handler  # noqa: E402
+from framework.execute import Executor, run_handler  # noqa: E402
 from framework.registry import Registry  # noqa: E402
 from framework.tenant_config import parse_tenant  # noqa: E402
 from framework.verify import Identity  # noqa: E402
@@ -103,7 +103,7 @@ def main() -> None:
     ident = Identity("bench", "alice", ("g",), ("r",), "jwt")
     rt = _Rt(tenant)
     ctx = make_context(rt, spec, None, ident, {}, {}, "rid")  # type: ignore[arg-type]
-    pool = HandlerPool(4)
+    executor = Executor(10 << 20)
 
     def call(s, c):
         return run_handler(s, c, 10 << 20)
@@ -114,17 +114,17 @@ def main() -> None:
         "make_context (flags, logger, deadline)": per_call(
             lambda: make_context(rt, spec, None, ident, {}, {}, "rid")),  # type: ignore[arg-type]
         "run_handler (call + JSON encode + timing)": per_call(lambda: call(spec, ctx)),
-        "HandlerPool.run (hand-over to a handler thread)": per_call(
-            lambda: pool.run(call, spec, ctx)),
-        "resolve + context + pool.run (cached dispatch)": per_call(
-            lambda: pool.run(call, reg.resolve("ping"),
-                             make_context(rt, spec, None, ident, {}, {}, "rid"))),
+        "Executor.run_sync (inline, in-flight bookkeeping)": per_call(
+            lambda: executor.run_sync(spec, ctx)),
+        "resolve + context + run_sync (cached dispatch)": per_call(
+            lambda: executor.run_sync(reg.resolve("ping"),
+                                      make_context(rt, spec, None, ident, {}, {}, "rid"))),
     }
     direct = rows["handle(context) called directly"]
     print("cached dispatch, CPU microseconds per call (best of 5 x 20000):")
     for name, us in rows.items():
         print(f"  {name:50} {us:7.1f} us")
-    overhead = rows["resolve + context + pool.run (cached dispatch)"] - direct
+    overhead = rows["resolve + context + run_sync (cached dispatch)"] - direct
     print(f"  dispatch overhead over a direct call:              {overhead:7.1f} us")
     inproc = cold_load_in_process(tmp, tenant)
     fresh = cold_load_fresh(tmp)
@@ -133,7 +133,7 @@ def main() -> None:
           f"max {max(inproc):.2f} ms over {len(inproc)} loads")
     print(f"  first load in a fresh interpreter: median {statistics.median(fresh):.2f} ms, "
           f"max {max(fresh):.2f} ms over {len(fresh)} processes")
-    pool.shutdown()
+    executor.close()
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 
     python bench/framework_variant.py TENANT_DIR VARIANT[,VARIANT...]
 
-Variants: ``noops`` (no metering/breaker/overlay layer), ``inline`` (sync calls
-run in the request thread: no hand-over, so no deadline), ``nolog`` (no request
-log line), ``nometrics`` (no Prometheus updates). Settings come from MTP_* as
-for `mtp framework`.
+Variants: ``noops`` (no metering/breaker/overlay layer), ``nowatch`` (sync calls
+without the in-flight bookkeeping the deadline watchdog reads), ``nolog`` (no
+request log line), ``nometrics`` (no Prometheus updates). Settings come from
+MTP_* as for `mtp framework`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class VariantServer(FrameworkServer):
             app_module.install_operations = lambda app, rt: None
         app = super().load()
         rt = app.extensions["mtp"]
-        if "inline" in self.variants:
+        if "nowatch" in self.variants:
             rt.executor.sync = lambda spec, ctx: rt.executor.call(spec, ctx)
         if "nolog" in self.variants:
             rt.log.setLevel("WARNING")

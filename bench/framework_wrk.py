@@ -90,8 +90,8 @@ def measure(pid: int, url: str, seconds: int, conns: int, script: Path) -> dict:
 # label -> bench/framework_variant.py switches
 VARIANTS = {
     "fw -ops": "noops",
-    "fw -ops -handoff": "noops,inline",
-    "fw -ops -handoff -log -metrics": "noops,inline,nolog,nometrics",
+    "fw -ops -watch": "noops,nowatch",
+    "fw -ops -watch -log -metrics": "noops,nowatch,nolog,nometrics",
 }
 
 

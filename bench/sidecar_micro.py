@@ -116,7 +116,7 @@ def main() -> None:
     parser = HttpRequestParser(BaseProtocol(loop), loop, 2**16, auto_decompress=False)
     (message, payload), = parser.feed_data(raw)[0]
 
-    async def stub_send(*_args: object) -> UpstreamReply:
+    async def stub_send(*_args: object, **_kw: object) -> UpstreamReply:
         return REPLY
 
     context = create_app(settings, tenant).started()

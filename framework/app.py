@@ -29,7 +29,7 @@ def build_runtime(settings: Settings, tenant: TenantConfig, background: bool = T
                   secret: bytes = b"") -> Runtime:
     """Everything a worker needs, built once; ``background`` starts the job reaper."""
     log = logs.setup(settings.log_level, tenant.tenant_id)
-    executor = Executor(settings.max_result, settings.handler_threads or 2 * settings.threads)
+    executor = Executor(settings.max_result)
     store: JobStore
     runner: JobRunner | RedisJobRunner
     if settings.redis_url:

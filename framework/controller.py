@@ -15,6 +15,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from framework import logs, metrics
 from framework.authz import decide
+from framework.catalog import register as register_catalog
 from framework.context import Context
 from framework.errors import (
     Conflict,
@@ -69,6 +70,7 @@ def register(app: Flask, rt: Runtime) -> None:
     # `Prefer: wait=N` holds a request thread up to a minute: at most half of them may
     # wait, so waiters can never starve /healthz, /readyz and ordinary calls.
     waiters = threading.BoundedSemaphore(max(1, rt.settings.threads // 2))
+    catalog = register_catalog(app, rt)
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -76,7 +78,9 @@ def register(app: Flask, rt: Runtime) -> None:
 
     @app.get("/readyz")
     def readyz() -> Response:
-        body = {"status": "ready", "tenant": rt.tenant.tenant_id, "jobs": "ok"}
+        # The catalog's version: the sidecar fetches the service timeouts again on a change.
+        body = {"status": "ready", "tenant": rt.tenant.tenant_id, "jobs": "ok",
+                "catalog": catalog.version()}
         if not rt.jobs.usable():
             # The shared (Redis) store being away fails async calls only (503 each); sync
             # calls still run. Staying ready keeps every replica from leaving its Service

@@ -1,15 +1,15 @@
-"""Running handlers: one call -> an :class:`Outcome`; sync calls on a bounded pool.
+"""Running handlers: one call -> an :class:`Outcome`; sync calls on the request thread.
 
-A sync call runs on a handler thread while the request thread waits until the
-deadline. Past it the client gets 504 but the handler thread keeps running
-(Python cannot kill a thread) and keeps its slot until it returns: the pool is
-bounded, so hung handlers pile up to at most ``size`` threads, after which new
-calls get 503 with Retry-After instead of more threads.
+A sync handler runs on the gunicorn thread that took the request, with no
+hand-over. The sidecar owns the deadline: it answers the client 504 when the
+framework has not answered by then, and admits at most as many calls as the
+framework has threads (503 past that), so hung handlers cannot pile up. Here a
+call that returns after its deadline is answered (and recorded) as 504, and the
+watchdog (framework/watchdog.py) counts calls still running past it.
 
 Two seams, plain attributes, for layers that wrap execution (usage metering,
 circuit breaker): ``Executor.call`` runs one call in the current thread (used by
-sync calls and by job threads); ``Executor.sync`` is the whole sync path
-including 503/504.
+sync calls and by job threads); ``Executor.sync`` is the whole sync path.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from framework.errors import (
     DeadlineExceeded,
     FrameworkError,
     InvalidResult,
-    Saturated,
     ServiceFailed,
     new_error_id,
 )
 from framework.registry import ServiceSpec
+from framework.watchdog import InFlight
 
 log = logging.getLogger("mtp.framework.execute")
 
@@ -44,9 +44,9 @@ class Outcome:
     status: int
     body: bytes | None = None  # the encoded result when status is 200
     error: FrameworkError | None = None
-    wall: float = 0.0  # seconds, including any wait for a handler thread
+    wall: float = 0.0  # seconds the handler ran
     cpu: float = 0.0  # CPU seconds of the handler thread (time.thread_time)
-    finished: bool = True  # False: answered at the deadline, the handler still runs
+    overdue: bool = False  # the watchdog counted it as a deadline miss while it still ran
 
     @property
     def ok(self) -> bool:
@@ -97,128 +97,19 @@ def run_handler(spec: ServiceSpec, ctx: Context, max_result: int,
     return outcome
 
 
-class _Call:
-    """One handed-over call: the waiter blocks on ``done`` until ``outcome`` is set."""
-
-    __slots__ = ("call", "context", "ctx", "done", "outcome", "spec")
-
-    def __init__(self, call: Call, spec: ServiceSpec, ctx: Context) -> None:
-        self.call, self.spec, self.ctx = call, spec, ctx
-        self.context = contextvars.copy_context()  # the request id follows into log lines
-        self.done = threading.Lock()
-        self.done.acquire()
-        self.outcome: Outcome | None = None
-
-
-class _Thread:
-    """A handler thread and the lock that hands it its next call."""
-
-    __slots__ = ("go", "work")
-
-    def __init__(self) -> None:
-        self.go = threading.Lock()
-        self.go.acquire()
-        self.work: _Call | None = None
-
-
-class HandlerPool:
-    """At most ``size`` handler threads, running or abandoned at their deadline.
-
-    Each thread waits on its own lock, so a hand-over is one release and one
-    acquire each way (no queue, no Future). The threads are daemons: a handler
-    that never returns does not keep a stopping worker process alive.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._idle: list[_Thread] = []  # LIFO: the most recently used (warm) thread first
-        self._lock = threading.Lock()
-        self._started = 0
-        self._closed = False
-
-    @property
-    def busy(self) -> int:
-        """Handler threads running a call (or abandoned in one) right now."""
-        return self._started - len(self._idle)
-
-    def _take(self) -> _Thread | None:
-        with self._lock:
-            if self._closed:
-                return None
-            if self._idle:
-                return self._idle.pop()
-            if self._started >= self.size:
-                return None
-            self._started += 1
-            number = self._started
-        worker = _Thread()
-        try:
-            threading.Thread(target=self._loop, args=(worker,), daemon=True,
-                             name=f"mtp-handler-{number}").start()
-        except RuntimeError:
-            # "can't start new thread" (a pids limit): this call is 503, and the slot is
-            # given back, or the pool would shrink for good with every such failure.
-            log.warning("could not start a handler thread")
-            with self._lock:
-                self._started -= 1
-            return None
-        return worker
-
-    def _loop(self, worker: _Thread) -> None:
-        while True:
-            worker.go.acquire()
-            work = worker.work
-            if work is None:
-                return  # shut down
-            try:
-                work.outcome = work.context.run(work.call, work.spec, work.ctx)
-            except BaseException:  # the seams catch what handlers raise; this is a last guard
-                error_id = new_error_id()
-                log.exception("handler thread failed", extra={"error_id": error_id})
-                work.outcome = Outcome(500, error=ServiceFailed("internal error", error_id))
-            worker.work = None
-            with self._lock:
-                self._idle.append(worker)
-            work.done.release()
-
-    def run(self, call: Call, spec: ServiceSpec, ctx: Context) -> Outcome:
-        """Run ``call`` on a handler thread; wait until ``ctx.deadline``."""
-        start = time.perf_counter()
-        worker = self._take()
-        if worker is None:
-            return Outcome(503, error=Saturated(
-                f"all {self.size} handler threads are busy; retry shortly"))
-        work = _Call(call, spec, ctx)
-        worker.work = work
-        worker.go.release()
-        # Capped: a lock wait past TIMEOUT_MAX (TIMEOUT = 10**10, "no limit") is OverflowError.
-        wait = min(max(ctx.deadline - time.monotonic(), 0.0), threading.TIMEOUT_MAX)
-        if not work.done.acquire(timeout=wait):
-            log.warning("service %s passed its %.3gs deadline; its thread keeps running",
-                        spec.name, spec.timeout, extra={"service": spec.name})
-            return Outcome(504, error=DeadlineExceeded(
-                f"service {spec.name!r} did not answer within {spec.timeout:g}s"),
-                wall=time.perf_counter() - start, finished=False)
-        outcome = work.outcome
-        assert outcome is not None
-        outcome.wall = time.perf_counter() - start
-        return outcome
-
-    def shutdown(self) -> None:
-        """Stop taking work and let idle threads end; running handlers are not waited for."""
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for worker in idle:
-            worker.go.release()
+def late(spec: ServiceSpec, outcome: Outcome, overdue: bool = False) -> Outcome:
+    """A call that returned after its deadline: 504, as the client was answered."""
+    return Outcome(504, error=DeadlineExceeded(
+        f"service {spec.name!r} did not answer within {spec.timeout:g}s"),
+        wall=outcome.wall, cpu=outcome.cpu, overdue=overdue)
 
 
 class Executor:
     """The execution seams of one worker process."""
 
-    def __init__(self, max_result: int, pool_size: int) -> None:
+    def __init__(self, max_result: int) -> None:
         self.max_result = max_result
-        self.pool = HandlerPool(pool_size)
+        self.inflight = InFlight()
         self.call: Call = self.run_one
         self.sync: Call = self.run_sync
 
@@ -227,6 +118,48 @@ class Executor:
         return run_handler(spec, ctx, self.max_result)
 
     def run_sync(self, spec: ServiceSpec, ctx: Context) -> Outcome:
-        """A sync call: on the bounded pool, answered by the deadline."""
-        # Late-bound through self.call so a wrapper installed later is used.
-        return self.pool.run(lambda s, c: self.call(s, c), spec, ctx)
+        """A sync call, on this (the request's) thread; 504 once past the deadline."""
+        key = self.inflight.enter(spec.name, ctx.operation, ctx.deadline, ctx.request_id)
+        try:
+            outcome = self.call(spec, ctx)  # late-bound: a wrapper installed later is used
+        finally:
+            overdue = self.inflight.leave(key)
+        if overdue or time.monotonic() > ctx.deadline:
+            log.warning("service %s answered after its %.3gs deadline", spec.name, spec.timeout,
+                        extra={"service": spec.name})
+            return late(spec, outcome, overdue)
+        return outcome
+
+    def close(self) -> None:
+        """Stop the watchdog thread."""
+        self.inflight.stop()
+
+
+def call_with_deadline(call: Call, spec: ServiceSpec, ctx: Context) -> Outcome:
+    """``call`` on a daemon thread, waited for until ``ctx.deadline`` (504 after it).
+
+    For in-process calls (``mtp invoke``, tenant tests): there is no sidecar to
+    answer at the deadline. The thread of a handler that never returns is a
+    daemon, so it does not keep the process alive.
+    """
+    box: list[Outcome] = []
+    context = contextvars.copy_context()  # the request id follows into log lines
+
+    def run() -> None:
+        try:
+            box.append(context.run(call, spec, ctx))
+        except BaseException:  # the seams catch what handlers raise; this is a last guard
+            error_id = new_error_id()
+            log.exception("handler thread failed", extra={"error_id": error_id})
+            box.append(Outcome(500, error=ServiceFailed("internal error", error_id)))
+
+    thread = threading.Thread(target=run, name=f"mtp-invoke-{spec.name}", daemon=True)
+    start = time.perf_counter()
+    thread.start()
+    # Capped: a wait past TIMEOUT_MAX (TIMEOUT = 10**10, "no limit") is OverflowError.
+    thread.join(min(max(ctx.deadline - time.monotonic(), 0.0), threading.TIMEOUT_MAX))
+    if not box:
+        return late(spec, Outcome(504, wall=time.perf_counter() - start))
+    if time.monotonic() > ctx.deadline:
+        return late(spec, box[0])
+    return box[0]

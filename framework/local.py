@@ -19,7 +19,7 @@ from framework import logs
 from framework.authz import decide
 from framework.context import Context
 from framework.errors import Forbidden, FrameworkError
-from framework.execute import Executor, Outcome
+from framework.execute import Executor, Outcome, call_with_deadline
 from framework.flags import FlagSet
 from framework.inputs import validate
 from framework.jobrunner import JobRunner, error_document
@@ -56,11 +56,11 @@ class LocalRunner:
         self.settings, self.tenant = settings, tenant
         logs.setup(settings.log_level, tenant.tenant_id)
         self.registry = Registry(settings.tenant_dir, tenant, dev=True)
-        self.executor = Executor(settings.max_result, settings.handler_threads or 4)
+        self.executor = Executor(settings.max_result)
 
     def close(self) -> None:
-        """Let the idle handler threads end (each runner starts its own)."""
-        self.executor.pool.shutdown()
+        """Nothing runs between calls (kept for callers that close a runner)."""
+        self.executor.close()
 
     def spec(self, service: str, operation: str | None) -> ServiceSpec:
         """Resolve and check the operation exactly as the controller does."""
@@ -114,7 +114,8 @@ class LocalRunner:
         validate(spec, payload)
         ctx = self.context(spec, operation, payload, caller)
         if not run_async:
-            return self.executor.sync(spec, ctx)
+            # No sidecar answers at the deadline here: wait for the handler until then.
+            return call_with_deadline(self.executor.call, spec, ctx)
         store = SqliteJobStore(self.settings.data_dir / "jobs.sqlite3")
         runner = JobRunner(store, lambda: self.executor.call, runner_id(), 1, 0)
         job, future = runner.submit(spec, ctx, owner=caller.user)
@@ -144,6 +145,5 @@ def call(tenant_dir: str | Path, service: str, payload: Any = None,
         raise ServiceError(exc.status, problem(exc.status, exc.detail, "", kind=exc.kind,
                                                **exc.extra)) from None
     finally:
-        # A tenant test suite calls this thousands of times: no handler thread may stay.
         runner.close()
     return outcome_value(outcome)

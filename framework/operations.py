@@ -57,14 +57,15 @@ from framework.usage import (
 from framework.usage_redis import RedisUsageStore, open_store, start_exporter
 from framework.versions import DB_NAME as CONFIG_DB
 from framework.versions import RollbackError, VersionStore, rollback
+from framework.watchdog import Entry
 from framework.webhook import WebhookExporter
 
 log = logging.getLogger("mtp.framework.operations")
 
 MAX_CALL_DEPTH = 8
 
-# Set per request in the request thread; the handler pool and the job runner copy
-# the context into their threads, so the values follow the call there.
+# Set per request in the request thread (sync handlers run on it); the job runner
+# copies the context into its threads, so the values follow the call there.
 BYTES_IN: ContextVar[int] = ContextVar("mtp_bytes_in", default=0)
 ARRIVED: ContextVar[float] = ContextVar("mtp_arrived", default=0.0)
 DEPTH: ContextVar[int] = ContextVar("mtp_call_depth", default=0)
@@ -134,8 +135,15 @@ class Operations:
         """The service's breaker when tenant.toml configures one."""
         return self.breakers.get(spec.name, self.rt.tenant.service(spec.name).breaker)
 
+    def overdue(self, entry: Entry) -> None:
+        """Watchdog: a sync call still running past its deadline is a failure now."""
+        settings = self.rt.tenant.service(entry.service).breaker
+        breaker = self.breakers.get(entry.service, settings)
+        if breaker is not None:
+            breaker.record(504)
+
     def guarded_sync(self, inner: Call) -> Call:
-        """The sync path behind the breaker (sees 504 at the deadline, not later)."""
+        """The sync path behind the breaker (a miss counts when the watchdog sees it)."""
 
         def sync(spec: ServiceSpec, ctx: Context) -> Outcome:
             token = IN_SYNC.set(True)
@@ -177,13 +185,14 @@ class Operations:
             raise
         if outcome.status == 503:
             breaker.release(admission.trial)  # saturated: the service did not run
+        elif outcome.overdue and not admission.trial:
+            pass  # the watchdog counted this miss while the handler still ran
         else:
             breaker.record(outcome.status, admission.trial)
         return outcome
 
     def _sync_fallback(self, spec: ServiceSpec, ctx: Context) -> Outcome:
-        run = self.metered(self._fallback_runner(spec))
-        return self.rt.executor.pool.run(lambda s, c: run(s, c), spec, ctx)
+        return self.metered(self._fallback_runner(spec))(spec, ctx)
 
     def _inline_fallback(self, spec: ServiceSpec, ctx: Context) -> Outcome:
         # Already inside the metered seam (jobs, nested calls): run it in this thread.
@@ -265,6 +274,7 @@ def install(app: Flask, rt: Runtime) -> Operations:
     executor = rt.executor
     executor.call = ops.metered(ops.guarded_call(executor.call))
     executor.sync = ops.guarded_sync(executor.sync)
+    executor.inflight.on_overdue = ops.overdue
     _routes(app, ops)
     return ops
 

@@ -40,4 +40,4 @@ class Runtime:
         """Stop background threads (tests; gunicorn workers simply exit)."""
         self.reaper.stop()
         self.runner.shutdown()
-        self.executor.pool.shutdown()
+        self.executor.close()

@@ -69,7 +69,6 @@ class Settings:
     config_overlay: str = ""
     dev: bool = False
     job_retention: int = 7 * 86400  # seconds finished jobs are kept
-    handler_threads: int = 0  # sync handler threads per worker (running + abandoned); 0: 2*threads
     job_workers: int = 4  # async job threads per worker
     job_queue: int = 64  # async jobs waiting per worker before 503
     grace_seconds: int = 25  # SIGTERM to exit; every layer's drain derives from it
@@ -103,7 +102,6 @@ class Settings:
             config_overlay=env.get("MTP_CONFIG_OVERLAY", ""),
             dev=env.get("MTP_DEV", "") in ("1", "true", "yes"),
             job_retention=_int(env, "MTP_JOB_RETENTION", 7 * 86400, minimum=0),
-            handler_threads=_int(env, "MTP_HANDLER_THREADS", 0, minimum=0),
             job_workers=_int(env, "MTP_JOB_WORKERS", 4, minimum=1),
             job_queue=_int(env, "MTP_JOB_QUEUE", 64, minimum=0),
             grace_seconds=_int(env, "MTP_GRACE_SECONDS", 25, minimum=1),

@@ -16,13 +16,16 @@ from dataclasses import dataclass, field
 
 from aiohttp.http_exceptions import HttpProcessingError
 
+from framework.inputs import parse_prefer
 from framework.problem import request_id as make_request_id
 from framework.settings import Settings
 from framework.tenant_config import TenantConfig
+from sidecar.admission import Admission
 from sidecar.audit import AuditLog
 from sidecar.authenticate import Authenticator
 from sidecar.authorize import PREFIX, authorize, refuse_ambiguous_path, service_target
 from sidecar.bind_tenant import bind_tenant
+from sidecar.catalog import Catalog
 from sidecar.errors import (
     BadRequest,
     MethodNotAllowed,
@@ -60,6 +63,11 @@ METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS",
                            "TRACE", "PATCH"))
 SERVICE_METHODS = "GET, POST"  # a service call: HEAD never runs a service (DESIGN.md)
+# A service's deadline here is its timeout plus this: a framework that answers at the
+# deadline (its own 504 included) is heard; one that does not is answered for.
+DEADLINE_SLACK = 0.5
+READY_TIMEOUT = 2.0  # the framework answers /readyz off its request threads: quickly or hung
+METRICS_TIMEOUT = 10.0
 
 
 @dataclass
@@ -73,6 +81,11 @@ class Sidecar:
     upstream: Upstream
     audit: AuditLog
     metrics: Metrics = field(default_factory=Metrics)
+    catalog: Catalog = field(default_factory=Catalog)
+    admission: Admission = field(init=False)  # MTP_WORKERS x MTP_THREADS of the settings
+
+    def __post_init__(self) -> None:
+        self.admission = Admission.for_settings(self.settings)
 
     async def handle(self, request: Request) -> Response:
         """Answer one request (never raises: every failure becomes problem+json)."""
@@ -116,7 +129,8 @@ class Sidecar:
                                                                operation)
                 if delay:
                     reason = f"delayed {delay:.3f}s"
-                response = await self._forward(request, principal, rid, upstream_path)
+                response = await self._forward(request, principal, rid, upstream_path,
+                                               service)
                 response.headers.extend(limit_headers.items())
         except SidecarError as exc:
             outcome, reason = exc.outcome, exc.reason
@@ -177,15 +191,26 @@ class Sidecar:
             # not an internal error, and no traceback per dropped connection.
             raise BadRequest(f"body not received: {type(exc).__name__}") from None
 
+    def _timeout(self, request: Request, service: str) -> float:
+        """The call's deadline: the service's timeout, or the longer ``Prefer: wait=N``."""
+        timeout = self.catalog.timeout(service)
+        prefer = request.headers.get("Prefer")
+        if prefer:
+            # A waiting async call holds a framework thread up to N seconds (counted too).
+            timeout = max(timeout, parse_prefer(request.headers.getall("Prefer")).wait or 0)
+        return timeout
+
     async def _forward(self, request: Request, principal: Principal | None, rid: str,
-                       path: str) -> Response:
+                       path: str, service: str = "") -> Response:
         body = await self._read_body(request)
         headers = upstream_headers(
             request.headers.items(), identity_headers(principal, rid),
             secret=self.settings.sidecar_secret, method=request.method, path=path,
             peer=request.remote or "", proto=request.scheme)
         check_upstream(request.method, path, headers)
-        reply = await self.upstream.send(request.method, path, headers, body)
+        reply = await self.upstream.call(request.method, path, headers, body, self.admission,
+                                         service, self._timeout(request, service),
+                                         DEADLINE_SLACK)
         answer = response_headers(reply.headers)
         answer.append(("X-Request-ID", rid))
         if request.method == "HEAD":
@@ -200,11 +225,10 @@ class Sidecar:
         if path == READY:
             try:
                 # The framework's readiness, not its liveness: /readyz also checks the job
-                # store, and the pod's readiness probe only ever reaches the sidecar.
-                reply = await self.upstream.send(
-                    "GET", READY, upstream_headers(
-                        (), identity_headers(None, rid), secret=self.settings.sidecar_secret,
-                        method="GET", path=READY, peer="", proto="http"), None)
+                # store, and the pod's readiness probe only ever reaches the sidecar. A
+                # framework that does not answer in time (stopped, deadlocked) is not ready.
+                reply = await self.upstream.send("GET", READY, self.internal_headers(READY, rid),
+                                                 None, timeout=READY_TIMEOUT)
             except SidecarError as exc:
                 return render(Unavailable(exc.reason, detail="the framework is not reachable"),
                               rid)
@@ -226,9 +250,16 @@ class Sidecar:
             reply = await self.upstream.send(
                 "GET", METRICS, upstream_headers(
                     (), identity_headers(principal, rid), secret=self.settings.sidecar_secret,
-                    method="GET", path=METRICS, peer="", proto="http"), None)
+                    method="GET", path=METRICS, peer="", proto="http"), None,
+                timeout=METRICS_TIMEOUT)
             if reply.status == 200:
                 text += reply.body
         except SidecarError as exc:
             text += f"# framework metrics unavailable: {exc.reason}\n".encode()
         return Response(200, [("Content-Type", METRICS_TYPE), ("X-Request-ID", rid)], text)
+
+    def internal_headers(self, path: str, rid: str) -> list[tuple[str, str]]:
+        """Signed headers, with no identity, for the sidecar's own GET of ``path``."""
+        return upstream_headers((), identity_headers(None, rid),
+                                secret=self.settings.sidecar_secret, method="GET", path=path,
+                                peer="", proto="http")

@@ -8,6 +8,12 @@ written in one buffer with a Content-Length; responses are parsed here
 (Content-Length, chunked, or until close), capped at MTP_MAX_RESULT; connections
 are pooled LIFO and dropped after IDLE seconds, below gunicorn's 75 s keep-alive,
 so the pool never reuses a connection the server is about to close.
+
+A request may carry a ``deadline`` besides its read timeout: past the deadline
+the caller gets :class:`Overdue` at once, while the connection keeps waiting for
+the late answer (the framework's thread is still busy with it) until the read
+timeout; ``Overdue.settled`` resolves when that wait is over, and the connection
+then goes back to the pool, or is closed when the answer never came.
 """
 
 from __future__ import annotations
@@ -44,6 +50,14 @@ class TooLarge(Exception):
     """The answer's body is over the cap."""
 
 
+class Overdue(Exception):
+    """The request's deadline passed; the answer may still come (see ``settled``)."""
+
+    def __init__(self, settled: asyncio.Future[None]) -> None:
+        super().__init__("upstream deadline passed")
+        self.settled = settled  # done when the late answer arrived or the wait ended
+
+
 Reply = tuple[int, list[tuple[str, str]], bytes]
 
 
@@ -64,11 +78,14 @@ class Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[Reply] | None = None
         self._state = _DONE
         self._head_only = False
-        # The read deadline of the request in flight. One timer per connection checks
-        # it and re-arms itself only while a request is running: a timer per request
+        # The read deadline of the request in flight (and its earlier, soft, call
+        # deadline, 0.0 when none or passed). One timer per connection checks them and
+        # re-arms itself only while a request is running: a timer per request
         # (call_later + cancel) cost more than the rest of the pool's bookkeeping.
         self._deadline = 0.0
+        self._soft = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._late: asyncio.Future[None] | None = None  # set once the soft deadline passed
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -96,19 +113,28 @@ class Connection(asyncio.Protocol):
             self._finish(bytes(self._buf))
         elif self._state != _DONE:
             self._fail(UpstreamClosed("upstream closed the connection"))
+        self._settle()  # e.g. closed by Pool.close while a late answer was awaited
 
     # requests
-    def send(self, request: bytes, head_only: bool, timeout: float) -> asyncio.Future[Reply]:
+    def send(self, request: bytes, head_only: bool, timeout: float,
+             deadline: float | None = None) -> asyncio.Future[Reply]:
         """Write one request; the future resolves to (status, headers, body).
 
         With no complete answer within ``timeout`` seconds it fails with TimeoutError
-        and the connection is closed.
+        and the connection is closed. With a ``deadline`` (seconds, shorter) it fails
+        with :class:`Overdue` then, and the connection waits on for the answer.
         """
         assert self.transport is not None
         self._waiter = self.loop.create_future()
-        self._deadline = self.loop.time() + timeout
-        if self._timer is None:
-            self._timer = self.loop.call_at(self._deadline, self._check_deadline)
+        now = self.loop.time()
+        self._deadline = now + timeout
+        self._soft = now + deadline if deadline is not None and deadline < timeout else 0.0
+        self._late = None
+        due = self._soft or self._deadline
+        if self._timer is None or self._timer.when() > due:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_at(due, self._check_deadline)
         self._state = _HEAD
         self._head_only = head_only
         self._buf.clear()
@@ -121,10 +147,17 @@ class Connection(asyncio.Protocol):
         self._timer = None
         if self._state == _DONE:
             return  # idle: the next request arms the timer again
-        if self.loop.time() >= self._deadline:
+        now = self.loop.time()
+        if now >= self._deadline:
             self._fail(TimeoutError("upstream read timeout"))
-        else:  # an earlier request's timer: wait for this request's deadline
-            self._timer = self.loop.call_at(self._deadline, self._check_deadline)
+            return
+        if self._soft and now >= self._soft:
+            self._soft = 0.0
+            self._late = self.loop.create_future()
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_exception(Overdue(self._late))
+        # An earlier request's timer, or the soft deadline passed: wait for the next one.
+        self._timer = self.loop.call_at(self._soft or self._deadline, self._check_deadline)
 
     def close(self) -> None:
         self.closed = True
@@ -144,11 +177,19 @@ class Connection(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(exc)
         self.close()
+        self._settle()
 
     def _finish(self, body: bytes) -> None:
         self._state = _DONE
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result((self._status, self._headers, body))
+        self._settle()
+
+    def _settle(self) -> None:
+        """A request that went past its deadline is over now: tell whoever waits for it."""
+        late, self._late = self._late, None
+        if late is not None and not late.done():
+            late.set_result(None)
 
     def _parse(self) -> None:
         buf = self._buf
@@ -343,34 +384,54 @@ class Pool:
         self._idle.append(conn)
 
     async def request(self, method: str, path: str, headers: Iterable[tuple[str, str]],
-                      body: bytes | None) -> Reply:
-        """One exchange. Raises TimeoutError, ConnectionError/OSError or TooLarge."""
+                      body: bytes | None, *, timeout: float | None = None,
+                      deadline: float | None = None) -> Reply:
+        """One exchange. Raises TimeoutError, ConnectionError/OSError, TooLarge or Overdue.
+
+        ``timeout`` replaces the pool's read timeout for this request; past
+        ``deadline`` seconds it is :class:`Overdue`, and the connection (and its
+        place under MAX_CONNECTIONS) stays taken until ``Overdue.settled``.
+        """
         data = encode_request(method, path, self.host, headers, body)
         head_only = method == "HEAD"
+        timeout = timeout or self.read_timeout
         await self._slots.acquire()
+        lingering = False
         try:
             conn = self._idle_connection() or await self._connect()
             retry = conn.used > 0 and method in IDEMPOTENT
             try:
-                return await self._exchange(conn, data, head_only)
+                return await self._exchange(conn, data, head_only, timeout, deadline)
             except UpstreamClosed:
                 # A reused connection the server closed just as we wrote, before a byte
                 # of answer: an idempotent request is sent once more. Once an answer has
                 # begun the request was being served, and GET runs services too.
                 if not retry or conn.received:
                     raise
-                return await self._exchange(await self._connect(), data, head_only)
-        finally:
-            self._slots.release()
-
-    async def _exchange(self, conn: Connection, data: bytes, head_only: bool) -> Reply:
-        try:
-            return await conn.send(data, head_only, self.read_timeout)
-        except BaseException:
-            conn.abort()
+                return await self._exchange(await self._connect(), data, head_only, timeout,
+                                            deadline)
+        except Overdue as exc:
+            lingering = True
+            exc.settled.add_done_callback(lambda _: self._slots.release())
             raise
         finally:
+            if not lingering:
+                self._slots.release()
+
+    async def _exchange(self, conn: Connection, data: bytes, head_only: bool, timeout: float,
+                        deadline: float | None) -> Reply:
+        try:
+            reply = await conn.send(data, head_only, timeout, deadline)
+        except Overdue as exc:
+            # The framework still works on it: the connection is busy until it answers.
+            exc.settled.add_done_callback(lambda _: self._release(conn))
+            raise
+        except BaseException:
+            conn.abort()
             self._release(conn)
+            raise
+        self._release(conn)
+        return reply
 
     async def close(self) -> None:
         """Close every connection."""

@@ -6,6 +6,11 @@ whole because both directions are capped (MTP_MAX_BODY, MTP_MAX_RESULT) and
 small requests are the common case; a declared size over a cap is refused before
 reading. Failures map to problem+json: unreachable 502, too slow 504, result
 over the cap 500.
+
+A call (:meth:`Upstream.call`) is admitted first (sidecar/admission.py) and has
+the service's deadline: past it the client gets 504 while the call keeps its
+admission slot and its connection until the framework's late answer arrives, or
+until the read timeout (``Timeouts.read``, the long cap) closes the connection.
 """
 
 from __future__ import annotations
@@ -14,13 +19,29 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from framework.settings import Settings
+from sidecar.admission import Admission, Saturated
 from sidecar.errors import BadGateway, GatewayTimeout, ResultTooLarge
-from sidecar.http1 import Pool, TooLarge
+from sidecar.http1 import Overdue, Pool, TooLarge
+
+
+class DeadlinePassed(GatewayTimeout):
+    """504: the service did not answer within its timeout."""
+
+    kind = "deadline-exceeded"
+
+    def __init__(self, service: str, timeout: float) -> None:
+        name = f"service {service!r}" if service else "the framework"
+        super().__init__(f"deadline {timeout:g}s passed",
+                         detail=f"{name} did not answer within {timeout:g}s")
 
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Connect and read timeouts towards the framework (read covers long sync services)."""
+    """Connect and read timeouts towards the framework.
+
+    ``read`` is the long cap: a call past its service deadline is answered 504
+    but its connection waits this long for the late answer before it is closed.
+    """
 
     connect: float = 5.0
     read: float = 330.0
@@ -49,11 +70,39 @@ class Upstream:
     async def close(self) -> None:
         await self.pool.close()
 
-    async def send(self, method: str, path: str, headers: Iterable[tuple[str, str]],
-                   body: bytes | None) -> UpstreamReply:
-        """Send one request; BadGateway, GatewayTimeout or ResultTooLarge on failure."""
+    async def call(self, method: str, path: str, headers: Iterable[tuple[str, str]],
+                   body: bytes | None, admission: Admission, service: str,
+                   timeout: float, slack: float) -> UpstreamReply:
+        """A call the framework runs on one of its threads: admitted, with a deadline.
+
+        Saturated (503) when no slot frees in time; DeadlinePassed (504) ``timeout`` +
+        ``slack`` seconds after sending, the slot staying taken until the framework
+        answers late (or the connection is given up).
+        """
+        if not admission.enter() and not await admission.admit():
+            raise Saturated(admission.limit)
         try:
-            status, answer, content = await self.pool.request(method, path, headers, body)
+            reply = await self.send(method, path, headers, body, deadline=timeout + slack)
+        except Overdue as late:
+            late.settled.add_done_callback(lambda _: admission.leave())
+            raise DeadlinePassed(service, timeout) from None
+        except BaseException:
+            admission.leave()
+            raise
+        admission.leave()
+        return reply
+
+    async def send(self, method: str, path: str, headers: Iterable[tuple[str, str]],
+                   body: bytes | None, *, timeout: float | None = None,
+                   deadline: float | None = None) -> UpstreamReply:
+        """Send one request; BadGateway, GatewayTimeout or ResultTooLarge on failure.
+
+        ``timeout`` replaces the read timeout; ``deadline`` raises
+        :class:`~sidecar.http1.Overdue` (see Pool.request).
+        """
+        try:
+            status, answer, content = await self.pool.request(
+                method, path, headers, body, timeout=timeout, deadline=deadline)
         except TimeoutError:
             raise GatewayTimeout("framework read timeout") from None
         except TooLarge:

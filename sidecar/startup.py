@@ -22,6 +22,7 @@ from sidecar.apikeys import ApiKeys
 from sidecar.app import Sidecar
 from sidecar.audit import AuditLog
 from sidecar.authenticate import Authenticator
+from sidecar.catalog import Catalog, CatalogWatcher
 from sidecar.limiter import LimiterBackend, MemoryBackend
 from sidecar.overlay import OverlayWatcher
 from sidecar.proxy import Timeouts, Upstream
@@ -108,9 +109,18 @@ class App:
         sidecar.audit.start()
         watcher = OverlayWatcher(settings.config_overlay, tenant, sidecar)
         watcher.start()
+
+        def install(catalog: Catalog) -> None:
+            sidecar.catalog = catalog
+
+        catalog = CatalogWatcher(sidecar.upstream, settings.sidecar_secret,
+                                 lambda path: sidecar.internal_headers(path, "catalog"),
+                                 install, lambda: sidecar.catalog)
+        catalog.start()
         try:
             yield sidecar
         finally:
+            await catalog.close()
             await watcher.close()
             await sidecar.upstream.close()
             await tokens.close()

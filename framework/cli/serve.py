@@ -78,7 +78,8 @@ class FrameworkServer(BaseApplication):
             "bind": [bind_address(settings.upstream)],
             "workers": settings.workers,
             "threads": settings.threads,
-            "worker_class": "gthread",
+            # gthread, with health checks answered off the request threads.
+            "worker_class": "framework.worker.FrameworkWorker",
             "keepalive": KEEPALIVE,
             "graceful_timeout": GRACEFUL_TIMEOUT,
             "timeout": WORKER_TIMEOUT,

@@ -133,7 +133,7 @@ def build_job_worker(settings: Settings, tenant: TenantConfig) -> Any:
     store, runner = redis_jobs(settings, tenant)
     rt = Runtime(settings=settings, tenant=tenant,
                  registry=Registry(settings.tenant_dir, tenant, dev=settings.dev),
-                 executor=Executor(settings.max_result, settings.threads),
+                 executor=Executor(settings.max_result),
                  jobs=store, runner=runner,  # type: ignore[arg-type]
                  reaper=Reaper(store, settings.job_retention), log=log, secret=b"")
     # The same seams as a framework worker: metering, breakers, context.call, overlay.

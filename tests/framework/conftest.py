@@ -57,9 +57,9 @@ def start_server(tmp: Path, **extra: str) -> Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One framework for the module: 2 workers, small pools so saturation is reachable."""
+    """One framework for the module: 2 workers x 4 threads, small job pools."""
     tmp = tmp_path_factory.mktemp("fw")
-    srv = start_server(tmp, MTP_HANDLER_THREADS="3", MTP_JOB_WORKERS="1", MTP_JOB_QUEUE="1")
+    srv = start_server(tmp, MTP_JOB_WORKERS="1", MTP_JOB_QUEUE="1")
     yield srv
     stop(srv.proc)
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Execution: one call's outcome, the bounded sync pool, the job runner and the reaper."""
+"""Execution: one call's outcome, sync calls inline with the watchdog, jobs and the reaper."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import pytest
 from framework import logs
 from framework.context import Context
 from framework.errors import Saturated, Unavailable
-from framework.execute import Executor, HandlerPool, encode_result, run_handler
+from framework.execute import Executor, call_with_deadline, encode_result, run_handler
 from framework.flags import FlagSet
 from framework.jobrunner import JobRunner, Reaper
 from framework.jobs import SqliteJobStore, runner_id
 from framework.registry import ServiceSpec
+from framework.watchdog import InFlight
 
 
 def spec(handle, timeout: float = 1.0, name: str = "svc") -> ServiceSpec:
@@ -67,45 +68,73 @@ def test_sys_exit_in_a_handler_does_not_escape():
     assert outcome.status == 500
 
 
-def test_deadline_answers_504_and_the_abandoned_thread_holds_its_slot():
+def test_a_sync_call_runs_on_the_calling_thread_and_late_is_504():
+    ex = Executor(100)
+    seen = []
+    outcome = ex.sync(spec(lambda c: seen.append(threading.current_thread()) or 1), ctx())
+    assert outcome.body == b"1" and seen == [threading.current_thread()]
+    slow = ex.sync(spec(lambda c: time.sleep(0.15) or 1, timeout=0.05), ctx(0.05))
+    assert slow.status == 504 and "0.05s" in slow.error.detail and slow.wall >= 0.1
+    assert len(ex.inflight) == 0
+    ex.close()
+
+
+def test_the_watchdog_counts_a_call_still_running_past_its_deadline_once():
+    ex = Executor(100)
+    ex.inflight.interval = 0.02
+    missed = []
+    ex.inflight.on_overdue = lambda entry: missed.append((entry.service, entry.overdue))
     release = threading.Event()
-    pool = HandlerPool(2)
-    hang = spec(lambda c: release.wait(10) and {"late": True}, timeout=0.1)
-    call = lambda s, c: run_handler(s, c, 100)  # noqa: E731
-    first = pool.run(call, hang, ctx(0.1))
-    assert first.status == 504 and not first.finished and "0.1s" in first.error.detail
-    assert pool.busy == 1
-    assert pool.run(call, hang, ctx(0.1)).status == 504
-    full = pool.run(call, hang, ctx(0.1))
-    assert full.status == 503 and full.error.retry_after == 1
-    assert isinstance(full.error, Saturated)
-    release.set()
-    deadline = time.monotonic() + 5
-    while pool.busy:
-        assert time.monotonic() < deadline
+    result = []
+    worker = threading.Thread(target=lambda: result.append(
+        ex.sync(spec(lambda c: release.wait(10) and 1, timeout=0.05), ctx(0.05))))
+    worker.start()
+    deadline = time.monotonic() + 10
+    while not missed:  # counted while the handler still runs
+        assert time.monotonic() < deadline, "the watchdog never counted the hung call"
         time.sleep(0.01)
-    assert pool.run(call, spec(lambda c: 1), ctx()).body == b"1"
-    pool.shutdown()
+    assert ex.inflight.overdue() == 1 and len(ex.inflight) == 1
+    release.set()
+    worker.join(10)
+    assert missed == [("svc", True)]  # once, not at every scan
+    assert result[0].status == 504 and result[0].overdue
+    assert len(ex.inflight) == 0 and ex.inflight.overdue() == 0
+    ex.close()
 
 
-def test_a_thread_that_cannot_start_is_503_and_gives_its_slot_back(monkeypatch):
-    class NoThreads(threading.Thread):
-        def start(self) -> None:
-            raise RuntimeError("can't start new thread")
+def test_a_failing_overdue_listener_does_not_stop_the_watchdog(caplog):
+    watch = InFlight(interval=60)
+    watch.on_overdue = lambda entry: 1 / 0
+    key = watch.enter("svc", None, time.monotonic() - 1)
+    with caplog.at_level("ERROR", logger="mtp.framework.watchdog"):
+        assert [e.service for e in watch.scan()] == ["svc"]
+    assert "listener failed" in caplog.text
+    assert watch.scan() == [] and watch.leave(key) is True
+    watch.stop()
 
-    pool = HandlerPool(1)
-    call = lambda s, c: run_handler(s, c, 100)  # noqa: E731
-    monkeypatch.setattr("framework.execute.threading.Thread", NoThreads)
-    for _ in range(3):
-        refused = pool.run(call, spec(lambda c: 1), ctx())
-        assert refused.status == 503 and isinstance(refused.error, Saturated)
-    monkeypatch.undo()  # threads can start again: the pool has its full size back
-    assert pool.run(call, spec(lambda c: 1), ctx()).body == b"1"
-    pool.shutdown()
+
+def test_invoke_keeps_a_deadline_in_process():
+    release = threading.Event()
+    ex = Executor(100)
+    hung = call_with_deadline(ex.call, spec(lambda c: release.wait(10) and 1, timeout=0.1),
+                              ctx(0.1))
+    assert hung.status == 504 and "0.1s" in hung.error.detail
+    release.set()
+    assert call_with_deadline(ex.call, spec(lambda c: 2), ctx()).body == b"2"
+    late = call_with_deadline(ex.call, spec(lambda c: 3, timeout=0.01), ctx(-1))
+    assert late.status == 504
+
+
+def test_invoke_survives_a_call_that_escapes_the_seams():
+    def escapes(s, c):
+        raise KeyboardInterrupt
+
+    outcome = call_with_deadline(escapes, spec(lambda c: 1), ctx())
+    assert outcome.status == 500 and outcome.error.error_id
 
 
 def test_executor_seams_can_be_wrapped():
-    ex = Executor(100, 2)
+    ex = Executor(100)
     seen = []
 
     def wrapped(s, c):
@@ -117,10 +146,10 @@ def test_executor_seams_can_be_wrapped():
     assert seen == ["rid-1"]
 
 
-def test_the_request_id_follows_into_handler_threads():
+def test_the_request_id_follows_into_the_invoke_thread():
     logs.REQUEST_ID.set("outer-id")
-    ex = Executor(100, 1)
-    outcome = ex.sync(spec(lambda c: logs.REQUEST_ID.get()), ctx())
+    ex = Executor(100)
+    outcome = call_with_deadline(ex.call, spec(lambda c: logs.REQUEST_ID.get()), ctx())
     assert outcome.body == b'"outer-id"'
     logs.REQUEST_ID.set("")
 
@@ -139,7 +168,7 @@ def store(tmp_path: Path) -> SqliteJobStore:
 
 
 def test_job_runner_queue_is_bounded_and_cancel_beats_start(store: SqliteJobStore):
-    ex = Executor(1000, 2)
+    ex = Executor(1000)
     events = []
     runner = JobRunner(store, lambda: ex.call, runner_id(), workers=1, queue=1,
                        on_status=lambda *a: events.append(a[3]))
@@ -159,7 +188,7 @@ def test_job_runner_queue_is_bounded_and_cancel_beats_start(store: SqliteJobStor
 
 
 def test_a_job_no_thread_can_take_is_503_and_not_left_queued(store: SqliteJobStore):
-    ex = Executor(1000, 1)
+    ex = Executor(1000)
     runner = JobRunner(store, lambda: ex.call, runner_id(), workers=1, queue=0)
     runner.shutdown()  # a worker on its way out: its executor takes no more work
     for _ in range(2):  # the slot came back: the second is refused the same way
@@ -169,7 +198,7 @@ def test_a_job_no_thread_can_take_is_503_and_not_left_queued(store: SqliteJobSto
 
 
 def test_a_late_job_is_failed_with_504(store: SqliteJobStore):
-    ex = Executor(1000, 1)
+    ex = Executor(1000)
     runner = JobRunner(store, lambda: ex.call, runner_id(), workers=1, queue=0)
     job, future = runner.submit(spec(lambda c: time.sleep(0.2) or 1, timeout=0.05), ctx(),
                                 owner="alice")
@@ -201,7 +230,7 @@ class FlakyStore(SqliteJobStore):
 
 def test_store_failures_in_job_threads_and_the_reaper_are_logged_not_raised(tmp_path: Path):
     store = FlakyStore(tmp_path / "j.sqlite3")
-    ex = Executor(1000, 1)
+    ex = Executor(1000)
     runner = JobRunner(store, lambda: ex.call, runner_id(), workers=1, queue=0)
     _, future = runner.submit(spec(lambda c: 1), ctx(), owner="alice")
     assert future.result(5) is None
@@ -235,16 +264,3 @@ def test_reaper_runs_at_start_and_periodically(store: SqliteJobStore):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     reaper.stop()
-
-
-def test_the_pool_survives_a_call_that_escapes_the_seams_and_stops_cleanly():
-    pool = HandlerPool(1)
-
-    def escapes(s, c):
-        raise KeyboardInterrupt
-
-    outcome = pool.run(escapes, spec(lambda c: 1), ctx())
-    assert outcome.status == 500 and outcome.error.error_id
-    assert pool.run(lambda s, c: run_handler(s, c, 100), spec(lambda c: 2), ctx()).body == b"2"
-    pool.shutdown()
-    assert pool.run(escapes, spec(lambda c: 1), ctx()).status == 503

@@ -294,25 +294,40 @@ def test_full_job_queue_is_503_with_retry_after(server: Server):
             wait_job(server, answer.header("Location"))
 
 
-def test_deadline_is_504_and_hung_threads_are_bounded(server: Server):
+def test_a_late_call_is_504_and_health_never_waits_for_busy_threads(server: Server):
     c = server.client
-    doc = assert_problem(c.post("/services/hang", {"seconds": 3}), 504)
+    doc = assert_problem(c.post("/services/hang", {"seconds": 1}), 504)
     assert "0.5s" in doc["detail"]
-    # 3 handler threads per worker: keep hanging until both workers are full.
-    with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda _: c.post("/services/hang", {"seconds": 3}), range(8)))
-    answers += [c.post("/services/hang", {"seconds": 3}) for _ in range(6)]
-    refused = [a for a in answers if a.status == 503]
-    assert refused and all(a.status in (503, 504) for a in answers)
-    assert refused[0].header("Retry-After") == "1"
-    assert_problem(refused[0], 503)
-    # Once the sleepers wake, the same workers serve again.
-    deadline = time.monotonic() + 15
-    ok = 0
-    while ok < 6:  # several in a row, so both workers have answered
-        assert time.monotonic() < deadline, "handler threads were never given back"
-        answer = c.post("/services/hang", {"seconds": 0})
-        ok = ok + 1 if answer.status == 200 else 0
-        if answer.status != 200:
-            time.sleep(0.2)
-    assert answer.json() == {"woke": True}
+    # More sleepers than the 2 x 4 request threads: every one is taken, some calls queue.
+    with ThreadPoolExecutor(10) as pool:
+        sleepers = [pool.submit(c.post, "/services/hang", {"seconds": 6}) for _ in range(10)]
+        time.sleep(1)
+        health = [c.get(path, sign=False, timeout=5) for path in ("/healthz", "/readyz") * 3]
+        scrape = c.get("/metrics", sign=False, timeout=5)
+        # Answered while every service thread still sleeps: off the request threads.
+        assert not any(f.done() for f in sleepers)
+        answers = [f.result() for f in sleepers]
+    assert [h.status for h in health] == [200] * 6 and scrape.status == 200
+    assert all(a.status == 504 for a in answers)
+    # The same threads serve again once the sleepers return.
+    assert c.post("/services/hang", {"seconds": 0}).json() == {"woke": True}
+    text = c.get("/metrics", sign=False).body.decode()
+    assert 'service="hang",status="504"' in text  # the late answers, in the metrics
+
+
+def test_the_catalog_lists_every_timeout_signed_for_the_sidecar_only(server: Server):
+    from framework.catalog import SIGNATURE, body_signature
+    from tests.framework.tenant import SECRET
+
+    c = server.client
+    assert_problem(c.get("/internal/catalog", sign=False), 401)
+    answer = c.get("/internal/catalog")
+    assert answer.status == 200
+    assert answer.header(SIGNATURE) == body_signature(SECRET.encode(), answer.body)
+    doc = answer.json()
+    assert doc["default"] == 30.0
+    assert doc["services"]["hang"] == 0.5  # [services.hang] timeout
+    assert doc["services"]["ops"] == 5.0  # the module's TIMEOUT
+    assert doc["services"]["echo"] == 30.0
+    assert "disabled" not in doc["services"] and "broken" not in doc["services"]
+    assert c.get("/readyz", sign=False).json()["catalog"] == doc["version"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -141,3 +142,52 @@ def test_registry_is_per_service_and_follows_settings(clock: Clock) -> None:
     assert breakers.states() == {"hello": CLOSED, "orders": OPEN}  # others unaffected
     changed = breakers.get("orders", BreakerSettings(failures=2, cooldown=5))
     assert changed is not orders and changed is not None and changed.state == CLOSED
+
+
+def test_a_handler_still_running_past_its_deadline_opens_the_breaker(tmp_path) -> None:
+    """In one worker: the watchdog counts the hung call at once, not when it returns."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from framework import signing
+    from framework.app import create_app
+    from framework.settings import Settings
+    from tests.ops.tenant import SIDECAR_SECRET, TENANT, make_tenant
+
+    root = make_tenant(tmp_path / "tenant")
+    settings = Settings.from_env({"MTP_SIDECAR_SECRET": SIDECAR_SECRET,
+                                  "MTP_DATA_DIR": str(tmp_path / "data"),
+                                  "MTP_TENANT_DIR": str(root)})
+    app = create_app(settings, settings.load_tenant(), background=False)
+    ops, rt = app.extensions["mtp.operations"], app.extensions["mtp"]
+
+    def post(seconds: float):
+        sent = {signing.REQUEST_ID: "wd", signing.TENANT: TENANT, signing.USER: "alice",
+                signing.GROUPS: "", signing.ROLES: "", signing.AUTH_METHOD: "jwt"}
+        sent.update(signing.sign(SIDECAR_SECRET.encode(), "POST", "/services/slow", sent))
+        return app.test_client().post("/services/slow", json={"seconds": seconds},
+                                      headers=sent)
+
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            hung = pool.submit(post, 3)  # [services.slow]: timeout 0.3, breaker failures = 1
+            deadline = time.monotonic() + 10
+            while ops.breakers.states().get("slow") != OPEN:
+                assert time.monotonic() < deadline, "the hung call was never counted"
+                time.sleep(0.02)
+            assert not hung.done() and len(rt.executor.inflight) == 1
+            refused = post(0)
+            assert refused.status_code == 503 and refused.headers["Retry-After"]
+            assert refused.get_json()["type"].endswith("circuit-open")
+            late = hung.result(10)
+        assert late.status_code == 504 and late.get_json()["type"].endswith("deadline-exceeded")
+        assert ops.breakers.states()["slow"] == OPEN  # counted once, still open
+        assert len(rt.executor.inflight) == 0
+        ops.meter.flush()  # the late call is in usage as an error (504)
+        tenant = rt.tenant
+        rows = ops.store.query(tenant.tenant_id, tenant.billing, None, None, ["service"])
+        slow = next(r for r in rows if r["service"] == "slow")
+        # Both are 5xx: the late 504 and the 503 of the breaker (refused, never ran).
+        assert slow["calls"] == 2 and slow["errors"] == 2
+    finally:
+        ops.close()
+        rt.close()
