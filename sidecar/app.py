@@ -8,6 +8,7 @@ front of it is sidecar/front.py; sidecar/startup.py builds it from the config.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 
 from aiohttp.http_exceptions import HttpProcessingError
 
+from framework import logs
 from framework.problem import request_id as make_request_id
 from framework.settings import Settings
 from framework.tenant_config import TenantConfig
@@ -25,6 +27,7 @@ from sidecar.authorize import authorize, refuse_ambiguous_path, service_target
 from sidecar.bind_tenant import bind_tenant
 from sidecar.errors import (
     BadRequest,
+    Forbidden,
     HeadersTooLarge,
     MethodNotAllowed,
     NotFound,
@@ -55,6 +58,7 @@ READY = "/readyz"
 METRICS = "/metrics"
 OWN_ROUTES = frozenset((HEALTH, READY, METRICS))  # answered here, not by the framework
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+METRICS_ROLES = frozenset(("admin", "metrics"))  # a Prometheus scraper's API key: "metrics"
 
 
 @dataclass
@@ -80,6 +84,7 @@ class Sidecar:
             return render(MethodNotAllowed("GET, HEAD"), rid)  # DESIGN: GET routes only
         if path in (HEALTH, READY):
             return await self._health(path, rid)
+        logs.REQUEST_ID.set(rid)  # on every log line of this request (JSON, like the framework)
         tenant = self.tenant
         principal: Principal | None = None
         service, operation, rule, slot = "", None, None, None
@@ -129,6 +134,7 @@ class Sidecar:
             operation=operation, reason=reason, rule=rule)
         self.metrics.observe(tenant.tenant_id, service, operation or "", response.status,
                              time.perf_counter() - started)
+        logs.REQUEST_ID.set("")
         return response
 
     def _authorize(self, tenant: TenantConfig, principal: Principal, service: str,
@@ -212,15 +218,26 @@ class Sidecar:
                         json.dumps(status).encode())
 
     async def _metrics(self, principal: Principal, rid: str) -> Response:
-        """The sidecar's metrics followed by the framework's."""
-        text = self.metrics.render()
+        """The sidecar's metrics merged with the framework's; role admin or metrics only.
+
+        The framework's text is fetched asynchronously; rendering and merging walk every
+        series, so they run in a thread and the loop keeps answering meanwhile.
+        """
+        if not METRICS_ROLES.intersection(principal.roles):
+            raise Forbidden("metrics need role admin or metrics",
+                            detail="/metrics needs role admin or metrics")
+        framework, note = None, b""
         try:
             reply = await self.upstream.send(
                 "GET", METRICS, upstream_headers(
                     (), identity_headers(principal, rid), secret=self.settings.sidecar_secret,
                     method="GET", path=METRICS, peer="", proto="http"), None)
             if reply.status == 200:
-                text += reply.body
+                framework = reply.body
+            else:
+                note = f"# framework metrics unavailable: HTTP {reply.status}\n".encode()
         except SidecarError as exc:
-            text += f"# framework metrics unavailable: {exc.reason}\n".encode()
-        return Response(200, [("Content-Type", METRICS_TYPE), ("X-Request-ID", rid)], text)
+            note = f"# framework metrics unavailable: {exc.reason}\n".encode()
+        text = await asyncio.to_thread(self.metrics.scrape, framework)
+        return Response(200, [("Content-Type", METRICS_TYPE), ("X-Request-ID", rid)],
+                        text + note)

@@ -19,6 +19,8 @@ import aiohttp
 import jwt
 from jwt.exceptions import InvalidKeyError, PyJWKError
 
+from framework import depstate
+
 log = logging.getLogger("mtp.sidecar.jwks")
 
 _MAX_BYTES = 1 << 20  # a key set is a few KiB; refuse to buffer anything unreasonable
@@ -68,6 +70,7 @@ class JwksKeys:
         self._fetches = 0  # completed fetch attempts: lets waiters see one finished meanwhile
         self._lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
+        self._state = depstate.dependency("jwks")
 
     async def key_for(self, kid: str | None) -> jwt.PyJWK:
         """The key that verifies a token with this ``kid`` header (None: the set's only key)."""
@@ -79,11 +82,13 @@ class JwksKeys:
         if self._lock.locked() or self._may_fetch(now):
             await self._refresh()  # also waits for a fetch already under way
         if self._keys is None:
+            self._state.refused()
             raise JwksUnavailable(f"no keys from {self._url}")
         key = self._pick(kid)
         if key is not None:
             return key
         if self._last_failed:
+            self._state.refused()
             raise JwksUnavailable(f"kid {kid!r} unknown and {self._url} unreachable")
         raise UnknownKey(f"no key with kid {kid!r}")
 
@@ -107,13 +112,15 @@ class JwksKeys:
                 keys = parse_key_set(await self._fetch())
             except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
                 self._last_failed = True
-                log.warning("JWKS fetch from %s failed: %s", self._url, exc)
+                # One line per outage (the dependency state), not one per failed fetch.
+                self._state.failed(f"{self._url}: {type(exc).__name__}: {exc}")
                 return
             finally:
                 self._fetches += 1
             self._keys = keys
             self._expires = time.monotonic() + self._ttl
             self._last_failed = False
+            self._state.ok()
             log.info("JWKS from %s: %d key(s)", self._url, len(keys))
 
     async def _fetch(self) -> Any:
