@@ -4,10 +4,11 @@ LDAP, a JWKS endpoint, Redis (limiter and jobs) and the billing webhook each get
 :class:`Dependency` per process (:func:`dependency`). Its client reports every call:
 :meth:`Dependency.ok` after a success, :meth:`Dependency.failed` after a failure, and
 :meth:`Dependency.refused` for each request the outage cost (refused with 503, or for
-the limiter served under local limits). Only the transitions are logged: one WARNING
-when it goes down (with the first error) and one INFO when it is back (with how long it
-was down and how many requests were refused meanwhile). An outage under load is two
-lines, not one per request.
+the limiter served under local limits). Only the transitions are logged: one line
+when it goes down (with the first error) and one when it is back (with how long it
+was down and how many requests were refused meanwhile), both at WARNING so that a log
+filtered to warnings shows both ends. An outage under load is two lines, not one per
+request.
 
 Metrics read the same state: the sidecar's collector walks :func:`dependencies`; the
 framework (gunicorn workers in prometheus multiprocess mode) adds a listener that keeps
@@ -56,10 +57,11 @@ class Dependency:
             self.up = True
             down_for, refused = self.clock() - self._down_since, self._refused_now
             self._refused_now = 0
-        log.info("dependency %s is back after %.1f s; %d request(s) refused meanwhile",
-                 self.name, down_for, refused,
-                 extra={"dependency": self.name, "state": "up",
-                        "down_seconds": round(down_for, 3), "refused": refused})
+        # At the level of the outage it ends: a log filtered to warnings shows both ends.
+        log.warning("dependency %s reachable again after %.1f s; %d request(s) refused "
+                    "meanwhile", self.name, down_for, refused,
+                    extra={"dependency": self.name, "state": "up",
+                           "down_seconds": round(down_for, 3), "refused": refused})
         _notify(self.name, "up")
 
     def failed(self, error: BaseException | str) -> None:

@@ -241,8 +241,8 @@ class RedisBackend:
         if not self.degraded:
             self.degraded = True
             # The exception's class only: a message may carry the URL (with a password).
-            self._state.failed(f"{type(exc).__name__}: rate limits are per replica until "
-                               "it returns")
+            self._state.failed(f"Redis unreachable ({type(exc).__name__}): rate limits are "
+                               "per replica until it returns")
         if self._probe is None or self._probe.done():
             self._probe = asyncio.get_running_loop().create_task(self._recover())
 

@@ -46,7 +46,7 @@ def test_transitions_are_logged_once_with_error_duration_and_refusals(caplog) ->
         dep.ok()
     records = lines(caplog, "test_dep")
     assert [(r.levelname, r.state) for r in records] == [
-        ("WARNING", "down"), ("INFO", "up"), ("WARNING", "down"), ("INFO", "up")]
+        ("WARNING", "down"), ("WARNING", "up"), ("WARNING", "down"), ("WARNING", "up")]
     assert records[0].error == "ConnectionRefusedError: refused #0"  # the first error
     assert records[1].down_seconds == 12.5 and records[1].refused == 200
     assert records[2].error == "plain text error" and records[3].refused == 0
