@@ -49,9 +49,7 @@ class Dependency:
 
     def ok(self) -> None:
         """A call succeeded: back up if it was down (logged once)."""
-        if self.up:  # the common case: no lock, nothing to do
-            return
-        with self._lock:
+        with self._lock:  # uncontended in the common case: up and staying up
             if self.up:
                 return
             self.up = True
@@ -66,8 +64,6 @@ class Dependency:
 
     def failed(self, error: BaseException | str) -> None:
         """A call failed: down if it was up (logged once, with this first error)."""
-        if not self.up:
-            return
         with self._lock:
             if not self.up:
                 return
@@ -91,17 +87,13 @@ class Dependency:
 
 def dependency(name: str) -> Dependency:
     """This process's state of ``name`` (created, up, on first use)."""
-    found = _known.get(name)
-    if found is None:
-        with _known_lock:
-            found = _known.get(name)
-            if found is None:
-                found = _known[name] = Dependency(name)
-                created = True
-            else:
-                created = False
-        if created:
-            _notify(name, "up")  # known from its first use, before any outage
+    with _known_lock:  # once per client, at its construction
+        found = _known.get(name)
+        created = found is None
+        if found is None:
+            found = _known[name] = Dependency(name)
+    if created:
+        _notify(name, "up")  # known from its first use, before any outage
     return found
 
 

@@ -188,3 +188,30 @@ def test_the_scrape_renders_off_the_event_loop_while_health_answers(tmp_path: Pa
     fds = [s for f in text_string_to_metric_families(text) if f.name == "process_open_fds"
            for s in f.samples]
     assert {s.labels["process"] for s in fds} == {"sidecar", "framework"}
+
+
+@pytest.mark.parametrize("framework", ["down", "503"])
+def test_the_sidecar_answers_its_part_when_the_framework_cannot(tmp_path: Path,
+                                                                framework: str) -> None:
+    async def go() -> tuple[int, str]:
+        server = None
+        if framework == "503":
+            server = await raw_upstream(tmp_path / "u.sock", fixed(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\n{}"))
+        from sidecar.startup import create_app
+
+        app = create_app(settings_for(tmp_path / "u.sock"), TENANT)
+        try:
+            async with serving(app, tmp_path / "s.sock") as (_sidecar, client):
+                admin = {"Authorization": f"Bearer {token(roles=['metrics'])}"}
+                reply = await client.get("http://sidecar/metrics", headers=admin)
+                return reply.status, await reply.text()
+        finally:
+            if server is not None:
+                server.close()
+
+    status, text = asyncio.run(go())
+    assert status == 200 and "mtp_sidecar_requests_total" in text
+    assert "\n# framework metrics unavailable: " in text
+    assert ("HTTP 503" in text) == (framework == "503")
+    assert {f.name for f in text_string_to_metric_families(text)} >= {"process_cpu_seconds"}
