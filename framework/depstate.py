@@ -4,7 +4,8 @@ LDAP, a JWKS endpoint, Redis (limiter and jobs) and the billing webhook each get
 :class:`Dependency` per process (:func:`dependency`). Its client reports every call:
 :meth:`Dependency.ok` after a success, :meth:`Dependency.failed` after a failure, and
 :meth:`Dependency.refused` for each request the outage cost (refused with 503, or for
-the limiter served under local limits). Only the transitions are logged: one line
+the limiter served under local limits). Only the transitions are logged (through the
+client's logger, with a ``dependency`` and a ``state`` field): one line
 when it goes down (with the first error) and one when it is back (with how long it
 was down and how many requests were refused meanwhile), both at WARNING so that a log
 filtered to warnings shows both ends. An outage under load is two lines, not one per
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-log = logging.getLogger("mtp.dependency")
+DEFAULT_LOG = logging.getLogger("mtp.dependency")
 
 MAX_ERROR = 300  # characters of the first error kept for the log line
 
@@ -41,6 +42,7 @@ class Dependency:
 
     name: str
     clock: Callable[[], float] = time.monotonic
+    log: logging.Logger = DEFAULT_LOG  # the client's: the line names where it came from
     up: bool = True
     refusals: int = 0  # since the process started
     _down_since: float = 0.0
@@ -56,14 +58,18 @@ class Dependency:
             down_for, refused = self.clock() - self._down_since, self._refused_now
             self._refused_now = 0
         # At the level of the outage it ends: a log filtered to warnings shows both ends.
-        log.warning("dependency %s reachable again after %.1f s; %d request(s) refused "
+        self.log.warning("dependency %s reachable again after %.1f s; %d request(s) refused "
                     "meanwhile", self.name, down_for, refused,
                     extra={"dependency": self.name, "state": "up",
                            "down_seconds": round(down_for, 3), "refused": refused})
         _notify(self.name, "up")
 
-    def failed(self, error: BaseException | str) -> None:
-        """A call failed: down if it was up (logged once, with this first error)."""
+    def failed(self, error: BaseException | str, note: str = "") -> None:
+        """A call failed: down if it was up (logged once, with this first error).
+
+        ``note`` says what the outage means (e.g. limits turn local); it goes into the
+        message only, the ``error`` field holding the error alone.
+        """
         with self._lock:
             if not self.up:
                 return
@@ -72,9 +78,10 @@ class Dependency:
             self._refused_now = 0
         text = (error if isinstance(error, str)
                 else f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
-        log.warning("dependency %s is down: %s", self.name, text[:MAX_ERROR],
-                    extra={"dependency": self.name, "state": "down",
-                           "error": text[:MAX_ERROR]})
+        text = text[:MAX_ERROR]
+        self.log.warning("dependency %s is down: %s (%s)" if note else "dependency %s is down: %s",
+                    self.name, *((note, text) if note else (text,)),
+                    extra={"dependency": self.name, "state": "down", "error": text})
         _notify(self.name, "down")
 
     def refused(self) -> None:
@@ -85,13 +92,15 @@ class Dependency:
         _notify(self.name, "refused")
 
 
-def dependency(name: str) -> Dependency:
-    """This process's state of ``name`` (created, up, on first use)."""
+def dependency(name: str, logger: logging.Logger | None = None) -> Dependency:
+    """This process's state of ``name`` (created, up, on first use, logging to ``logger``)."""
     with _known_lock:  # once per client, at its construction
         found = _known.get(name)
         created = found is None
         if found is None:
             found = _known[name] = Dependency(name)
+        if logger is not None:
+            found.log = logger  # one client per dependency and process: its logger
     if created:
         _notify(name, "up")  # known from its first use, before any outage
     return found

@@ -114,7 +114,7 @@ def queue_name(tenant: str) -> str:
 
 
 # Redis for jobs, as this process sees it: one log line per outage, not one per call.
-REDIS_STATE = depstate.dependency("redis_jobs")
+REDIS_STATE = depstate.dependency("redis_jobs", log)
 
 
 def _refused(exc: RedisError, detail: str = "the job store (Redis) is unavailable"

@@ -244,7 +244,7 @@ class WebhookExporter:
             # Not HTTP back (BadStatusLine, IncompleteRead...): retried with backoff like
             # any failure, instead of escaping the round and being retried every second.
             status, error = 0, f"bad answer: {type(exc).__name__}"
-        state = depstate.dependency("billing_webhook")
+        state = depstate.dependency("billing_webhook", log)
         if 200 <= status < 300:
             state.ok()
             self._mark_sent(hour)

@@ -152,7 +152,7 @@ class RedisBackend:
         self._me = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         self._probe: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
-        self._state = depstate.dependency("redis_limiter")
+        self._state = depstate.dependency("redis_limiter", log)
 
     @property
     def state(self) -> str:
@@ -241,7 +241,7 @@ class RedisBackend:
         if not self.degraded:
             self.degraded = True
             # The exception's class only: a message may carry the URL (with a password).
-            self._state.failed(f"Redis unreachable ({type(exc).__name__}): rate limits are "
+            self._state.failed(type(exc).__name__, note="Redis unreachable: rate limits are "
                                "per replica until it returns")
         if self._probe is None or self._probe.done():
             self._probe = asyncio.get_running_loop().create_task(self._recover())

@@ -54,8 +54,7 @@ def json_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def transitions(records: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    return [r for r in records if r.get("logger") == "mtp.dependency"
-            and r.get("dependency") == name]
+    return [r for r in records if r.get("dependency") == name and "state" in r]
 
 
 def wait_for_line(path: Path, name: str, state: str, timeout: float = 20.0) -> dict[str, Any]:
@@ -208,4 +207,8 @@ def test_redis_outage_is_two_lines_per_dependency_and_counted(redis_run) -> None
     assert metric(text, "mtp_dependency_refusals_total", dependency="redis_jobs") == REFUSED
     # The limiter's "refusals" are decisions taken locally: every call of the outage.
     assert limiter_back["refused"] >= REFUSED
+    limiter_down = transitions(records, "redis_limiter")[0]
+    assert limiter_down["error"] == "ConnectionError" and "Redis unreachable" in limiter_down["msg"]
+    # Counted as lines, each transition says "Redis unreachable" once (the sidecar's one).
+    assert run.output().count("Redis unreachable") == 1
     assert "could not enqueue" not in run.output()

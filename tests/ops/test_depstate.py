@@ -26,8 +26,7 @@ NOW = 1_800_000_000.0
 
 
 def lines(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecord]:
-    return [r for r in caplog.records
-            if r.name == "mtp.dependency" and getattr(r, "dependency", "") == name]
+    return [r for r in caplog.records if getattr(r, "dependency", "") == name]
 
 
 def test_transitions_are_logged_once_with_error_duration_and_refusals(caplog) -> None:
@@ -42,14 +41,17 @@ def test_transitions_are_logged_once_with_error_duration_and_refusals(caplog) ->
         now[0] += 12.5
         for _ in range(5):
             dep.ok()
-        dep.failed("plain text error")
+        dep.failed("plain text error", note="limits turn local")
         dep.ok()
     records = lines(caplog, "test_dep")
     assert [(r.levelname, r.state) for r in records] == [
         ("WARNING", "down"), ("WARNING", "up"), ("WARNING", "down"), ("WARNING", "up")]
     assert records[0].error == "ConnectionRefusedError: refused #0"  # the first error
+    assert records[0].name == "mtp.dependency"  # no client logger given
     assert records[1].down_seconds == 12.5 and records[1].refused == 200
     assert records[2].error == "plain text error" and records[3].refused == 0
+    assert records[2].getMessage() == (
+        "dependency test_dep is down: limits turn local (plain text error)")
     assert dep.refusals == 200 and dep.up
 
 
@@ -138,8 +140,9 @@ def test_jwks_outage_is_two_lines_however_many_requests(caplog) -> None:
     records = lines(caplog, "jwks")
     assert [r.state for r in records] == ["down", "up"]
     assert records[1].refused == 30
+    assert records[0].name == "mtp.sidecar.jwks"  # the client's logger
     assert not [r for r in caplog.records if r.name == "mtp.sidecar.jwks"
-                and r.levelno >= logging.WARNING]
+                and r.levelno >= logging.WARNING and r not in records]
 
 
 @pytest.fixture
@@ -171,4 +174,4 @@ def test_webhook_outage_is_two_lines_however_many_deliveries(store, caplog) -> N
     assert [r.state for r in records] == ["down", "up"]
     assert records[0].error == "HTTP 500" and records[1].refused == 12
     assert not [r for r in caplog.records if r.name == "mtp.webhook"
-                and r.levelno >= logging.WARNING]
+                and r.levelno >= logging.WARNING and r not in records]
