@@ -92,15 +92,20 @@ class Dependency:
         _notify(self.name, "refused")
 
 
-def dependency(name: str, logger: logging.Logger | None = None) -> Dependency:
-    """This process's state of ``name`` (created, up, on first use, logging to ``logger``)."""
+def dependency(name: str, logger: logging.Logger | None = None, *,
+               fresh: bool = False) -> Dependency:
+    """This process's state of ``name``: created (up) on first use, logging to ``logger``.
+
+    ``fresh``: a new client's own state, replacing the one before (a client made again
+    starts up, as in a new process, and its outages are its own).
+    """
     with _known_lock:  # once per client, at its construction
-        found = _known.get(name)
+        found = None if fresh else _known.get(name)
         created = found is None
         if found is None:
             found = _known[name] = Dependency(name)
         if logger is not None:
-            found.log = logger  # one client per dependency and process: its logger
+            found.log = logger
     if created:
         _notify(name, "up")  # known from its first use, before any outage
     return found

@@ -70,7 +70,7 @@ class JwksKeys:
         self._fetches = 0  # completed fetch attempts: lets waiters see one finished meanwhile
         self._lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
-        self._state = depstate.dependency("jwks", log)
+        self._state = depstate.dependency("jwks", log, fresh=True)
 
     async def key_for(self, kid: str | None) -> jwt.PyJWK:
         """The key that verifies a token with this ``kid`` header (None: the set's only key)."""

@@ -242,7 +242,7 @@ class LdapDirectory:
         # Per-process key: cached login keys never hold a plain, unsalted password hash.
         self._pepper = secrets.token_bytes(32)
         self._inflight: dict[Hashable, asyncio.Future[Any]] = {}
-        self._state = depstate.dependency("ldap", log)
+        self._state = depstate.dependency("ldap", log, fresh=True)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

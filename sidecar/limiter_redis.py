@@ -152,7 +152,7 @@ class RedisBackend:
         self._me = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         self._probe: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
-        self._state = depstate.dependency("redis_limiter", log)
+        self._state = depstate.dependency("redis_limiter", log, fresh=True)
 
     @property
     def state(self) -> str:

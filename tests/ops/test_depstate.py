@@ -90,6 +90,11 @@ def test_one_state_per_name_and_listeners_hear_every_event() -> None:
     dep.refused()
     dep.ok()
     assert heard == [("heard", "up"), ("heard", "down"), ("heard", "refused"), ("heard", "up")]
+    dep.failed("y")
+    again = depstate.dependency("heard", fresh=True)  # a new client: its own state, up
+    assert again is not dep and again.up and not dep.up
+    assert depstate.dependency("heard") is again and dep not in depstate.dependencies()
+    assert heard[-1] == ("heard", "up")
 
 
 def test_the_framework_exports_dependency_state_and_refusals() -> None:
