@@ -80,7 +80,11 @@ class Catalog:
 
     @classmethod
     def from_tenant_dir(cls, tenant_dir: Path, tenant: TenantConfig) -> Catalog:
-        """``services/<name>.py`` with a valid name, minus disabled or unentitled ones."""
+        """``services/<name>.py`` with a valid name, minus those tenant.toml disables.
+
+        A plan's entitlements are left alone: they can change while the sidecar runs,
+        and the set of files is bounded either way.
+        """
         folder = Path(tenant_dir) / "services"
         found: dict[str, frozenset[str] | None] = {}
         paths = sorted(folder.glob("*.py")) if folder.is_dir() else []
@@ -89,7 +93,7 @@ class Catalog:
             if SERVICE_NAME_RE.fullmatch(name) is None or not path.is_file():
                 continue  # private helpers (_x.py) and odd names are never routable
             settings = tenant.services.get(name)
-            if (settings is not None and not settings.enabled) or not tenant.entitled(name):
+            if settings is not None and not settings.enabled:
                 continue
             found[name] = declared_operations(path)
         return cls(found)
