@@ -275,8 +275,9 @@ class WebhookExporter:
                 " DO UPDATE SET attempts = excluded.attempts,"
                 " next_attempt = excluded.next_attempt, last_error = excluded.last_error",
                 (self.tenant, hour, attempts, self._clock() + delay, error))
+        # Per attempt: debug only (the outage itself is one line, see deliver).
         log.debug("billing webhook: hour %s not delivered (%s), attempt %d, retry in %.1fs",
-                    iso_hour(hour), error, attempts, delay)
+                  iso_hour(hour), error, attempts, delay)
 
     def status(self) -> list[dict[str, Any]]:
         """Export state per hour, newest first (for operators)."""
