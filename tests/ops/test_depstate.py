@@ -35,7 +35,7 @@ def lines(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecord
 def test_transitions_are_logged_once_with_error_duration_and_refusals(caplog) -> None:
     now = [100.0]
     dep = Dependency("test_dep", clock=lambda: now[0])
-    with caplog.at_level(logging.INFO, logger="mtp.dependency"):
+    with caplog.at_level(logging.INFO, logger="mtp"):
         dep.ok()  # up and staying up: silent
         for i in range(200):
             dep.failed(ConnectionRefusedError(f"refused #{i}"))
@@ -60,7 +60,7 @@ def test_transitions_are_logged_once_with_error_duration_and_refusals(caplog) ->
 
 def test_an_error_without_text_is_named_by_its_class(caplog) -> None:
     dep = Dependency("quiet_dep")
-    with caplog.at_level(logging.WARNING, logger="mtp.dependency"):
+    with caplog.at_level(logging.WARNING, logger="mtp"):
         dep.failed(TimeoutError())
     assert lines(caplog, "quiet_dep")[0].error == "TimeoutError"
 
@@ -75,7 +75,7 @@ def test_concurrent_failures_log_one_line(caplog) -> None:
             dep.failed(OSError("down"))
             dep.refused()
 
-    with caplog.at_level(logging.WARNING, logger="mtp.dependency"):
+    with caplog.at_level(logging.WARNING, logger="mtp"):
         threads = [threading.Thread(target=hammer) for _ in range(8)]
         for t in threads:
             t.start()
@@ -140,7 +140,7 @@ def test_jwks_outage_is_two_lines_however_many_requests(caplog) -> None:
             await keys.close()
 
     try:
-        with caplog.at_level(logging.INFO):
+        with caplog.at_level(logging.INFO, logger="mtp"):
             refused = asyncio.run(scenario())
     finally:
         server.stop()
@@ -172,7 +172,7 @@ def test_webhook_outage_is_two_lines_however_many_deliveries(store, caplog) -> N
     exporter = WebhookExporter(store, "acme", url, secret, policy, clock=lambda: NOW)
     depstate.dependency("billing_webhook").ok()
     try:
-        with caplog.at_level(logging.INFO):
+        with caplog.at_level(logging.INFO, logger="mtp"):
             for _ in range(4):  # 3 hours x 4 rounds undelivered
                 assert exporter.run_once() == 0
             assert exporter.run_once() == 3
