@@ -41,7 +41,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException, TimerDeathPenalty
 
-from framework import logs, metrics
+from framework import depstate, logs, metrics
 from framework.context import Context
 from framework.errors import DeadlineExceeded, FrameworkError, Saturated, Unavailable
 from framework.execute import Outcome
@@ -125,6 +125,19 @@ def queue_name(tenant: str) -> str:
     return f"mtp-{tenant}"
 
 
+# Redis for jobs, as this process sees it: one log line per outage, not one per call.
+REDIS_STATE = depstate.dependency("redis_jobs", log)
+
+
+def _refused(exc: RedisError, detail: str = "the job store (Redis) is unavailable"
+             ) -> Unavailable:
+    """The 503 of a call Redis failed; the outage is logged once, the call counted."""
+    # The exception's class only: a message may carry the URL (with a password).
+    REDIS_STATE.failed(type(exc).__name__)
+    REDIS_STATE.refused()
+    return Unavailable(detail)
+
+
 class StoredError(FrameworkError):
     """A failed job's problem document, raised again for a ``wait=N`` answer."""
 
@@ -173,7 +186,8 @@ class RedisJobStore:
         try:
             raw = self.client.hgetall(self.key(job_id))
         except RedisError as exc:  # GET /jobs, DELETE /jobs, wait=N: 503, not 500
-            raise Unavailable("the job store (Redis) is unavailable") from exc
+            raise _refused(exc) from exc
+        REDIS_STATE.ok()
         if not raw:
             return None
         return _job(job_id, {k.decode(): v.decode() for k, v in raw.items()})
@@ -204,7 +218,7 @@ class RedisJobStore:
                               keys=[self.queue.key, RqJob.key_for(job_id)],
                               finished=repr(time.time()))
         except RedisError as exc:
-            raise Unavailable("the job store (Redis) is unavailable") from exc
+            raise _refused(exc) from exc
 
     def fail(self, job_ids: Iterable[str], reason: str, detail: str,
              status_code: int = 500) -> int:
@@ -253,7 +267,7 @@ class RedisJobStore:
         try:
             return dict(zip(STATUSES, pipe.execute(), strict=True))
         except RedisError as exc:  # GET /metrics: 503 while Redis is away
-            raise Unavailable("the job store (Redis) is unavailable") from exc
+            raise _refused(exc) from exc
 
 
 class JobWaiter:
@@ -302,7 +316,7 @@ class RedisJobRunner:
         try:
             waiting = store.queue.count
         except RedisError as exc:
-            raise Unavailable("the job queue (Redis) is unavailable") from exc
+            raise _refused(exc, "the job queue (Redis) is unavailable") from exc
         if waiting >= self.max_queued:
             raise Saturated(f"the job queue is full ({self.max_queued} jobs); retry shortly")
         job = Job(id=new_job_id(), tenant=ctx.tenant_id, service=spec.name,
@@ -322,8 +336,9 @@ class RedisJobRunner:
                 store.create(job, pipe)
                 pipe.execute()
         except RedisError as exc:
-            log.error("could not enqueue job %s (%s)", job.id, type(exc).__name__)
-            raise Unavailable("the job queue (Redis) is unavailable") from exc
+            log.debug("could not enqueue job %s (%s)", job.id, type(exc).__name__)
+            raise _refused(exc, "the job queue (Redis) is unavailable") from exc
+        REDIS_STATE.ok()
         if self.on_status is not None:
             self.on_status(job.tenant, job.service, job.operation, job.status)
         return job, JobWaiter(store, job.id)

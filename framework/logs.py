@@ -50,8 +50,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
-def setup(level: str, tenant_id: str, stream: Any = None) -> logging.Logger:
-    """Route the ``mtp`` loggers to ``stream`` (stderr) as JSON at ``level``."""
+def setup(level: str, tenant_id: str, stream: Any = None,
+          libraries: str | None = None) -> logging.Logger:
+    """Route the ``mtp`` loggers to ``stream`` (stderr) as JSON at ``level``.
+
+    With ``libraries`` (a level), every other logger (aiohttp, asyncio, ldap3...) goes
+    through the root logger to the same handler, so no line of the process is not JSON.
+    """
     _process["tenant"] = tenant_id
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
@@ -59,6 +64,10 @@ def setup(level: str, tenant_id: str, stream: Any = None) -> logging.Logger:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    if libraries is not None:
+        everything = logging.getLogger()
+        everything.handlers[:] = [handler]
+        everything.setLevel(libraries)
     _process["handler"] = handler
     return logging.getLogger(LOGGER_NAME)
 

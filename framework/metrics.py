@@ -3,12 +3,18 @@
 ``mtp framework`` points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before
 the workers fork (prometheus_client reads it at import), and marks dead workers
 from gunicorn's ``child_exit`` hook. Labels only ever carry names of services
-and operations that exist, so a client cannot grow the label set by asking for
-made-up names.
+and operations that exist (the controller sets them after the registry resolved the
+service and the operation was checked against its OPERATIONS), so a client cannot grow
+the label set by asking for made-up names.
+
+Multiprocess mode exports no ``process_*`` metrics: :func:`exposition` adds them for
+the gunicorn master and every worker, labelled ``process`` and ``pid``
+(framework/procmetrics.py), and the dependency states of framework/depstate.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,11 +24,16 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.process_collector import PROCESS_COLLECTOR
+
+from framework import depstate
+from framework.procmetrics import gunicorn_processes, process_families
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # prometheus_client picks its storage from this variable once, at import; so do we.
@@ -42,6 +53,30 @@ JOB_TRANSITIONS = Counter(
     "mtp_framework_job_transitions", "Jobs entering a status.",
     ["tenant", "service", "operation", "status"])
 
+
+DEPENDENCY_UP = Gauge(
+    "mtp_dependency_up", "1 while the dependency answers, 0 while down.", ["dependency"],
+    multiprocess_mode="livemin")  # down in any live worker: down
+DEPENDENCY_REFUSALS = Counter(
+    "mtp_dependency_refusals", "Requests refused while the dependency was down.",
+    ["dependency"])
+
+if not MULTIPROCESS:
+    # Our own process_* families (labelled, like the sidecar's) replace the default one,
+    # so the joined scrape holds each name once.
+    with contextlib.suppress(KeyError):  # already gone
+        REGISTRY.unregister(PROCESS_COLLECTOR)
+
+
+def _dependency_event(name: str, event: str) -> None:
+    """framework/depstate.py listener: multiprocess-safe state and refusal counts."""
+    if event == "refused":
+        DEPENDENCY_REFUSALS.labels(name).inc()
+    else:
+        DEPENDENCY_UP.labels(name).set(0.0 if event == "down" else 1.0)
+
+
+depstate.listen(_dependency_event)
 
 _children: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
 
@@ -67,7 +102,7 @@ def job_status(tenant: str, service: str, operation: str | None, status: str) ->
 
 
 class _JobsCollector:
-    """Jobs per status, read from the shared store at scrape time."""
+    """Jobs per status, read from the shared store at scrape time; and process_* metrics."""
 
     def __init__(self, tenant: str, counts: Callable[[], dict[str, int]]) -> None:
         self.tenant, self.counts = tenant, counts
@@ -78,6 +113,8 @@ class _JobsCollector:
         for status, n in self.counts().items():
             family.add_metric([self.tenant, status], n)
         yield family
+        yield from process_families(gunicorn_processes() if MULTIPROCESS
+                                    else [("framework", os.getpid())])
 
 
 def exposition(tenant: str, job_counts: Callable[[], dict[str, int]]) -> tuple[bytes, str]:

@@ -47,7 +47,7 @@ from typing import Any
 
 from standardwebhooks import Webhook
 
-from framework import __version__
+from framework import __version__, depstate
 from framework.tenant_config import BillingSettings
 from framework.usage import HOUR, UsageStore, cost, iso_hour
 
@@ -278,9 +278,13 @@ class WebhookExporter:
             # Not HTTP back (BadStatusLine, IncompleteRead...): retried with backoff like
             # any failure, instead of escaping the round and being retried every second.
             status, error = 0, f"bad answer: {type(exc).__name__}"
+        state = depstate.dependency("billing_webhook", log)
         if 200 <= status < 300:
+            state.ok()
             self._mark_sent(hour)
             return 1
+        state.failed(error or f"HTTP {status}")  # one line per outage, not per attempt
+        state.refused()  # for the webhook: a delivery put off
         self._schedule_retry(hour, error or f"HTTP {status}")
         return 0
 
@@ -305,8 +309,9 @@ class WebhookExporter:
                 " DO UPDATE SET attempts = excluded.attempts,"
                 " next_attempt = excluded.next_attempt, last_error = excluded.last_error",
                 (self.tenant, hour, attempts, self._clock() + delay, error))
-        log.warning("billing webhook: hour %s not delivered (%s), attempt %d, retry in %.1fs",
-                    iso_hour(hour), error, attempts, delay)
+        # Per attempt: debug only (the outage itself is one line, see deliver).
+        log.debug("billing webhook: hour %s not delivered (%s), attempt %d, retry in %.1fs",
+                  iso_hour(hour), error, attempts, delay)
 
     def status(self) -> list[dict[str, Any]]:
         """Export state per hour, newest first (for operators)."""

@@ -8,6 +8,7 @@ front of it is sidecar/front.py; sidecar/startup.py builds it from the config.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 
 from aiohttp.http_exceptions import HttpProcessingError
 
+from framework import logs
 from framework.inputs import parse_prefer
 from framework.problem import request_id as make_request_id
 from framework.settings import Settings
@@ -28,6 +30,7 @@ from sidecar.bind_tenant import bind_tenant
 from sidecar.catalog import Catalog
 from sidecar.errors import (
     BadRequest,
+    Forbidden,
     MethodNotAllowed,
     MethodNotImplemented,
     NotFound,
@@ -68,6 +71,7 @@ SERVICE_METHODS = "GET, POST"  # a service call: HEAD never runs a service (DESI
 DEADLINE_SLACK = 0.5
 READY_TIMEOUT = 2.0  # the framework answers /readyz off its request threads: quickly or hung
 METRICS_TIMEOUT = 10.0
+METRICS_ROLES = frozenset(("admin", "metrics"))  # a Prometheus scraper's API key: "metrics"
 
 
 @dataclass
@@ -103,6 +107,7 @@ class Sidecar:
         if path.startswith(PREFIX) and method not in ("GET", "POST"):
             # Refused before anything is forwarded (a HEAD created jobs).
             return render(MethodNotAllowed(SERVICE_METHODS), rid)
+        logs.REQUEST_ID.set(rid)  # on every log line of this request (JSON, like the framework)
         tenant = self.tenant
         principal: Principal | None = None
         service, operation, rule, slot = "", None, None, None
@@ -150,6 +155,7 @@ class Sidecar:
             operation=operation, reason=reason, rule=rule)
         self.metrics.observe(tenant.tenant_id, service, operation or "", response.status,
                              time.perf_counter() - started)
+        logs.REQUEST_ID.set("")
         return response
 
     def _authorize(self, tenant: TenantConfig, principal: Principal, service: str,
@@ -244,8 +250,15 @@ class Sidecar:
                         json.dumps(status).encode())
 
     async def _metrics(self, principal: Principal, rid: str) -> Response:
-        """The sidecar's metrics followed by the framework's."""
-        text = self.metrics.render()
+        """The sidecar's metrics merged with the framework's; role admin or metrics only.
+
+        The framework's text is fetched asynchronously; rendering and merging walk every
+        series, so they run in a thread and the loop keeps answering meanwhile.
+        """
+        if not METRICS_ROLES.intersection(principal.roles):
+            raise Forbidden("metrics need role admin or metrics",
+                            detail="/metrics needs role admin or metrics")
+        framework, note = None, b""
         try:
             reply = await self.upstream.send(
                 "GET", METRICS, upstream_headers(
@@ -253,10 +266,14 @@ class Sidecar:
                     method="GET", path=METRICS, peer="", proto="http"), None,
                 timeout=METRICS_TIMEOUT)
             if reply.status == 200:
-                text += reply.body
+                framework = reply.body
+            else:
+                note = f"# framework metrics unavailable: HTTP {reply.status}\n".encode()
         except SidecarError as exc:
-            text += f"# framework metrics unavailable: {exc.reason}\n".encode()
-        return Response(200, [("Content-Type", METRICS_TYPE), ("X-Request-ID", rid)], text)
+            note = f"# framework metrics unavailable: {exc.reason}\n".encode()
+        text = await asyncio.to_thread(self.metrics.scrape, framework)
+        return Response(200, [("Content-Type", METRICS_TYPE), ("X-Request-ID", rid)],
+                        text + note)
 
     def internal_headers(self, path: str, rid: str) -> list[tuple[str, str]]:
         """Signed headers, with no identity, for the sidecar's own GET of ``path``."""

@@ -8,10 +8,12 @@ from typing import Any
 
 import click
 
+from framework import logs
 from framework.cli import resolve_tenant_dir
 from framework.settings import Settings
 
 SHUTDOWN_SECONDS = 10.0
+LOGGER_NAME = "mtp.sidecar"
 
 
 def install_uvloop() -> str:
@@ -33,9 +35,12 @@ def sidecar(tenant_dir: str | None) -> None:
 
     found = resolve_tenant_dir(tenant_dir)
     settings = Settings.from_env(tenant_dir=found)
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tenant = settings.load_tenant()
+    # One log format for both processes: JSON lines with tenant and request id (the
+    # framework's), every library's lines included. The audit log keeps its own format.
+    logs.setup(settings.log_level, tenant.tenant_id,
+               libraries=max(settings.log_level, "WARNING", key=logging.getLevelName))
+    log = logging.getLogger(LOGGER_NAME)
     app = create_app(settings, tenant)  # refuses missing secrets before listening
     loop_name = install_uvloop()
     where = settings.listen
@@ -45,6 +50,7 @@ def sidecar(tenant_dir: str | None) -> None:
     else:
         target = {"host": where[0], "port": where[1]}
         shown = f"http://{where[0]}:{where[1]}"
-    click.echo(f"mtp sidecar: tenant {tenant.tenant_id} on {shown} -> {settings.upstream_url} "
-               f"({loop_name})", err=True)
+    log.info("mtp sidecar: tenant %s on %s -> %s (%s)", tenant.tenant_id, shown,
+             settings.upstream_url, loop_name,
+             extra={"listen": shown, "upstream": settings.upstream_url, "loop": loop_name})
     run(app, shutdown_timeout=SHUTDOWN_SECONDS, **target)

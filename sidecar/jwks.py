@@ -26,6 +26,7 @@ import aiohttp
 import jwt
 from jwt.exceptions import InvalidKeyError, PyJWKError
 
+from framework import depstate
 from framework.jwt_keys import key_fits
 
 log = logging.getLogger("mtp.sidecar.jwks")
@@ -108,6 +109,7 @@ class JwksKeys:
         self._fetches = 0  # completed fetch attempts: lets waiters see one finished meanwhile
         self._lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
+        self._state = depstate.dependency("jwks", log, fresh=True)
 
     async def key_for(self, kid: str | None, algorithm: str) -> SetKey:
         """The key that verifies a token with this ``kid`` (None: the set's only key) and alg.
@@ -123,11 +125,13 @@ class JwksKeys:
         if self._lock.locked() or self._may_fetch(now):
             await self._refresh()  # also waits for a fetch already under way
         if self._keys is None:
+            self._state.refused()
             raise JwksUnavailable(f"no keys from {self._url}")
         key = self._pick(kid)
         if key is not None:
             return self._check(key, algorithm)
         if self._last_failed:
+            self._state.refused()
             raise JwksUnavailable(f"kid {kid!r} unknown and {self._url} unreachable")
         raise UnknownKey(f"no key with kid {kid!r}")
 
@@ -158,13 +162,15 @@ class JwksKeys:
                 keys = parse_key_set(await self._fetch())
             except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
                 self._last_failed = True
-                log.warning("JWKS fetch from %s failed: %s", self._url, exc)
+                # One line per outage (the dependency state), not one per failed fetch.
+                self._state.failed(f"{self._url}: {type(exc).__name__}: {exc}")
                 return
             finally:
                 self._fetches += 1
             self._keys = keys
             self._expires = time.monotonic() + self._ttl
             self._last_failed = False
+            self._state.ok()
             log.info("JWKS from %s: %d key(s)", self._url, len(keys))
 
     async def _fetch(self) -> Any:

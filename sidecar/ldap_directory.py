@@ -28,6 +28,7 @@ from cachetools import TTLCache
 from ldap3.core.exceptions import LDAPException
 from ldap3.utils.conv import escape_filter_chars
 
+from framework import depstate
 from framework.tenant_config import LdapSettings
 
 log = logging.getLogger("mtp.sidecar.ldap")
@@ -90,7 +91,7 @@ class LdapClient:
         if not conn.bind():
             desc = conn.result.get("description")
             _quietly_unbind(conn)
-            log.error("LDAP service account bind failed for %s: %s", self._cfg.bind_dn, desc)
+            # Logged once per outage by the dependency state (LdapDirectory._ask).
             raise DirectoryUnavailable(f"service account bind failed: {desc}")
         return conn
 
@@ -109,7 +110,6 @@ class LdapClient:
                 if conn is not None:
                     _quietly_unbind(conn)
                 if attempt == 2:
-                    log.warning("LDAP directory unreachable at %s: %s", self._cfg.url, exc)
                     raise DirectoryUnavailable(str(exc)) from exc
                 continue
             except BaseException:
@@ -242,9 +242,28 @@ class LdapDirectory:
         # Per-process key: cached login keys never hold a plain, unsalted password hash.
         self._pepper = secrets.token_bytes(32)
         self._inflight: dict[Hashable, asyncio.Future[Any]] = {}
+        self._state = depstate.dependency("ldap", log, fresh=True)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _ask(self, fn: Callable[..., T], *args: Any) -> T:
+        """A directory call whose outcome moves the dependency state (one line per outage)."""
+        try:
+            answer = await self._run(fn, *args)
+        except DirectoryUnavailable as exc:
+            self._state.failed(f"{self._cfg.url}: {exc}")
+            raise
+        self._state.ok()
+        return answer
+
+    async def _refusing(self, key: Hashable, make: Callable[[], Awaitable[T]]) -> T:
+        """:meth:`_once`, counting each caller the outage refuses."""
+        try:
+            return await self._once(key, make)
+        except DirectoryUnavailable:
+            self._state.refused()
+            raise
 
     async def _once(self, key: Hashable, make: Callable[[], Awaitable[T]]) -> T:
         """Concurrent callers asking the same question share one directory round trip.
@@ -274,16 +293,16 @@ class LdapDirectory:
             return self._logins[key]
 
         async def lookup() -> tuple[str, tuple[str, ...]] | None:
-            user_dn = await self._run(self._client.find_user, username)
+            user_dn = await self._ask(self._client.find_user, username)
             if user_dn is None:
                 return None
-            if not await self._run(self._client.check_password, user_dn, password):
+            if not await self._ask(self._client.check_password, user_dn, password):
                 log.info("LDAP login refused for %r", username)
                 return None
-            groups = await self._run(self._client.groups_of, username, user_dn)
+            groups = await self._ask(self._client.groups_of, username, user_dn)
             return user_dn, groups
 
-        answer = await self._once(key, lookup)
+        answer = await self._refusing(key, lookup)
         if answer is not None and self._logins is not None:
             self._logins[key] = answer
             if self._groups is not None:
@@ -298,12 +317,12 @@ class LdapDirectory:
             return self._groups[user_id]
 
         async def lookup() -> tuple[str, ...] | None:
-            user_dn = await self._run(self._client.find_user, user_id)
+            user_dn = await self._ask(self._client.find_user, user_id)
             if user_dn is None:
                 return None
-            return await self._run(self._client.groups_of, user_id, user_dn)
+            return await self._ask(self._client.groups_of, user_id, user_dn)
 
-        groups = await self._once(("groups", user_id), lookup)
+        groups = await self._refusing(("groups", user_id), lookup)
         # "No entry" is a successful answer too: cached, so a principal that lives only
         # in tokens or API keys costs no search per request and survives an outage.
         if self._groups is not None:

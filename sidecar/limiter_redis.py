@@ -34,6 +34,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from framework import depstate
 from sidecar.limiter import Limit, MemoryBackend, Verdict
 
 log = logging.getLogger("mtp.sidecar.limiter")
@@ -154,6 +155,7 @@ class RedisBackend:
         self._me = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         self._probe: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
+        self._state = depstate.dependency("redis_limiter", log, fresh=True)
 
     @property
     def state(self) -> str:
@@ -182,6 +184,7 @@ class RedisBackend:
                 return _verdict(raw)
             except (RedisError, OSError) as exc:
                 self._degrade(exc)
+        self._state.refused()  # for the limiter: a decision taken locally, not shared
         return await self.local.admit(limits, now)
 
     async def incr_quota(self, key: str, day: str) -> int:
@@ -241,8 +244,8 @@ class RedisBackend:
         if not self.degraded:
             self.degraded = True
             # The exception's class only: a message may carry the URL (with a password).
-            log.warning("Redis unreachable (%s): rate limits are per replica until it "
-                        "returns", type(exc).__name__)
+            self._state.failed(type(exc).__name__, note="Redis unreachable: rate limits are "
+                               "per replica until it returns")
         if self._probe is None or self._probe.done():
             self._probe = asyncio.get_running_loop().create_task(self._recover())
 
@@ -265,7 +268,7 @@ class RedisBackend:
             # server: each would fail once and flip the limiter back to local limits.
             await self.client.connection_pool.disconnect(inuse_connections=False)
             self.degraded = False
-            log.warning("Redis reachable again: rate limits are shared again")
+            self._state.ok()  # logs: rate limits are shared again
 
     def _keep_alive(self) -> None:
         if self._keeper is None or self._keeper.done():

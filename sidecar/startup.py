@@ -24,6 +24,7 @@ from sidecar.audit import AuditLog
 from sidecar.authenticate import Authenticator
 from sidecar.catalog import Catalog, CatalogWatcher
 from sidecar.limiter import LimiterBackend, MemoryBackend
+from sidecar.metrics import Metrics, ServiceNames
 from sidecar.overlay import OverlayWatcher
 from sidecar.proxy import Timeouts, Upstream
 from sidecar.ratelimit import RateLimiter
@@ -103,6 +104,9 @@ class App:
             limiter=RateLimiter(self.backend or limiter_backend(settings)),
             upstream=Upstream(settings, self.timeouts),
             audit=AuditLog(settings.audit_file),
+            # Labels name only the services of the tenant dir (read once: the overlay
+            # cannot add, remove or disable a service).
+            metrics=Metrics(ServiceNames.from_tenant_dir(settings.tenant_dir, tenant)),
         )
         degraded_gauge(sidecar)
         await sidecar.upstream.start()

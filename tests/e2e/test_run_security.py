@@ -190,7 +190,7 @@ def test_services_list_and_metrics_through_the_sidecar(run: RunStack) -> None:
     assert r.status == 200
     names = {s["name"] for s in r.json()["services"]}
     assert "whoami" in names
-    m = run.call("GET", "/metrics", bearer(token()))
+    m = run.call("GET", "/metrics", bearer(token(roles=["admin"])))
     assert m.status == 200 and b"mtp_sidecar_requests_total" in m.body
 
 
