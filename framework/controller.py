@@ -213,9 +213,10 @@ def invokable(specs: list[ServiceSpec], authz: AuthzSettings,
 
 
 def visible_job(rt: Runtime, job_id: str, ident: Identity) -> Job:
-    """The job if this caller may see it (its creator or role admin); else 404."""
+    """The job if this caller may see it (its principal, i.e. the same user id *and* auth
+    method, or role admin); else 404, so nobody learns that another's job exists."""
     job = rt.jobs.get(job_id) if JOB_ID_RE.fullmatch(job_id) else None
     if job is None or job.tenant != ident.tenant or not (
-            job.owner == ident.user or ident.is_admin):
+            job.belongs_to(ident.user, ident.auth_method) or ident.is_admin):
         raise NotFound("no such job")
     return job

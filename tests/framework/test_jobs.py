@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -89,19 +90,76 @@ def test_cancel_versus_claim_only_one_wins(store: SqliteJobStore):
 
 def test_reap_fails_jobs_of_dead_processes_only(store: SqliteJobStore):
     dead = dead_runner()
-    store.create(job("1" * 32, runner=dead))
+    store.create(job("1" * 32, runner=dead))  # queued, no stored call (an older row)
     store.create(job("2" * 32, runner=dead))
-    store.claim("2" * 32, dead, time.time() + 100)
+    store.claim("2" * 32, dead, time.time() + 100)  # running when its process died
     store.create(job("3" * 32))  # this live process
-    store.create(job("4" * 32, runner="elsewhere:1:1"))  # another host: not ours to judge
+    # Another host name on a one-machine (WAL) file: a previous incarnation of this one.
+    store.create(job("4" * 32, runner="elsewhere:1:1"))
     store.create(job("5" * 32, runner="garbage"))
-    assert store.reap() == 2
-    for job_id in ("1" * 32, "2" * 32):
+    assert store.reap() == 3
+    for job_id in ("1" * 32, "2" * 32, "4" * 32):
         failed = store.get(job_id)
         assert failed.status == "failed" and failed.error["reason"] == "interrupted"
         assert failed.public()["error"]["reason"] == "interrupted"
-    for job_id in ("3" * 32, "4" * 32, "5" * 32):
+    for job_id in ("3" * 32, "5" * 32):
         assert store.get(job_id).status == "queued"
+
+
+def test_a_queued_job_of_a_dead_process_waits_to_be_adopted(store: SqliteJobStore):
+    dead = dead_runner()
+    call = {"service": "svc", "payload": {"n": 1}}
+    store.create(job("1" * 32, runner=dead, call=call))
+    store.create(job("2" * 32, runner=dead, call=call))
+    store.create(job("3" * 32, call=call))  # this live process keeps its own
+    assert store.reap() == 0  # never started: not interrupted
+    orphans = store.orphans(limit=10)
+    assert [j.id for j in orphans] == ["1" * 32, "2" * 32]
+    assert orphans[0].call == call and store.orphans(limit=1)[0].id == "1" * 32
+    assert store.orphans(limit=0) == []
+    me = runner_id()
+    assert store.adopt("1" * 32, dead, me)
+    assert not store.adopt("1" * 32, dead, "someone-else")  # one process wins
+    assert store.get("1" * 32).runner == me and store.get("1" * 32).status == "queued"
+    assert [j.id for j in store.orphans(limit=10)] == ["2" * 32]
+    # Once done with, the call (payload, identity) is not kept.
+    assert store.claim("1" * 32, me, time.time() + 10)
+    assert store.finish("1" * 32, "succeeded", result_json=b"1")
+    assert store.get("1" * 32).call is None
+    assert store.cancel("3" * 32) and store.get("3" * 32).call is None
+
+
+def test_a_job_belongs_to_its_principal_not_to_its_user_id():
+    mine = job(auth_method="api_key")
+    assert mine.belongs_to("alice", "api_key")
+    assert not mine.belongs_to("alice", "jwt") and not mine.belongs_to("bob", "api_key")
+    # A row from before the method was recorded keeps the rule it was made under.
+    legacy = job()
+    assert legacy.auth_method == ""
+    assert legacy.belongs_to("alice", "jwt") and not legacy.belongs_to("bob", "jwt")
+
+
+def test_a_jobs_file_of_an_older_release_is_migrated_and_its_rows_kept(tmp_path: Path):
+    path = tmp_path / "jobs.sqlite3"
+    with sqlite3.connect(path) as db:  # the schema of the first release
+        db.executescript("""
+            CREATE TABLE jobs (id TEXT PRIMARY KEY, tenant TEXT NOT NULL,
+                service TEXT NOT NULL, operation TEXT, owner TEXT NOT NULL,
+                request_id TEXT NOT NULL, status TEXT NOT NULL, result TEXT, error TEXT,
+                created REAL NOT NULL, started REAL, finished REAL, runner TEXT NOT NULL,
+                deadline REAL);
+        """)
+        db.execute("INSERT INTO jobs VALUES (?, 'acme', 'svc', NULL, 'alice', 'r', "
+                   "'succeeded', '{\"x\":1}', NULL, 1.0, 2.0, 3.0, 'h:1:1', NULL)",
+                   ("a" * 32,))
+    db.close()
+    store = SqliteJobStore(path)
+    old = store.get("a" * 32)
+    assert old.status == "succeeded" and old.result == {"x": 1}
+    assert old.auth_method == "" and old.call is None and old.belongs_to("alice", "ldap")
+    store.create(job("b" * 32, auth_method="jwt", call={"k": "v"}))
+    assert store.get("b" * 32).auth_method == "jwt" and store.get("b" * 32).call == {"k": "v"}
+    SqliteJobStore(path)  # opening it again changes nothing
 
 
 def test_reap_fails_running_jobs_past_their_deadline(store: SqliteJobStore):
