@@ -24,6 +24,7 @@ from typing import Any
 
 from framework import logs
 from framework.context import Context
+from framework.diskfull import disk_trouble
 from framework.errors import DeadlineExceeded, FrameworkError, Saturated, Unavailable
 from framework.execute import Call, Outcome
 from framework.flags import FlagSet
@@ -33,6 +34,8 @@ from framework.registry import ServiceSpec
 from framework.tenant_config import TenantConfig
 
 log = logging.getLogger("mtp.framework.jobs")
+
+WRITE_RETRY = 1.0  # seconds between tries of a job's store write while the disk is full
 
 StatusHook = Callable[[str, str, str | None, str], None]  # tenant, service, operation, status
 
@@ -105,6 +108,8 @@ class JobRunner:
         self._lock = threading.Lock()
         self._running: set[str] = set()
         self._idle = threading.Condition(self._lock)
+        self._stopped = threading.Event()
+        self._refusing = False  # the store refuses new jobs: logged once per spell
 
     def submit(self, spec: ServiceSpec, ctx: Context, owner: str) -> tuple[Job, Future]:
         """Store a queued job and schedule it; Saturated when this process is full."""
@@ -120,8 +125,14 @@ class JobRunner:
             self.store.create(job)
         except Exception as exc:
             self._slots.release()
-            _store_refused(exc)
+            if not self._refusing:  # a full disk refuses every call: one line, not one each
+                log.error("the job store refuses new jobs (%s: %s); async calls are 503",
+                          type(exc).__name__, exc, exc_info=not disk_trouble(exc))
+            self._refusing = True
             raise Unavailable("the job store is unavailable") from exc
+        if self._refusing:
+            self._refusing = False
+            log.warning("the job store takes new jobs again")
         try:
             future = self._schedule(job, spec, ctx)
         except RuntimeError as exc:
@@ -191,12 +202,8 @@ class JobRunner:
                 spec, ctx = prepared
                 logs.REQUEST_ID.set(job.request_id)
             ctx.deadline = time.monotonic() + spec.timeout
-            with self._lock:  # drain() sees every job that starts before it looks
-                if self.stopping_since is not None:
-                    return None
-                if not self.store.claim(job.id, self.runner, time.time() + spec.timeout):
-                    return None  # cancelled while queued, or reaped
-                self._running.add(job.id)
+            if not self._write(job, "start", lambda: self._claim(job, spec)):
+                return None  # cancelled while queued, reaped, or this process is stopping
             self.on_status(job.tenant, job.service, job.operation, "running")
             outcome = self.call()(spec, ctx)
             if outcome.ok and time.monotonic() > ctx.deadline:
@@ -204,16 +211,19 @@ class JobRunner:
                 outcome = Outcome(504, error=_late(spec), wall=outcome.wall, cpu=outcome.cpu)
             if outcome.ok:
                 status = SUCCEEDED
-                done = self.store.finish(job.id, SUCCEEDED, result_json=outcome.body)
+                body = outcome.body
+                done = self._write(job, "record its result", lambda: self.store.finish(
+                    job.id, SUCCEEDED, result_json=body))
             else:
                 status = FAILED
-                done = self.store.finish(job.id, FAILED,
-                                         error=error_document(outcome, job.request_id))
+                doc = error_document(outcome, job.request_id)
+                done = self._write(job, "record its error", lambda: self.store.finish(
+                    job.id, FAILED, error=doc))
             if done:
                 self.on_status(job.tenant, job.service, job.operation, status)
             return outcome
         except Exception as exc:
-            if _disk_full(exc):
+            if disk_trouble(exc):
                 log.error("job %s could not be recorded: %s", job.id, exc)
             else:
                 log.exception("job %s could not be recorded", job.id)
@@ -224,10 +234,40 @@ class JobRunner:
                 self._idle.notify_all()
             self._slots.release()
 
+    def _claim(self, job: Job, spec: ServiceSpec) -> bool:
+        with self._lock:  # drain() sees every job that starts before it looks
+            if self.stopping_since is not None:
+                return False  # not started: stays queued for the next process
+            if not self.store.claim(job.id, self.runner, time.time() + spec.timeout):
+                return False
+            self._running.add(job.id)
+            return True
+
+    def _write(self, job: Job, what: str, write: Callable[[], bool]) -> bool:
+        """A job's store write; while the data disk is full it is retried (the result
+        waits in memory) until it works or this process stops."""
+        failing = False
+        while True:
+            try:
+                done = write()
+            except Exception as exc:
+                if not disk_trouble(exc) or self.stopping_since is not None:
+                    raise
+                if not failing:
+                    log.error("job %s: cannot %s, the data disk is full (%s); retrying",
+                              job.id, what, exc)
+                failing = True
+                self._stopped.wait(WRITE_RETRY)
+                continue
+            if failing:
+                log.warning("job %s: could %s again", job.id, what)
+            return done
+
     def stop_accepting(self) -> None:
         """The stop signal came: new async calls are 503 from now on."""
         if self.stopping_since is None:
             self.stopping_since = time.monotonic()
+        self._stopped.set()
 
     def drain(self, until: float) -> bool:
         """Graceful stop: no new job, queued ones stay queued (for the next process),
@@ -259,17 +299,6 @@ class JobRunner:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _disk_full(exc: BaseException) -> bool:
-    """sqlite3 says "database or disk is full"; the OS says ENOSPC."""
-    return "disk is full" in str(exc) or getattr(exc, "errno", None) == 28
-
-
-def _store_refused(exc: BaseException) -> None:
-    # A full disk refuses every async call: one short line each, not a traceback each.
-    if _disk_full(exc):
-        log.error("job store refused a new job: %s", exc)
-    else:
-        log.exception("job store refused a new job")
 
 
 def _late(spec: ServiceSpec) -> DeadlineExceeded:

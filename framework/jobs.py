@@ -27,6 +27,7 @@ and is gone too. State changes are single conditional UPDATEs, so claim (queued
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sqlite3
@@ -38,7 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from framework.diskfull import schema_failed
 from framework.errors import Unavailable
+
+log = logging.getLogger("mtp.framework.jobs")
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued", "running", "succeeded", "failed", "cancelled")
@@ -212,9 +216,12 @@ class SqliteJobStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()
-        conn = self._conn()
-        conn.executescript(_SCHEMA)
-        _migrate(conn)
+        try:
+            conn = self._conn()
+            conn.executescript(_SCHEMA)
+            _migrate(conn)
+        except sqlite3.OperationalError as exc:
+            schema_failed(self.path, exc, log)  # a worker booting on a full disk
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)

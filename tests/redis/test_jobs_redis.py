@@ -332,3 +332,36 @@ def test_job_routes_answer_503_while_redis_is_away(tenant_dir, tmp_path) -> None
         assert client.get("/metrics").status_code == 503
     finally:
         app.extensions["mtp"].close()
+
+
+def test_a_job_records_its_principal_and_older_hashes_keep_the_user_id_rule(
+        client, settings) -> None:
+    from framework.registry import Registry
+
+    tenant = settings.load_tenant()
+    store, runner = redis_jobs(settings, tenant)
+    spec = Registry(settings.tenant_dir, tenant).resolve("echo")
+    job, _ = runner.submit(spec, ctx_for(spec), owner="alice")
+    stored = store.get(job.id)
+    assert stored.auth_method == "jwt" and stored.belongs_to("alice", "jwt")
+    assert not stored.belongs_to("alice", "api_key")
+    # A hash written before the method was recorded: readable, the user id decides.
+    client.hdel(store.key(job.id), "auth_method")
+    legacy = store.get(job.id)
+    assert legacy.auth_method == "" and legacy.belongs_to("alice", "api_key")
+    assert not legacy.belongs_to("bob", "jwt")
+
+
+def test_a_stopping_framework_refuses_new_jobs_and_leaves_the_queue_alone(
+        client, settings) -> None:
+    from framework.registry import Registry
+
+    tenant = settings.load_tenant()
+    store, runner = redis_jobs(settings, tenant)
+    spec = Registry(settings.tenant_dir, tenant).resolve("echo")
+    queued, _ = runner.submit(spec, ctx_for(spec), owner="alice")
+    assert runner.drain(time.monotonic()) and runner.adopt() == 0
+    with pytest.raises(Unavailable) as refused:
+        runner.submit(spec, ctx_for(spec), owner="alice")
+    assert refused.value.status == 503 and refused.value.kind == "stopping"
+    assert store.get(queued.id).status == "queued" and store.queue.count == 1
