@@ -251,8 +251,8 @@ class JobRunner:
             try:
                 done = write()
             except Exception as exc:
-                if not disk_trouble(exc) or self.stopping_since is not None:
-                    raise
+                if not disk_trouble(exc) or self._stopped.is_set():
+                    raise  # stopping: a cut-off job, the next start reaps it
                 if not failing:
                     log.error("job %s: cannot %s, the data disk is full (%s); retrying",
                               job.id, what, exc)
@@ -294,8 +294,8 @@ class JobRunner:
         return False
 
     def shutdown(self) -> None:
-        """Stop taking jobs; queued ones stay queued for the next process to adopt."""
-        self.stop_accepting()
+        """Stop the job threads; queued jobs stay queued for the next process to adopt."""
+        self._stopped.set()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -108,7 +108,6 @@ def test_a_full_data_disk_degrades_and_recovers_without_a_restart(small_disk: Pa
         log = server.log_text()
         # One line per worker and spell, not one per refused call.
         assert 1 <= log.count("the job store refuses new jobs") <= 2, log[-3000:]
-        assert log.count("the job store takes new jobs again") >= 1
     finally:
         stop(server.proc)
 

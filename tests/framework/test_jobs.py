@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from framework.jobrunner import JobRunner
 from framework.jobs import (
     Job,
     SqliteJobStore,
@@ -210,3 +211,63 @@ def test_an_unreadable_store_is_not_usable(tmp_path: Path):
 def test_iso_timestamps():
     assert iso(None) is None
     assert iso(0.25) == "1970-01-01T00:00:00.250Z"
+
+
+def test_a_refusing_store_is_logged_once_per_spell(tmp_path: Path, caplog):
+    from framework.errors import Unavailable
+    from framework.execute import Executor
+    from tests.framework.test_execute import ctx, spec
+
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    full = {"on": True}
+    real_create = store.create
+
+    def create(job):
+        if full["on"]:
+            raise sqlite3.OperationalError("database or disk is full")
+        real_create(job)
+
+    store.create = create  # the disk fills: every insert is refused
+    runner = JobRunner(store, lambda: Executor(1000, 1).call, runner_id(), 1, 4)
+    with caplog.at_level("WARNING", logger="mtp.framework.jobs"):
+        for _ in range(3):
+            with pytest.raises(Unavailable):
+                runner.submit(spec(lambda c: 1), ctx(), owner="alice")
+        full["on"] = False
+        job, future = runner.submit(spec(lambda c: 1), ctx(), owner="alice")
+        assert future.result(5).status == 200
+    runner.shutdown()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([m for m in lines if "refuses new jobs" in m]) == 1, lines
+    assert len([m for m in lines if "takes new jobs again" in m]) == 1, lines
+    assert store.get(job.id).status == "succeeded"
+
+
+def test_a_result_waits_for_room_on_the_disk(tmp_path: Path, caplog, monkeypatch):
+    from framework.execute import Executor
+    from tests.framework.test_execute import ctx, spec
+
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    refusals = {"left": 2}
+    real_finish = store.finish
+
+    def finish(*args, **kw):
+        if refusals["left"]:
+            refusals["left"] -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_finish(*args, **kw)
+
+    store.finish = finish
+    runner = JobRunner(store, lambda: Executor(1000, 1).call, runner_id(), 1, 4)
+    monkeypatch.setattr("framework.jobrunner.WRITE_RETRY", 0.01)
+    try:
+        with caplog.at_level("WARNING", logger="mtp.framework.jobs"):
+            job, future = runner.submit(spec(lambda c: {"v": 1}), ctx(), owner="alice")
+            assert future.result(5).status == 200
+    finally:
+        runner.shutdown()
+    done = store.get(job.id)
+    assert done.status == "succeeded" and done.result == {"v": 1}
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([m for m in lines if "data disk is full" in m]) == 1, lines
+    assert any("could record its result again" in m for m in lines)
