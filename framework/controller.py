@@ -7,6 +7,7 @@ import logging
 import re
 import threading
 import time
+from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
@@ -179,7 +180,7 @@ def start_job(rt: Runtime, spec: ServiceSpec, ctx: Context, ident: Identity,
         if waiting:
             try:
                 outcome = future.result(timeout=wait)
-            except FutureTimeout:
+            except (FutureTimeout, CancelledError):  # cancelled: this worker is stopping
                 outcome = None
             if outcome is not None:
                 return answer(outcome, {"Preference-Applied": f"wait={wait}"})

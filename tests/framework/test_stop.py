@@ -234,3 +234,44 @@ def test_the_framework_uses_mtp_metrics_dir_fresh_per_start(tmp_path: Path):
 
 def test_runner_identity_is_this_process():
     assert runner_id().rsplit(":", 2)[1] == str(os.getpid())
+
+
+def test_a_waiting_request_whose_job_is_left_queued_by_the_stop_gets_202(tmp_path: Path):
+    from framework.app import create_app
+    from framework.settings import Settings
+    from tests.framework.client import signed_headers
+    from tests.framework.tenant import SECRET, make_tenant
+
+    root = make_tenant(tmp_path / "t")
+    settings = Settings.from_env({"MTP_SIDECAR_SECRET": SECRET, "MTP_DATA_DIR": str(tmp_path),
+                                  "MTP_JOB_WORKERS": "1", "MTP_LOG_LEVEL": "WARNING"},
+                                 tenant_dir=root)
+    app = create_app(settings, settings.load_tenant(), background=False)
+    rt = app.extensions["mtp"]
+
+    def post(seconds: float, prefer: str):
+        path = "/services/slow"
+        headers = signed_headers("POST", path)
+        headers.update({"Prefer": prefer, "Content-Type": "application/json"})
+        return app.test_client().post(path, headers=headers, json={"seconds": seconds})
+
+    try:
+        busy = post(1, "respond-async").get_json()["job_id"]
+        while rt.jobs.get(busy).status != "running":
+            time.sleep(0.02)
+        answers = []
+        waiter = threading.Thread(target=lambda: answers.append(
+            post(0.01, "respond-async, wait=10")))
+        waiter.start()
+        while rt.jobs.counts()["queued"] == 0:
+            time.sleep(0.02)
+        assert rt.runner.drain(time.monotonic() + 5)  # the busy job ends within it
+        waiter.join(10)
+        (answer,) = answers
+        assert answer.status_code == 202, answer.data  # not done: polled later, never a 500
+        assert rt.jobs.get(answer.get_json()["job_id"]).status == "queued"
+        refused = post(0.01, "respond-async")
+        assert refused.status_code == 503 and refused.content_type == "application/problem+json"
+        assert refused.get_json()["type"].endswith(":stopping")
+    finally:
+        rt.close()
