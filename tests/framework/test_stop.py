@@ -97,6 +97,26 @@ def test_a_job_running_when_its_process_died_is_interrupted_after_the_restart(
         stop(server.proc)
 
 
+@pytest.mark.slow
+def test_a_job_still_running_at_the_end_of_the_grace_period_is_interrupted(tmp_path: Path):
+    """Cut off by the stop itself: marked before the worker leaves, no restart needed.
+
+    The worker drains until the graceful timeout minus 2 s (MTP_GRACE_SECONDS sets it)."""
+    server = start_server(tmp_path, MTP_WORKERS="1", MTP_JOB_WORKERS="1",
+                          MTP_GRACE_SECONDS="4")
+    try:
+        ids = [server.client.post("/services/slow", {"seconds": s}).json()["job_id"]
+               for s in (60, 0.1)]
+        wait_all(server, ids[:1], ("running",))
+        assert stop(server.proc, timeout=45) == 0
+        with sqlite3.connect(server.data / "jobs.sqlite3") as db:
+            rows = dict(db.execute("SELECT id, status || ':' || COALESCE(error, '') FROM jobs"))
+        assert rows[ids[0]].startswith("failed:") and '"interrupted"' in rows[ids[0]]
+        assert rows[ids[1]] == "queued:"  # never started: kept for the next start
+    finally:
+        stop(server.proc)
+
+
 # -- in process -------------------------------------------------------------------------
 
 
