@@ -108,7 +108,7 @@ class JobRunner:
         self._lock = threading.Lock()
         self._running: set[str] = set()
         self._idle = threading.Condition(self._lock)
-        self._stopped = threading.Event()
+        self._give_up = threading.Event()  # set at the end of a stop: writes are not retried
         self._refusing = False  # the store refuses new jobs: logged once per spell
 
     def submit(self, spec: ServiceSpec, ctx: Context, owner: str) -> tuple[Job, Future]:
@@ -156,7 +156,7 @@ class JobRunner:
         if orphans is None:
             return 0  # a shared (Redis) queue hands its jobs over by itself
         taken = 0
-        for job in orphans(self._free()):
+        for job in orphans(self.capacity):
             if not self._slots.acquire(blocking=False):
                 break
             if not self.store.adopt(job.id, job.runner, self.runner):  # type: ignore[attr-defined]
@@ -172,10 +172,6 @@ class JobRunner:
         if taken:
             log.info("adopted %d queued job(s) of a process that stopped", taken)
         return taken
-
-    def _free(self) -> int:
-        # A BoundedSemaphore does not say how much is left; its counter does.
-        return int(getattr(self._slots, "_value", self.capacity))
 
     def _prepare(self, job: Job) -> tuple[ServiceSpec, Context] | None:
         """An adopted job's spec and context; a service that is gone fails the job."""
@@ -251,13 +247,13 @@ class JobRunner:
             try:
                 done = write()
             except Exception as exc:
-                if not disk_trouble(exc) or self._stopped.is_set():
-                    raise  # stopping: a cut-off job, the next start reaps it
+                if not disk_trouble(exc) or self._give_up.is_set():
+                    raise  # the stop's end: a cut-off job, drain or the next start fails it
                 if not failing:
                     log.error("job %s: cannot %s, the data disk is full (%s); retrying",
                               job.id, what, exc)
                 failing = True
-                self._stopped.wait(WRITE_RETRY)
+                self._give_up.wait(WRITE_RETRY)
                 continue
             if failing:
                 log.warning("job %s: could %s again", job.id, what)
@@ -267,7 +263,6 @@ class JobRunner:
         """The stop signal came: new async calls are 503 from now on."""
         if self.stopping_since is None:
             self.stopping_since = time.monotonic()
-        self._stopped.set()
 
     def drain(self, until: float) -> bool:
         """Graceful stop: no new job, queued ones stay queued (for the next process),
@@ -282,6 +277,7 @@ class JobRunner:
             while self._running and time.monotonic() < until:
                 self._idle.wait(min(1.0, max(0.0, until - time.monotonic())))
             cut = sorted(self._running)
+        self._give_up.set()
         if not cut:
             return True
         try:
@@ -295,10 +291,8 @@ class JobRunner:
 
     def shutdown(self) -> None:
         """Stop the job threads; queued jobs stay queued for the next process to adopt."""
-        self._stopped.set()
+        self._give_up.set()
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
 
 
 def _late(spec: ServiceSpec) -> DeadlineExceeded:

@@ -7,12 +7,12 @@ import signal
 import sqlite3
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from framework.cli.serve import metrics_base
 from tests.framework.conftest import Server, start_server
-from tests.helpers import stop
+from tests.helpers import base_env, stop
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,8 @@ def test_a_worker_leaving_gracefully_keeps_the_shared_metrics_dir(server: Server
     """A worker exits through SystemExit up the master's stack: it must not clean up."""
     # Off the data disk: a RAM-backed runtime directory, named by the master's pid.
     assert not list(server.data.glob("metrics-*"))
-    (metrics_dir,) = Path("/dev/shm").glob(f"mtp-{os.getuid()}-{server.proc.pid}-*")
+    base = metrics_base(base_env())  # $XDG_RUNTIME_DIR where set, else /dev/shm
+    (metrics_dir,) = base.glob(f"mtp-{os.getuid()}-{server.proc.pid}-*")
     c = server.client
     pid = int(_any_runner(server).rsplit(":", 2)[1])
     os.kill(pid, signal.SIGTERM)
