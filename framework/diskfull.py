@@ -29,7 +29,11 @@ def disk_trouble(exc: BaseException) -> bool:
 def schema_failed(path: Path, exc: BaseException, log: logging.Logger) -> None:
     """A store's schema could not be made at open: go on when the file is there already
     and the disk is the trouble (an earlier process made the schema); else raise."""
-    if not (disk_trouble(exc) and path.exists()):
+    try:
+        made = path.stat().st_size > 0  # SQLite creates the file at connect: empty is new
+    except OSError:
+        made = False
+    if not (disk_trouble(exc) and made):
         raise exc
     log.warning("%s: the data disk refuses writes (%s); working with the existing file",
                 path.name, exc)

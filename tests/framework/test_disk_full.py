@@ -49,7 +49,16 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def fill(disk: Path) -> Path:
-    """Write zeros until the filesystem says ENOSPC; returns the filler file."""
+    """Write zeros until the filesystem says ENOSPC; returns the filler file.
+
+    The job store's WAL is truncated first: SQLite reuses a checkpointed WAL's blocks,
+    so without this a write could still fit in space the file holds already.
+    """
+    jobs = disk / "jobs.sqlite3"
+    if jobs.exists():
+        with sqlite3.connect(jobs, timeout=10) as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.close()
     filler = disk / "filler"
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
@@ -230,3 +239,42 @@ def test_disk_trouble_is_told_apart():
     assert disk_trouble(OSError(errno.ENOSPC, "No space left on device"))
     assert not disk_trouble(sqlite3.OperationalError("no such table: jobs"))
     assert not disk_trouble(OSError(errno.EACCES, "Permission denied"))
+
+
+def test_stores_open_and_versions_degrade_on_a_full_disk(small_disk: Path, tmp_path: Path,
+                                                         caplog):
+    """What a worker booting on the full disk opens: the files are there, nothing stops it."""
+    from framework.jobs import SqliteJobStore
+    from framework.tenant_config import load_tenant
+    from framework.usage import UsageStore
+    from framework.versions import VersionStore
+    from tests.framework.tenant import TENANT_TOML, make_tenant
+
+    jobs_path, usage_path, config_path = (small_disk / n for n in
+                                          ("jobs.sqlite3", "usage.db", "config.db"))
+    keeper = SqliteJobStore(jobs_path)  # the running platform holds the file open
+    assert keeper.usable()
+    UsageStore(usage_path)
+    tenant = load_tenant(make_tenant(tmp_path / "t") / "tenant.toml")
+    assert VersionStore(config_path).record(tenant, None, "tenant.toml", None).id == 1
+    filler = fill(small_disk)
+    with caplog.at_level(logging.WARNING):
+        jobs = SqliteJobStore(jobs_path)
+        assert jobs.get("0" * 32) is None  # reads work
+        UsageStore(usage_path)
+        versions = VersionStore(config_path)
+        changed = load_tenant(make_tenant(tmp_path / "t2", TENANT_TOML.replace(
+            'name = "Acme"', 'name = "Acme 2"')) / "tenant.toml")
+        unrecorded = versions.record(changed, None, "tenant.toml", 1)
+    assert unrecorded.id == 0 and unrecorded.hash == changed.digest
+    assert any("config version not recorded" in r.getMessage() for r in caplog.records)
+    filler.unlink()
+    assert versions.record(changed, None, "tenant.toml", 1).id == 2  # recorded once room
+
+
+def test_a_store_that_cannot_be_made_is_still_an_error(small_disk: Path):
+    from framework.jobs import SqliteJobStore
+
+    fill(small_disk)
+    with pytest.raises(sqlite3.Error):
+        SqliteJobStore(small_disk / "new.sqlite3")  # no file to fall back on
