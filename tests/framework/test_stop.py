@@ -297,3 +297,22 @@ def test_a_waiting_request_whose_job_is_left_queued_by_the_stop_gets_202(tmp_pat
         assert refused.get_json()["type"].endswith(":stopping")
     finally:
         rt.close()
+
+
+def test_adoption_skips_what_it_cannot_take(runtime, monkeypatch):
+    rt = runtime
+    store: SqliteJobStore = rt.jobs
+    _, ctx = context(rt, "slow", {"seconds": 0.01})
+    gone = f"{os.uname().nodename}-old:1:1"
+    ids = [new_job_id() for _ in range(2)]
+    for job_id in ids:
+        store.create(Job(id=job_id, tenant="acme", service="slow", operation=None,
+                         owner="alice", request_id="r", created=time.time(), runner=gone,
+                         auth_method="jwt", call=call_of(ctx)))
+    # Another process adopts the first one between the listing and the update.
+    real_adopt = store.adopt
+    monkeypatch.setattr(store, "adopt", lambda job_id, old, new: job_id != ids[0] and
+                        real_adopt(job_id, old, new))
+    assert rt.runner.adopt() == 1
+    monkeypatch.setattr(store, "orphans", None)  # a store without orphans (Redis)
+    assert rt.runner.adopt() == 0
