@@ -30,11 +30,11 @@ from tests.helpers import stop
 
 SIZE = "4m"
 
+
 @pytest.fixture(autouse=True)
 def _mtp_logs_reach_caplog(monkeypatch: pytest.MonkeyPatch) -> None:
     # framework.logs.setup (run by create_app) stops propagation to the root logger.
     monkeypatch.setattr(logging.getLogger("mtp"), "propagate", True)
-
 
 
 @pytest.fixture

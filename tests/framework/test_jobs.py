@@ -25,6 +25,12 @@ from framework.jobs import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _mtp_logs_reach_caplog(monkeypatch: pytest.MonkeyPatch) -> None:
+    # framework.logs.setup (run by create_app) stops propagation to the root logger.
+    monkeypatch.setattr(logging.getLogger("mtp"), "propagate", True)
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> SqliteJobStore:
     return SqliteJobStore(tmp_path / "sub" / "jobs.sqlite3")
@@ -242,12 +248,6 @@ def test_a_refusing_store_is_logged_once_per_spell(tmp_path: Path, caplog):
     assert len([m for m in lines if "refuses new jobs" in m]) == 1, lines
     assert len([m for m in lines if "takes new jobs again" in m]) == 1, lines
     assert store.get(job.id).status == "succeeded"
-
-@pytest.fixture(autouse=True)
-def _mtp_logs_reach_caplog(monkeypatch: pytest.MonkeyPatch) -> None:
-    # framework.logs.setup (run by create_app) stops propagation to the root logger.
-    monkeypatch.setattr(logging.getLogger("mtp"), "propagate", True)
-
 
 
 def test_a_result_waits_for_room_on_the_disk(tmp_path: Path, caplog, monkeypatch):

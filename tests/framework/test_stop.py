@@ -29,11 +29,11 @@ from tests.helpers import stop
 
 N = 5
 
+
 @pytest.fixture(autouse=True)
 def _mtp_logs_reach_caplog(monkeypatch: pytest.MonkeyPatch) -> None:
     # framework.logs.setup (run by create_app) stops propagation to the root logger.
     monkeypatch.setattr(logging.getLogger("mtp"), "propagate", True)
-
 
 
 def statuses(data: Path) -> dict[str, str]:
