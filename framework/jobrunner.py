@@ -281,7 +281,7 @@ class JobRunner:
         if not cut:
             return True
         try:
-            n = self.store.fail(cut, INTERRUPTED,  # type: ignore[attr-defined]
+            n = self.store.fail(cut, INTERRUPTED,
                                 "the process running this job stopped before it finished")
         except Exception as exc:  # the store is gone too: the next start reaps them
             log.error("could not mark %d cut-off job(s) interrupted: %s", len(cut), exc)

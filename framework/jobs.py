@@ -162,6 +162,10 @@ class JobStore(Protocol):
     def cancel(self, job_id: str) -> bool:
         """queued -> cancelled, only if still queued."""
 
+    def fail(self, job_ids: Iterable[str], reason: str, detail: str,
+             status_code: int = 500) -> int:
+        """queued/running -> failed with ``reason`` (interrupted, deadline...)."""
+
     def reap(self, alive: Any = runner_alive) -> int:
         """Fail running jobs whose runner is dead or whose deadline passed."""
 
