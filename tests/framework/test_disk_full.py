@@ -264,7 +264,7 @@ def test_stores_open_and_versions_degrade_on_a_full_disk(small_disk: Path, tmp_p
     tenant = load_tenant(make_tenant(tmp_path / "t") / "tenant.toml")
     assert VersionStore(config_path).record(tenant, None, "tenant.toml", None).id == 1
     filler = fill(small_disk)
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger="mtp"):  # whatever level a test set
         jobs = SqliteJobStore(jobs_path)
         assert jobs.get("0" * 32) is None  # reads work
         UsageStore(usage_path)
