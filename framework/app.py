@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask
@@ -11,7 +12,7 @@ from framework import logs, metrics
 from framework.controller import register, render_error
 from framework.execute import Executor
 from framework.hooks import install_hooks
-from framework.jobrunner import JobRunner, Reaper
+from framework.jobrunner import JobRunner, Reaper, rebuild_call
 from framework.jobs import JobStore, SqliteJobStore, runner_id
 from framework.operations import install as install_operations
 from framework.registry import Registry
@@ -41,10 +42,8 @@ def build_runtime(settings: Settings, tenant: TenantConfig, background: bool = T
         store = SqliteJobStore(settings.data_dir / "jobs.sqlite3")
         runner = JobRunner(store, lambda: executor.call, runner_id(), settings.job_workers,
                            settings.job_queue, on_status=metrics.job_status)
-    reaper = Reaper(store, settings.job_retention, REAP_INTERVAL)
-    if background:
-        reaper.start()
-    return Runtime(
+    reaper = Reaper(store, settings.job_retention, REAP_INTERVAL, adopt=runner.adopt)
+    rt = Runtime(
         settings=settings,
         tenant=tenant,
         registry=Registry(settings.tenant_dir, tenant, dev=settings.dev),
@@ -55,6 +54,12 @@ def build_runtime(settings: Settings, tenant: TenantConfig, background: bool = T
         log=log,
         secret=secret,
     )
+    if isinstance(runner, JobRunner):
+        # Queued jobs of a process that stopped are run here, with the live config.
+        runner.rebuild = partial(rebuild_call, rt)
+    if background:
+        reaper.start()
+    return rt
 
 
 class FrameworkFlask(Flask):

@@ -7,6 +7,7 @@ import logging
 import re
 import threading
 import time
+from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
@@ -187,7 +188,7 @@ def start_job(rt: Runtime, spec: ServiceSpec, ctx: Context, ident: Identity,
         if waiting:
             try:
                 outcome = future.result(timeout=wait)
-            except FutureTimeout:
+            except (FutureTimeout, CancelledError):  # cancelled: this worker is stopping
                 outcome = None
             if outcome is not None:
                 return answer(outcome, {"Preference-Applied": f"wait={wait}"})
@@ -221,9 +222,10 @@ def invokable(specs: list[ServiceSpec], authz: AuthzSettings,
 
 
 def visible_job(rt: Runtime, job_id: str, ident: Identity) -> Job:
-    """The job if this caller may see it (its creator or role admin); else 404."""
+    """The job if this caller may see it (its principal, i.e. the same user id *and* auth
+    method, or role admin); else 404, so nobody learns that another's job exists."""
     job = rt.jobs.get(job_id) if JOB_ID_RE.fullmatch(job_id) else None
     if job is None or job.tenant != ident.tenant or not (
-            job.owner == ident.user or ident.is_admin):
+            job.belongs_to(ident.user, ident.auth_method) or ident.is_admin):
         raise NotFound("no such job")
     return job

@@ -5,17 +5,29 @@ default :class:`SqliteJobStore` keeps jobs in ``$MTP_DATA_DIR/jobs.sqlite3``
 (WAL, one connection per thread, busy timeout), so a job started by one gunicorn
 worker is found by every other.
 
+A job belongs to its *principal*: the user id and the auth method together (an
+API key named ``ci-bot`` and a JWT with ``sub = ci-bot`` are two principals).
+Rows written before the method was recorded have ``auth_method = ''`` and keep
+the rule they were created under: the user id alone (see :meth:`Job.belongs_to`).
+
 Every job records its *runner*: the process that queued it and runs it, as
 ``host:pid:start-time`` (the kernel's start time of the process, so a reused pid
-is not taken for the old process). A job whose runner is gone is marked
-``failed`` with reason ``interrupted``; other processes' live jobs are untouched.
-State changes are single conditional UPDATEs, so claim (queued -> running) and
-cancel (queued -> cancelled) cannot both win.
+is not taken for the old process). A *running* job whose runner is gone was cut
+off: it is marked ``failed`` with reason ``interrupted``. A *queued* job whose
+runner is gone never started: it keeps the call it was accepted with (identity,
+payload) and another process adopts and runs it (:meth:`SqliteJobStore.orphans`,
+:meth:`SqliteJobStore.adopt`); only a queued row without its call (written
+before calls were stored) is failed ``interrupted``. The SQLite file is one
+machine's (WAL needs shared memory), so a runner of another host name is a
+previous incarnation of this machine (a container restarted with a new name)
+and is gone too. State changes are single conditional UPDATEs, so claim (queued
+-> running), adopt and cancel (queued -> cancelled) cannot both win.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sqlite3
@@ -27,7 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from framework.diskfull import schema_failed
 from framework.errors import Unavailable
+
+log = logging.getLogger("mtp.framework.jobs")
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued", "running", "succeeded", "failed", "cancelled")
@@ -54,6 +69,12 @@ class Job:
     finished: float | None = None
     runner: str = ""
     deadline: float | None = None  # unix seconds; a running job past it is failed
+    auth_method: str = ""  # with ``owner``, the principal; '' on rows from before it
+    call: dict[str, Any] | None = None  # what a queued job runs with (never public)
+
+    def belongs_to(self, user: str, auth_method: str) -> bool:
+        """Whether this principal created the job (a row without a method: the user id)."""
+        return self.owner == user and self.auth_method in (auth_method, "")
 
     def public(self) -> dict[str, Any]:
         """The body of ``GET /jobs/{id}``."""
@@ -102,15 +123,24 @@ def runner_id(pid: int | None = None) -> str:
     return f"{socket.gethostname()}:{pid}:{process_start(pid) or '0'}"
 
 
-def runner_alive(runner: str, host: str | None = None) -> bool:
-    """False only when ``runner`` ran on this host and that exact process is gone."""
+def runner_alive(runner: str, host: str | None = None, foreign: bool = True) -> bool:
+    """False only when ``runner`` ran on this host and that exact process is gone.
+
+    ``foreign`` is the verdict for a runner of another host name: alive (its own
+    reaper judges it) unless the store is this machine's alone.
+    """
     parts = runner.rsplit(":", 2)
     if len(parts) != 3 or not parts[1].isdigit():
         return True  # not ours to judge
     rhost, pid, start = parts
     if rhost != (host or socket.gethostname()):
-        return True  # another machine's process: its own reaper judges it
+        return foreign
     return process_start(int(pid)) == start
+
+
+def local_runner_alive(runner: str) -> bool:
+    """:func:`runner_alive` for a one-machine store: another host name is a gone process."""
+    return runner_alive(runner, foreign=False)
 
 
 class JobStore(Protocol):
@@ -132,8 +162,12 @@ class JobStore(Protocol):
     def cancel(self, job_id: str) -> bool:
         """queued -> cancelled, only if still queued."""
 
+    def fail(self, job_ids: Iterable[str], reason: str, detail: str,
+             status_code: int = 500) -> int:
+        """queued/running -> failed with ``reason`` (interrupted, deadline...)."""
+
     def reap(self, alive: Any = runner_alive) -> int:
-        """Fail queued/running jobs whose runner is dead or whose deadline passed."""
+        """Fail running jobs whose runner is dead or whose deadline passed."""
 
     def purge(self, older_than: float) -> int:
         """Delete finished jobs that finished before ``older_than`` (unix seconds)."""
@@ -160,17 +194,20 @@ CREATE TABLE IF NOT EXISTS jobs (
     started REAL,
     finished REAL,
     runner TEXT NOT NULL,
-    deadline REAL
+    deadline REAL,
+    auth_method TEXT NOT NULL DEFAULT '',
+    call TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished);
 """
 
-_INSERT = ("INSERT INTO jobs (id, tenant, service, operation, owner, request_id, status, "
-           "result, error, created, started, finished, runner, deadline) "
-           "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
-_SELECT = ("SELECT id, tenant, service, operation, owner, request_id, status, result, error, "
-           "created, started, finished, runner, deadline FROM jobs WHERE id = ?")
+# Columns added after the first release: (name, definition) for ALTER TABLE on older files.
+_ADDED = (("auth_method", "TEXT NOT NULL DEFAULT ''"), ("call", "TEXT"))
+_COLUMNS = ("id, tenant, service, operation, owner, request_id, status, result, error, "
+            "created, started, finished, runner, deadline, auth_method, call")
+_INSERT = f"INSERT INTO jobs ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"  # noqa: S608 - constants
+_SELECT = f"SELECT {_COLUMNS} FROM jobs"  # noqa: S608 - constants
 _PURGE = ("DELETE FROM jobs WHERE status IN ('succeeded', 'failed', 'cancelled') "
           "AND finished < ?")
 
@@ -183,8 +220,12 @@ class SqliteJobStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()
-        with self._conn() as conn:
+        try:
+            conn = self._conn()
             conn.executescript(_SCHEMA)
+            _migrate(conn)
+        except sqlite3.OperationalError as exc:
+            schema_failed(self.path, exc, log)  # a worker booting on a full disk
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -218,18 +259,14 @@ class SqliteJobStore:
             _INSERT,
             (job.id, job.tenant, job.service, job.operation, job.owner, job.request_id,
              job.status, _dump(job.result), _dump(job.error), job.created, job.started,
-             job.finished, job.runner, job.deadline))
+             job.finished, job.runner, job.deadline, job.auth_method, _dump(job.call)))
 
     def get(self, job_id: str) -> Job | None:
         try:
-            row = self._conn().execute(_SELECT, (job_id,)).fetchone()
+            row = self._conn().execute(_SELECT + " WHERE id = ?", (job_id,)).fetchone()
         except sqlite3.Error as exc:  # GET/DELETE /jobs: the store is down, 503 not 500
             raise Unavailable("the job store is unavailable") from exc
-        if row is None:
-            return None
-        values = list(row)
-        values[7], values[8] = _load(values[7]), _load(values[8])
-        return Job(*values)
+        return None if row is None else _row_job(row)
 
     def claim(self, job_id: str, runner: str, deadline: float) -> bool:
         cur = self._conn().execute(
@@ -241,8 +278,9 @@ class SqliteJobStore:
     def finish(self, job_id: str, status: str, result_json: bytes | None = None,
                error: dict[str, Any] | None = None) -> bool:
         result = result_json.decode() if result_json is not None else None
+        # The call (payload, identity) is dropped once the job is done with it.
         cur = self._conn().execute(
-            "UPDATE jobs SET status = ?, result = ?, error = ?, finished = ? "
+            "UPDATE jobs SET status = ?, result = ?, error = ?, finished = ?, call = NULL "
             "WHERE id = ? AND status = ?",
             (status, result, _dump(error), time.time(), job_id, RUNNING))
         return cur.rowcount == 1
@@ -250,7 +288,8 @@ class SqliteJobStore:
     def cancel(self, job_id: str) -> bool:
         try:
             cur = self._conn().execute(
-                "UPDATE jobs SET status = ?, finished = ? WHERE id = ? AND status = ?",
+                "UPDATE jobs SET status = ?, finished = ?, call = NULL "
+                "WHERE id = ? AND status = ?",
                 (CANCELLED, time.time(), job_id, QUEUED))
         except sqlite3.Error as exc:
             raise Unavailable("the job store is unavailable") from exc
@@ -263,29 +302,61 @@ class SqliteJobStore:
         now, n = time.time(), 0
         for job_id in job_ids:
             n += self._conn().execute(
-                "UPDATE jobs SET status = ?, error = ?, finished = ? "
+                "UPDATE jobs SET status = ?, error = ?, finished = ?, call = NULL "
                 "WHERE id = ? AND status IN (?, ?)",
                 (FAILED, error, now, job_id, QUEUED, RUNNING)).rowcount
         return n
 
-    def reap(self, alive: Any = runner_alive) -> int:
+    def reap(self, alive: Any = local_runner_alive) -> int:
+        """Fail running jobs of gone processes (cut off) and late ones.
+
+        Queued jobs of gone processes never started: they wait for :meth:`adopt`,
+        except rows without their call (from before calls were stored).
+        """
         conn = self._conn()
         rows = conn.execute(
-            "SELECT id, runner, status, deadline FROM jobs WHERE status IN (?, ?)",
-            (QUEUED, RUNNING)).fetchall()
+            "SELECT id, runner, status, deadline, call IS NULL FROM jobs "
+            "WHERE status IN (?, ?)", (QUEUED, RUNNING)).fetchall()
         verdicts: dict[str, bool] = {}
         dead, late = [], []
         now = time.time()
-        for job_id, runner, status, deadline in rows:
+        for job_id, runner, status, deadline, no_call in rows:
             if runner not in verdicts:
                 verdicts[runner] = alive(runner)
             if not verdicts[runner]:
-                dead.append(job_id)
+                if status == RUNNING or no_call:
+                    dead.append(job_id)
             elif status == RUNNING and deadline is not None and deadline < now:
                 late.append(job_id)
         n = self.fail(dead, INTERRUPTED, "the process running this job stopped")
         n += self.fail(late, "deadline", "the job did not finish within its timeout", 504)
         return n
+
+    def orphans(self, limit: int, alive: Any = local_runner_alive) -> list[Job]:
+        """Up to ``limit`` queued jobs (oldest first) whose process is gone: to adopt."""
+        if limit <= 0:
+            return []
+        rows = self._conn().execute(
+            _SELECT + " WHERE status = ? AND call IS NOT NULL ORDER BY created",
+            (QUEUED,)).fetchall()
+        verdicts: dict[str, bool] = {}
+        found = []
+        for row in rows:
+            runner = row[12]
+            if runner not in verdicts:
+                verdicts[runner] = alive(runner)
+            if not verdicts[runner]:
+                found.append(_row_job(row))
+                if len(found) == limit:
+                    break
+        return found
+
+    def adopt(self, job_id: str, old_runner: str, runner: str) -> bool:
+        """Make ``runner`` the queued job's process, only if still queued under ``old_runner``."""
+        cur = self._conn().execute(
+            "UPDATE jobs SET runner = ? WHERE id = ? AND status = ? AND runner = ?",
+            (runner, job_id, QUEUED, old_runner))
+        return cur.rowcount == 1
 
     def purge(self, older_than: float) -> int:
         return self._conn().execute(_PURGE, (older_than,)).rowcount
@@ -297,6 +368,26 @@ class SqliteJobStore:
         except sqlite3.Error as exc:  # GET /metrics
             raise Unavailable("the job store is unavailable") from exc
         return {status: found.get(status, 0) for status in STATUSES}
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Add the columns a file from an older release lacks (its rows keep their meaning)."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+    for name, definition in _ADDED:
+        if name in have:
+            continue
+        try:
+            conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):  # another process added it meanwhile
+                raise
+
+
+def _row_job(row: Iterable[Any]) -> Job:
+    values = list(row)
+    for i in (7, 8, 15):  # result, error, call
+        values[i] = _load(values[i])
+    return Job(*values)
 
 
 def _dump(value: Any) -> str | None:

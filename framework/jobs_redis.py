@@ -45,8 +45,7 @@ from framework import depstate, logs, metrics
 from framework.context import Context
 from framework.errors import DeadlineExceeded, FrameworkError, Saturated, Unavailable
 from framework.execute import Outcome
-from framework.flags import FlagSet
-from framework.jobrunner import StatusHook, error_document
+from framework.jobrunner import StatusHook, Stopping, call_of, context_of, error_document
 from framework.jobs import (
     CANCELLED,
     FAILED,
@@ -308,10 +307,13 @@ class RedisJobRunner:
                  on_status: StatusHook | None = None) -> None:
         self.store, self.tenant, self.max_queued = store, tenant, max_queued
         self.on_status = on_status
+        self.stopping_since: float | None = None
         # (jobs that workers start and finish are counted from the store at scrape time)
 
     def submit(self, spec: ServiceSpec, ctx: Context, owner: str) -> tuple[Job, JobWaiter]:
         """Record and enqueue a job; 503 when the shared queue is full or Redis is away."""
+        if self.stopping_since is not None:
+            raise Stopping("this process is stopping and takes no new job; retry shortly")
         store = self.store
         try:
             waiting = store.queue.count
@@ -321,7 +323,7 @@ class RedisJobRunner:
             raise Saturated(f"the job queue is full ({self.max_queued} jobs); retry shortly")
         job = Job(id=new_job_id(), tenant=ctx.tenant_id, service=spec.name,
                   operation=ctx.operation, owner=owner, request_id=ctx.request_id,
-                  created=time.time())
+                  created=time.time(), auth_method=ctx.auth_method)
         idempotent = self.tenant.service(spec.name).idempotent
         try:
             with store.client.pipeline() as pipe:
@@ -343,16 +345,22 @@ class RedisJobRunner:
             self.on_status(job.tenant, job.service, job.operation, job.status)
         return job, JobWaiter(store, job.id)
 
+    def stop_accepting(self) -> None:
+        """The stop signal came: new async calls are 503 (another replica takes them)."""
+        if self.stopping_since is None:
+            self.stopping_since = time.monotonic()
+
+    def drain(self, until: float) -> bool:
+        """Nothing runs here: queued jobs stay in Redis for any worker."""
+        self.stop_accepting()
+        return True
+
+    def adopt(self) -> int:
+        """RQ hands a dead worker's jobs over by itself."""
+        return 0
+
     def shutdown(self) -> None:
         """Nothing runs here: queued jobs stay in Redis for any worker."""
-
-
-def call_of(ctx: Context) -> dict[str, Any]:
-    """What a worker needs to rebuild the context (the identity and the request)."""
-    return {"tenant": ctx.tenant_id, "service": ctx.service, "operation": ctx.operation,
-            "user": ctx.user, "groups": list(ctx.groups), "roles": list(ctx.roles),
-            "auth_method": ctx.auth_method, "payload": ctx.payload,
-            "params": dict(ctx.params), "request_id": ctx.request_id}
 
 
 @dataclass
@@ -366,17 +374,7 @@ class JobWorker:
 
     def context(self, spec: ServiceSpec, call: dict[str, Any]) -> Context:
         """The handler's context, rebuilt from the identity stored with the job."""
-        tenant = self.rt.tenant
-        groups, roles = tuple(call["groups"]), tuple(call["roles"])
-        return Context(
-            tenant_id=tenant.tenant_id, service=spec.name, operation=call["operation"],
-            user=call["user"], groups=groups, roles=roles, auth_method=call["auth_method"],
-            payload=call["payload"], params=call["params"], request_id=call["request_id"],
-            config=tenant.service(spec.name).config,
-            flags=FlagSet(tenant.flags, tenant.tenant_id, call["user"], groups, roles),
-            logger=logs.service_logger(tenant.tenant_id, call["request_id"], spec.name,
-                                       call["operation"]),
-            deadline=time.monotonic() + spec.timeout)
+        return context_of(self.rt.tenant, spec, call)
 
     def run(self, job_id: str, call: dict[str, Any], runner: str) -> str | None:
         """Claim and run one job; returns its final status (None: not ours to run)."""
@@ -463,7 +461,7 @@ def _fields(job: Job) -> dict[str, str]:
     return {
         "tenant": job.tenant, "service": job.service, "operation": job.operation or "",
         "owner": job.owner, "request_id": job.request_id, "status": job.status,
-        "created": repr(job.created), "runner": job.runner,
+        "created": repr(job.created), "runner": job.runner, "auth_method": job.auth_method,
     }
 
 
@@ -477,7 +475,9 @@ def _job(job_id: str, raw: dict[str, str]) -> Job:
                request_id=raw.get("request_id", ""), status=raw.get("status", QUEUED),
                result=_load(raw.get("result")), error=_load(raw.get("error")),
                created=num("created") or 0.0, started=num("started"),
-               finished=num("finished"), runner=raw.get("runner", ""), deadline=num("deadline"))
+               finished=num("finished"), runner=raw.get("runner", ""), deadline=num("deadline"),
+               # a hash from before the method was recorded has none: ''
+               auth_method=raw.get("auth_method", ""))
 
 
 def _dump(value: Any) -> str | None:

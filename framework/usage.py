@@ -5,6 +5,12 @@ call); a daemon thread flushes the per-process totals every ``flush_interval``
 seconds with one UPSERT transaction, so several gunicorn workers can share one
 database (WAL) without a write per request. A bucket is keyed by
 (tenant, hour, service, operation, user); a call is counted in the hour it ended.
+
+A store that refuses the flush (a full data disk, Redis away) loses nothing at
+first: the counts stay in memory and the next flush that works writes them. The
+memory is bounded (:data:`MAX_PENDING` buckets); past it, and at an exit that
+cannot flush, calls are dropped, counted in ``mtp_usage_dropped_total`` and logged
+once per transition (not per call).
 """
 
 from __future__ import annotations
@@ -24,9 +30,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import Counter
+
+from framework.diskfull import schema_failed
 from framework.tenant_config import BillingSettings
 
 log = logging.getLogger("mtp.usage")
+
+MAX_PENDING = 10000  # buckets kept in memory while the store refuses flushes
+DROPPED = Counter("mtp_usage_dropped", "Calls whose usage could not be stored (lost).",
+                  ["tenant"])
 
 DB_NAME = "usage.db"
 HOUR = 3600
@@ -144,8 +157,11 @@ class UsageStore:
     def __init__(self, path: str | Path, timeout: float = 10.0) -> None:
         self.path = Path(path)
         self.timeout = timeout  # how long to wait for another process's write
-        with self.connect() as conn:
-            conn.executescript(SCHEMA)
+        try:
+            with self.connect() as conn:
+                conn.executescript(SCHEMA)
+        except sqlite3.OperationalError as exc:
+            schema_failed(self.path, exc, log)  # a worker booting on a full disk
 
     def connect(self) -> _Conn:
         """A short-lived connection, closed by ``with``."""
@@ -260,10 +276,13 @@ class UsageMeter:
     """
 
     def __init__(self, store: UsageStore, tenant: str, *, flush_interval: float = 1.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, max_pending: int = MAX_PENDING
+                 ) -> None:
         self.store = store
         self.tenant = tenant
         self.flush_interval = flush_interval
+        self.max_pending = max_pending
+        self.lost = 0  # calls dropped since the store last took a flush
         self._clock = clock
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -282,8 +301,17 @@ class UsageMeter:
         with self._lock:
             acc = self._pending.get(key)
             if acc is None:
-                self._pending[key] = [1, status >= 500, wall_seconds, cpu_seconds,
-                                      bytes_in, bytes_out, queue_seconds]
+                if len(self._pending) >= self.max_pending:
+                    # Only while flushes fail: memory is bounded, the loss is counted.
+                    self.lost += 1
+                    first = self.lost == 1
+                else:
+                    first = False
+                    self._pending[key] = [1, status >= 500, wall_seconds, cpu_seconds,
+                                          bytes_in, bytes_out, queue_seconds]
+                    if self._thread is None:
+                        self._start()
+                    return
             else:
                 acc[0] += 1
                 acc[1] += status >= 500
@@ -292,8 +320,12 @@ class UsageMeter:
                 acc[4] += bytes_in
                 acc[5] += bytes_out
                 acc[6] += queue_seconds
-            if self._thread is None:
-                self._start()
+                return
+        DROPPED.labels(self.tenant).inc()
+        if first:
+            log.error("usage store unreachable and %d buckets held in memory: further "
+                      "calls' usage is dropped (counted in mtp_usage_dropped_total)",
+                      self.max_pending)
 
     def flush(self) -> int:
         """Write what is pending; returns the number of buckets written."""
@@ -315,18 +347,27 @@ class UsageMeter:
                     self._failing = True
                 self._merge_back(pending)
                 return 0
-            if self._failing:
-                log.warning("usage flush works again; the kept counts are written")
+            if self._failing or self.lost:
+                with self._lock:
+                    lost, self.lost = self.lost, 0
+                log.warning("usage flush works again; the kept counts are written"
+                            + (f" ({lost} calls' usage was dropped meanwhile)" if lost else ""))
                 self._failing = False
             return len(rows)
 
     def close(self) -> None:
-        """Stop the flush thread and write what is left."""
+        """Stop the flush thread and write what is left (what cannot be is counted lost)."""
         self._stop.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
         self.flush()
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        calls = int(sum(acc[0] for acc in pending.values()))
+        if calls:
+            DROPPED.labels(self.tenant).inc(calls)
+            log.error("exiting with %d calls' usage that the store refused: dropped", calls)
 
     def _merge_back(self, pending: dict[tuple[int, str, str, str], list[float]]) -> None:
         with self._lock:

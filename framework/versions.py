@@ -15,6 +15,7 @@ and a restart after a rollback loads the rolled-back overlay. A read-only mount
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -26,8 +27,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from framework.diskfull import disk_trouble, schema_failed
 from framework.tenant_config import TenantConfig
 from framework.usage import connect
+
+log = logging.getLogger("mtp.framework.versions")
 
 DB_NAME = "config.db"
 MAX_ID = 2**63 - 1  # the largest SQLite INTEGER
@@ -119,16 +123,34 @@ class VersionStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        conn = connect(self.path)
         try:
-            conn.executescript(SCHEMA)
-        finally:
-            conn.close()
+            conn = connect(self.path)
+            try:
+                conn.executescript(SCHEMA)
+            finally:
+                conn.close()
+        except sqlite3.OperationalError as exc:
+            schema_failed(self.path, exc, log)  # a worker booting on a full disk
 
     def record(self, config: TenantConfig, overlay: str | None, source: str,
                seen: int | None) -> Version:
         """Record ``config`` as the newest version, or adopt the same one recorded by
-        another process after version ``seen`` (None: this process has seen none)."""
+        another process after version ``seen`` (None: this process has seen none).
+
+        A data disk that refuses the write leaves the version unrecorded (id 0) rather
+        than stopping the process: the config applies all the same.
+        """
+        try:
+            return self._record(config, overlay, source, seen)
+        except sqlite3.OperationalError as exc:
+            if not disk_trouble(exc):
+                raise
+            log.warning("config version not recorded: the data disk refuses writes (%s)",
+                        exc)
+            return Version(0, config.digest, time.time(), source, (), overlay)
+
+    def _record(self, config: TenantConfig, overlay: str | None, source: str,
+                seen: int | None) -> Version:
         doc = plain(config.raw)
         conn = connect(self.path)
         try:

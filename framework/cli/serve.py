@@ -1,11 +1,24 @@
-"""``mtp framework``: gunicorn (gthread) serving the Flask runtime for one tenant."""
+"""``mtp framework``: gunicorn (gthread) serving the Flask runtime for one tenant.
+
+Every hook that runs in the gunicorn master is wrapped by :func:`master_hook`: an
+I/O error there (a full data disk, a broken job store) is logged once and the
+master keeps going, since an exception in a master hook stops gunicorn and with
+it the whole platform. prometheus_client's multiprocess files are memory-mapped:
+they live in a RAM-backed runtime directory (:func:`metrics_base`), never on the
+data disk, where a full disk turns a write to them into SIGBUS.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import signal
 import sqlite3
+import sys
 import tempfile
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +34,97 @@ KEEPALIVE = 75  # longer than the sidecar keeps a pooled connection idle
 GRACEFUL_TIMEOUT = 30
 WORKER_TIMEOUT = 60  # heartbeat of a worker's main loop, not a request time limit
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+METRICS_DIR_ENV = "MTP_METRICS_DIR"
+STOP_MARGIN = 2.0  # seconds before the master's SIGKILL by which cut-off jobs are marked
+
+log = logging.getLogger("mtp.framework.serve")
+
+
+def metrics_base(environ: Mapping[str, str]) -> Path:
+    """Where the metrics directory is made: ``MTP_METRICS_DIR``, else a RAM-backed
+    runtime directory (``$XDG_RUNTIME_DIR``, ``/dev/shm``), else the temp dir.
+
+    Never the data dir: the files are memory-mapped, and on a full disk a write to
+    a mapped page kills the worker with SIGBUS.
+    """
+    chosen = environ.get(METRICS_DIR_ENV)
+    if chosen:
+        if not _writable_dir(chosen):
+            raise ConfigError(ENV, METRICS_DIR_ENV, f"{chosen} is not a writable directory")
+        return Path(chosen)
+    # mkdtemp makes a private (0700), unpredictable directory: a shared /dev/shm is fine.
+    for candidate in (environ.get("XDG_RUNTIME_DIR"), "/dev/shm"):  # noqa: S108
+        if candidate and _writable_dir(candidate):
+            return Path(candidate)
+    return Path(tempfile.gettempdir())
+
+
+def _writable_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
+def master_hook(name: str, fn: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+    """``fn(server, worker)`` as a gunicorn hook that never raises: logged once per
+    failure spell. (gunicorn checks a hook's arity, so the two arguments are named.)"""
+    failing = False
+
+    def hook(server: Any, worker: Any) -> None:
+        nonlocal failing
+        try:
+            fn(server, worker)
+        except Exception as exc:  # the master must outlive its hooks
+            if not failing:
+                log.error("gunicorn hook %s failed (%s: %s); the server keeps going",
+                          name, type(exc).__name__, exc)
+            failing = True
+            return
+        if failing:
+            log.info("gunicorn hook %s works again", name)
+            failing = False
+
+    return hook
+
+
+def _runtime(worker: Any) -> Any:
+    app = getattr(worker, "wsgi", None)
+    return getattr(app, "extensions", {}).get("mtp")
+
+
+def post_worker_init(worker: Any) -> None:
+    """In each worker: SIGTERM first tells the job runner to take no new job (503)."""
+    runtime = _runtime(worker)
+    if runtime is None:
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: Any) -> None:
+        runtime.runner.stop_accepting()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """A worker leaves: its running jobs get the rest of the grace period, its queued
+    ones stay queued (the next process adopts them), then the runtime closes."""
+    runtime = _runtime(worker)
+    if runtime is None:
+        return
+    runner = runtime.runner
+    started = runner.stopping_since or time.monotonic()
+    finished = runner.drain(started + max(0.0, worker.cfg.graceful_timeout - STOP_MARGIN))
+    runtime.close()
+    if not finished and os.getpid() == worker.pid:
+        # Jobs still running (now marked interrupted) hold non-daemon threads that
+        # Python would wait for at exit, until the master's SIGKILL: flush usage and go.
+        ops = worker.wsgi.extensions.get("mtp.operations")
+        if ops is not None:
+            ops.close()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def bind_address(upstream: tuple[str, int] | str) -> str:
@@ -61,18 +165,15 @@ class FrameworkServer(BaseApplication):
         from framework.jobs import SqliteJobStore
 
         settings = self.settings
-        master_store = SqliteJobStore(settings.data_dir / "jobs.sqlite3")
+        master_store = None if settings.redis_url else SqliteJobStore(
+            settings.data_dir / "jobs.sqlite3")
 
         def child_exit(server: Any, worker: Any) -> None:
             metrics.worker_exited(worker.pid)
-            # Jobs of the dead worker are failed now, not at the next periodic sweep.
-            master_store.reap()
-
-        def worker_exit(server: Any, worker: Any) -> None:
-            app = getattr(worker, "wsgi", None)
-            runtime = getattr(app, "extensions", {}).get("mtp")
-            if runtime is not None:
-                runtime.close()
+            if master_store is not None:
+                # Jobs of the dead worker: cut-off ones are failed now, not at the next
+                # periodic sweep; its queued ones wait for a live worker to adopt them.
+                master_store.reap()
 
         options = {
             "bind": [bind_address(settings.upstream)],
@@ -88,8 +189,10 @@ class FrameworkServer(BaseApplication):
             "logger_class": JsonGunicornLogger,
             "loglevel": settings.log_level.lower(),
             "umask": 0o007,  # the unix socket: owner and group (the sidecar) only
-            "child_exit": child_exit,
-            "worker_exit": worker_exit,
+            "child_exit": master_hook("child_exit", child_exit),
+            # worker_exit runs in the worker, and in the master for a worker that is gone.
+            "worker_exit": master_hook("worker_exit", worker_exit),
+            "post_worker_init": post_worker_init,
             "preload_app": False,
             # gunicorn's runtime control socket would sit in $HOME, shared by every
             # instance: the framework is managed by signals alone.
@@ -115,10 +218,17 @@ def prepare(settings: Settings) -> Path:
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         SqliteJobStore(settings.data_dir / "jobs.sqlite3").close()
-        metrics_dir = Path(tempfile.mkdtemp(prefix="metrics-", dir=settings.data_dir))
     except (OSError, sqlite3.Error) as exc:
         raise ConfigError(ENV, "MTP_DATA_DIR", f"{settings.data_dir} is not usable: {exc}"
                           ) from None
+    base = metrics_base(settings.environ)
+    try:
+        # Fresh per start (a restarted container may keep an emptyDir's old files).
+        metrics_dir = Path(tempfile.mkdtemp(prefix=f"mtp-{os.getuid()}-{os.getpid()}-",
+                                            dir=base))
+    except OSError as exc:
+        raise ConfigError(ENV, METRICS_DIR_ENV, f"cannot make the metrics directory in "
+                          f"{base}: {exc.strerror}") from None
     if isinstance(settings.upstream, str):
         try:
             Path(settings.upstream).parent.mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,10 @@ a dead worker's jobs to its abandoned-job handling (failure callback, then
 The process forks ``--processes`` RQ workers (default MTP_JOB_WORKERS) and keeps
 that many alive; each builds the framework's runtime (service loader, metered
 execution seam, breakers, live overlay) once and runs jobs in it, one at a time.
-SIGTERM/SIGINT: RQ's warm shutdown (the current job finishes), killed after
-DRAIN_SECONDS.
+SIGTERM/SIGINT: RQ's warm shutdown (the current job finishes; queued jobs stay
+in the queue for the next worker), killed ``DRAIN_MARGIN`` seconds before the
+end of ``MTP_GRACE_SECONDS``; a job cut off then is handed to RQ's
+abandoned-job handling (``interrupted``).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ HUNG_EXIT = 70  # EX_SOFTWARE
 MAX_JOBS = 10000  # then the process is replaced: whatever a handler leaked goes with it
 WORKER_TTL = 30
 MAINTENANCE_INTERVAL = 30
-DRAIN_SECONDS = 20.0
+DRAIN_MARGIN = 2.0  # seconds of the grace period left for SIGKILL and the exit
 RESTART_PAUSE = 1.0
 POLL_SECONDS = 0.1
 
@@ -253,11 +255,12 @@ class WorkerPool:
             time.sleep(POLL_SECONDS)
 
     def stop(self) -> int:
-        """Warm shutdown: SIGTERM (RQ lets the current job finish), SIGKILL after the drain."""
+        """Warm shutdown: SIGTERM (RQ lets the current job finish), SIGKILL at the end of
+        the grace period."""
         for pid in list(self.children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + DRAIN_SECONDS
+        deadline = time.monotonic() + max(1.0, self.settings.grace_seconds - DRAIN_MARGIN)
         while self.children and time.monotonic() < deadline:
             pid, _ = os.waitpid(-1, os.WNOHANG)
             if pid:

@@ -30,10 +30,12 @@ class Server:
 
 
 def server_env(data: Path, port: int, **extra: str) -> dict[str, str]:
-    return base_env(
+    """The framework's environment; ``extra`` adds to or overrides the defaults."""
+    env = base_env(
         MTP_SIDECAR_SECRET=SECRET, MTP_DATA_DIR=str(data), MTP_UPSTREAM=f"127.0.0.1:{port}",
-        MTP_WORKERS="2", MTP_THREADS="4", MTP_MAX_RESULT="100000", MTP_MAX_BODY="4096",
-        **extra)
+        MTP_WORKERS="2", MTP_THREADS="4", MTP_MAX_RESULT="100000", MTP_MAX_BODY="4096")
+    env.update(extra)
+    return env
 
 
 def start_server(tmp: Path, **extra: str) -> Server:

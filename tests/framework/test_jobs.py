@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from framework.jobrunner import JobRunner
 from framework.jobs import (
     Job,
     SqliteJobStore,
@@ -20,6 +23,12 @@ from framework.jobs import (
     runner_alive,
     runner_id,
 )
+
+
+@pytest.fixture(autouse=True)
+def _mtp_logs_reach_caplog(monkeypatch: pytest.MonkeyPatch) -> None:
+    # framework.logs.setup (run by create_app) stops propagation to the root logger.
+    monkeypatch.setattr(logging.getLogger("mtp"), "propagate", True)
 
 
 @pytest.fixture
@@ -89,19 +98,76 @@ def test_cancel_versus_claim_only_one_wins(store: SqliteJobStore):
 
 def test_reap_fails_jobs_of_dead_processes_only(store: SqliteJobStore):
     dead = dead_runner()
-    store.create(job("1" * 32, runner=dead))
+    store.create(job("1" * 32, runner=dead))  # queued, no stored call (an older row)
     store.create(job("2" * 32, runner=dead))
-    store.claim("2" * 32, dead, time.time() + 100)
+    store.claim("2" * 32, dead, time.time() + 100)  # running when its process died
     store.create(job("3" * 32))  # this live process
-    store.create(job("4" * 32, runner="elsewhere:1:1"))  # another host: not ours to judge
+    # Another host name on a one-machine (WAL) file: a previous incarnation of this one.
+    store.create(job("4" * 32, runner="elsewhere:1:1"))
     store.create(job("5" * 32, runner="garbage"))
-    assert store.reap() == 2
-    for job_id in ("1" * 32, "2" * 32):
+    assert store.reap() == 3
+    for job_id in ("1" * 32, "2" * 32, "4" * 32):
         failed = store.get(job_id)
         assert failed.status == "failed" and failed.error["reason"] == "interrupted"
         assert failed.public()["error"]["reason"] == "interrupted"
-    for job_id in ("3" * 32, "4" * 32, "5" * 32):
+    for job_id in ("3" * 32, "5" * 32):
         assert store.get(job_id).status == "queued"
+
+
+def test_a_queued_job_of_a_dead_process_waits_to_be_adopted(store: SqliteJobStore):
+    dead = dead_runner()
+    call = {"service": "svc", "payload": {"n": 1}}
+    store.create(job("1" * 32, runner=dead, call=call))
+    store.create(job("2" * 32, runner=dead, call=call))
+    store.create(job("3" * 32, call=call))  # this live process keeps its own
+    assert store.reap() == 0  # never started: not interrupted
+    orphans = store.orphans(limit=10)
+    assert [j.id for j in orphans] == ["1" * 32, "2" * 32]
+    assert orphans[0].call == call and store.orphans(limit=1)[0].id == "1" * 32
+    assert store.orphans(limit=0) == []
+    me = runner_id()
+    assert store.adopt("1" * 32, dead, me)
+    assert not store.adopt("1" * 32, dead, "someone-else")  # one process wins
+    assert store.get("1" * 32).runner == me and store.get("1" * 32).status == "queued"
+    assert [j.id for j in store.orphans(limit=10)] == ["2" * 32]
+    # Once done with, the call (payload, identity) is not kept.
+    assert store.claim("1" * 32, me, time.time() + 10)
+    assert store.finish("1" * 32, "succeeded", result_json=b"1")
+    assert store.get("1" * 32).call is None
+    assert store.cancel("3" * 32) and store.get("3" * 32).call is None
+
+
+def test_a_job_belongs_to_its_principal_not_to_its_user_id():
+    mine = job(auth_method="api_key")
+    assert mine.belongs_to("alice", "api_key")
+    assert not mine.belongs_to("alice", "jwt") and not mine.belongs_to("bob", "api_key")
+    # A row from before the method was recorded keeps the rule it was made under.
+    legacy = job()
+    assert legacy.auth_method == ""
+    assert legacy.belongs_to("alice", "jwt") and not legacy.belongs_to("bob", "jwt")
+
+
+def test_a_jobs_file_of_an_older_release_is_migrated_and_its_rows_kept(tmp_path: Path):
+    path = tmp_path / "jobs.sqlite3"
+    with sqlite3.connect(path) as db:  # the schema of the first release
+        db.executescript("""
+            CREATE TABLE jobs (id TEXT PRIMARY KEY, tenant TEXT NOT NULL,
+                service TEXT NOT NULL, operation TEXT, owner TEXT NOT NULL,
+                request_id TEXT NOT NULL, status TEXT NOT NULL, result TEXT, error TEXT,
+                created REAL NOT NULL, started REAL, finished REAL, runner TEXT NOT NULL,
+                deadline REAL);
+        """)
+        db.execute("INSERT INTO jobs VALUES (?, 'acme', 'svc', NULL, 'alice', 'r', "
+                   "'succeeded', '{\"x\":1}', NULL, 1.0, 2.0, 3.0, 'h:1:1', NULL)",
+                   ("a" * 32,))
+    db.close()
+    store = SqliteJobStore(path)
+    old = store.get("a" * 32)
+    assert old.status == "succeeded" and old.result == {"x": 1}
+    assert old.auth_method == "" and old.call is None and old.belongs_to("alice", "ldap")
+    store.create(job("b" * 32, auth_method="jwt", call={"k": "v"}))
+    assert store.get("b" * 32).auth_method == "jwt" and store.get("b" * 32).call == {"k": "v"}
+    SqliteJobStore(path)  # opening it again changes nothing
 
 
 def test_reap_fails_running_jobs_past_their_deadline(store: SqliteJobStore):
@@ -152,3 +218,63 @@ def test_an_unreadable_store_is_not_usable(tmp_path: Path):
 def test_iso_timestamps():
     assert iso(None) is None
     assert iso(0.25) == "1970-01-01T00:00:00.250Z"
+
+
+def test_a_refusing_store_is_logged_once_per_spell(tmp_path: Path, caplog):
+    from framework.errors import Unavailable
+    from framework.execute import Executor
+    from tests.framework.test_execute import ctx, spec
+
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    full = {"on": True}
+    real_create = store.create
+
+    def create(job):
+        if full["on"]:
+            raise sqlite3.OperationalError("database or disk is full")
+        real_create(job)
+
+    store.create = create  # the disk fills: every insert is refused
+    runner = JobRunner(store, lambda: Executor(1000, 1).call, runner_id(), 1, 4)
+    with caplog.at_level("WARNING", logger="mtp.framework.jobs"):
+        for _ in range(3):
+            with pytest.raises(Unavailable):
+                runner.submit(spec(lambda c: 1), ctx(), owner="alice")
+        full["on"] = False
+        job, future = runner.submit(spec(lambda c: 1), ctx(), owner="alice")
+        assert future.result(5).status == 200
+    runner.shutdown()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([m for m in lines if "refuses new jobs" in m]) == 1, lines
+    assert len([m for m in lines if "takes new jobs again" in m]) == 1, lines
+    assert store.get(job.id).status == "succeeded"
+
+
+def test_a_result_waits_for_room_on_the_disk(tmp_path: Path, caplog, monkeypatch):
+    from framework.execute import Executor
+    from tests.framework.test_execute import ctx, spec
+
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    refusals = {"left": 2}
+    real_finish = store.finish
+
+    def finish(*args, **kw):
+        if refusals["left"]:
+            refusals["left"] -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_finish(*args, **kw)
+
+    store.finish = finish
+    runner = JobRunner(store, lambda: Executor(1000, 1).call, runner_id(), 1, 4)
+    monkeypatch.setattr("framework.jobrunner.WRITE_RETRY", 0.01)
+    try:
+        with caplog.at_level("WARNING", logger="mtp.framework.jobs"):
+            job, future = runner.submit(spec(lambda c: {"v": 1}), ctx(), owner="alice")
+            assert future.result(5).status == 200
+    finally:
+        runner.shutdown()
+    done = store.get(job.id)
+    assert done.status == "succeeded" and done.result == {"v": 1}
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([m for m in lines if "data disk is full" in m]) == 1, lines
+    assert any("could record its result again" in m for m in lines)

@@ -10,8 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from framework.cli.serve import metrics_base
 from tests.framework.conftest import Server, start_server
-from tests.helpers import stop
+from tests.helpers import base_env, stop
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,10 @@ def test_killed_worker_fails_only_its_own_jobs(server: Server):
 
 def test_a_worker_leaving_gracefully_keeps_the_shared_metrics_dir(server: Server):
     """A worker exits through SystemExit up the master's stack: it must not clean up."""
-    (metrics_dir,) = server.data.glob("metrics-*")
+    # Off the data disk: a RAM-backed runtime directory, named by the master's pid.
+    assert not list(server.data.glob("metrics-*"))
+    base = metrics_base(base_env())  # $XDG_RUNTIME_DIR where set, else /dev/shm
+    (metrics_dir,) = base.glob(f"mtp-{os.getuid()}-{server.proc.pid}-*")
     c = server.client
     pid = int(_any_runner(server).rsplit(":", 2)[1])
     os.kill(pid, signal.SIGTERM)
@@ -70,6 +74,8 @@ def test_a_worker_leaving_gracefully_keeps_the_shared_metrics_dir(server: Server
     assert metrics_dir.is_dir()
     assert c.post("/services/echo", {}).status == 200
     assert c.get("/metrics").status == 200
+    stop(server.proc)
+    assert not metrics_dir.exists()  # removed at exit
 
 
 def _alive(pid: int) -> bool:

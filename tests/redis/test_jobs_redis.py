@@ -334,3 +334,75 @@ def test_job_routes_answer_503_while_redis_is_away(tenant_dir, tmp_path) -> None
         assert client.get("/metrics").status_code == 503
     finally:
         app.extensions["mtp"].close()
+
+
+def test_a_job_records_its_principal_and_older_hashes_keep_the_user_id_rule(
+        client, settings) -> None:
+    from framework.registry import Registry
+
+    tenant = settings.load_tenant()
+    store, runner = redis_jobs(settings, tenant)
+    spec = Registry(settings.tenant_dir, tenant).resolve("echo")
+    job, _ = runner.submit(spec, ctx_for(spec), owner="alice")
+    stored = store.get(job.id)
+    assert stored.auth_method == "jwt" and stored.belongs_to("alice", "jwt")
+    assert not stored.belongs_to("alice", "api_key")
+    # A hash written before the method was recorded: readable, the user id decides.
+    client.hdel(store.key(job.id), "auth_method")
+    legacy = store.get(job.id)
+    assert legacy.auth_method == "" and legacy.belongs_to("alice", "api_key")
+    assert not legacy.belongs_to("bob", "jwt")
+
+
+def test_a_stopping_framework_refuses_new_jobs_and_leaves_the_queue_alone(
+        client, settings) -> None:
+    from framework.registry import Registry
+
+    tenant = settings.load_tenant()
+    store, runner = redis_jobs(settings, tenant)
+    spec = Registry(settings.tenant_dir, tenant).resolve("echo")
+    queued, _ = runner.submit(spec, ctx_for(spec), owner="alice")
+    assert runner.drain(time.monotonic()) and runner.adopt() == 0
+    with pytest.raises(Unavailable) as refused:
+        runner.submit(spec, ctx_for(spec), owner="alice")
+    assert refused.value.status == 503 and refused.value.kind == "stopping"
+    assert store.get(queued.id).status == "queued" and store.queue.count == 1
+
+
+def test_sigterm_to_mtp_worker_leaves_queued_jobs_in_the_queue(client, settings, redis_server,
+                                                                tmp_path) -> None:
+    """A graceful stop: the running job finishes, the queued ones stay in the RQ queue and
+    the next worker runs them; none is failed."""
+    from framework.registry import Registry
+    from tests.helpers import spawn, stop
+
+    tenant = settings.load_tenant()
+    store, runner = redis_jobs(settings, tenant)
+    runner.max_queued = 100
+    spec = Registry(settings.tenant_dir, tenant).resolve("sleepy")
+    ids = []
+    for n in range(5):
+        ctx = ctx_for(spec)
+        ctx.payload = {"s": 1, "n": n}
+        ids.append(runner.submit(spec, ctx, owner="alice")[0].id)
+    env = base_env(MTP_REDIS_URL=redis_server.url, MTP_TENANT_DIR=str(settings.tenant_dir),
+                   MTP_DATA_DIR=str(tmp_path), MTP_LOG_LEVEL="WARNING")
+    worker = spawn([sys.executable, "-m", "framework", "worker", "--processes", "1"], env,
+                   log=tmp_path / "worker.log")
+    try:
+        deadline = time.monotonic() + 30
+        while store.get(ids[0]).status != "running":
+            assert worker.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "worker.log").read_text()
+            time.sleep(0.05)
+        assert stop(worker, timeout=30) == 0
+    finally:
+        stop(worker)
+    states = [store.get(job_id).status for job_id in ids]
+    assert states[0] == "succeeded" and set(states[1:]) == {"queued"}, states
+    assert store.queue.count == 4
+    burst = subprocess.run([sys.executable, "-m", "framework", "worker", "--burst",
+                            "--processes", "2"], env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert burst.returncode == 0, burst.stderr
+    assert [store.get(job_id).status for job_id in ids] == ["succeeded"] * 5
