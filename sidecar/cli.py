@@ -9,9 +9,8 @@ from typing import Any
 import click
 
 from framework.cli import resolve_tenant_dir
+from framework.grace import stop_budget
 from framework.settings import Settings
-
-SHUTDOWN_SECONDS = 10.0
 
 
 def install_uvloop() -> str:
@@ -47,4 +46,5 @@ def sidecar(tenant_dir: str | None) -> None:
         shown = f"http://{where[0]}:{where[1]}"
     click.echo(f"mtp sidecar: tenant {tenant.tenant_id} on {shown} -> {settings.upstream_url} "
                f"({loop_name})", err=True)
-    run(app, shutdown_timeout=SHUTDOWN_SECONDS, **target)
+    # The sidecar stops first and its answers come from the framework, which outlives it.
+    run(app, shutdown_timeout=stop_budget(settings.grace_seconds).sidecar, **target)

@@ -9,8 +9,8 @@ a dead worker's jobs to its abandoned-job handling (failure callback, then
 The process forks ``--processes`` RQ workers (default MTP_JOB_WORKERS) and keeps
 that many alive; each builds the framework's runtime (service loader, metered
 execution seam, breakers, live overlay) once and runs jobs in it, one at a time.
-SIGTERM/SIGINT: RQ's warm shutdown (the current job finishes), killed after
-DRAIN_SECONDS.
+SIGTERM/SIGINT: RQ's warm shutdown (the current job finishes), killed after the
+framework's share of MTP_GRACE_SECONDS (framework/grace.py).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
 from framework.cli import check_version_pin, resolve_tenant_dir
+from framework.grace import stop_budget
 from framework.settings import Settings
 from framework.tenant_config import ConfigError, TenantConfig
 
@@ -44,7 +45,6 @@ HUNG_EXIT = 70  # EX_SOFTWARE
 MAX_JOBS = 10000  # then the process is replaced: whatever a handler leaked goes with it
 WORKER_TTL = 30
 MAINTENANCE_INTERVAL = 30
-DRAIN_SECONDS = 20.0
 RESTART_PAUSE = 1.0
 POLL_SECONDS = 0.1
 
@@ -208,7 +208,7 @@ class WorkerPool:
         for pid in list(self.children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + DRAIN_SECONDS
+        deadline = time.monotonic() + stop_budget(self.settings.grace_seconds).framework
         while self.children and time.monotonic() < deadline:
             pid, _ = os.waitpid(-1, os.WNOHANG)
             if pid:
