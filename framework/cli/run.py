@@ -86,6 +86,33 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child o
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def become_subreaper() -> bool:
+    """Adopt our children's orphans (Linux), so that killed grandchildren are reaped here.
+
+    A gunicorn worker killed with its master is re-parented; without this it would
+    go to an init that may never reap it (a container's), and a zombie's pid still
+    looks alive to the job reaper, which then never marks its jobs interrupted.
+    """
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl(36, 1) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return False
+
+
+def reap_orphans(timeout: float = 5.0) -> None:
+    """Reap adopted orphans until none is left (or ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return  # no child at all: every one is reaped
+        if pid == 0:
+            time.sleep(POLL_SECONDS / 2)  # still dying (SIGKILL is not instant)
+
+
 def _connect_target(address: Address) -> tuple[int, Address]:
     if isinstance(address, str):
         return socket.AF_UNIX, address
@@ -271,6 +298,7 @@ class Supervisor:
         self._drain(rest, began + self.budget.kill_after)
         for proc in self.procs.values():
             self._kill(proc)
+        reap_orphans()
 
 
 def child_env(settings: Settings, tenant_dir: Path, template: bool,
@@ -389,6 +417,7 @@ def run(tenant_dir: str | None) -> None:
     sup = Supervisor(specs, envs, handed, stop_budget(settings.grace_seconds),
                      settings.health_interval, settings.health_misses)
     sup.install()
+    become_subreaper()
     sup.start()
     url = public_url(settings.listen)
     if wait_ready(sup, settings):
