@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from framework.jobs import SqliteJobStore
-from tests.helpers import free_port
+from tests.framework.client import Client
+from tests.helpers import base_env, free_port, spawn, stop, wait_for_port
 from tests.sidecar.run_stack import (
     RunStack,
     pids_in_group,
@@ -205,3 +207,24 @@ def test_tenant_code_in_the_job_worker_sees_none_of_the_secrets(
     finally:
         stack.proc.send_signal(signal.SIGTERM)
         assert stack.proc.wait(GRACE) == 0
+
+
+def test_mtp_framework_alone_drops_its_secrets_from_os_environ_before_tenant_code(
+        tmp_path: Path) -> None:
+    tdir = write_tenant(tmp_path, tenant_toml())
+    (tdir / "services" / "environ.py").write_text(ENVIRON)
+    port = free_port()
+    env = base_env(MTP_TENANT_DIR=str(tdir), MTP_DATA_DIR=str(tmp_path / "data"),
+                   MTP_UPSTREAM=f"127.0.0.1:{port}", MTP_WORKERS="1",
+                   MTP_SIDECAR_SECRET=SIDECAR_SECRET, MTP_BILLING_SECRET=BILLING_SECRET)
+    proc = spawn([sys.executable, "-m", "framework", "framework"], env,
+                 log=tmp_path / "fw.log")
+    try:
+        wait_for_port(port, proc)
+        seen = Client(port, secret=SIDECAR_SECRET).request(
+            "POST", "/services/environ", {}, roles="admin").json()  # a signed call works
+        assert "MTP_SIDECAR_SECRET" not in seen["environ"]
+        assert "MTP_BILLING_SECRET" not in seen["environ"]
+        assert SIDECAR_SECRET not in json.dumps(seen["environ"])
+    finally:
+        assert stop(proc) == 0
