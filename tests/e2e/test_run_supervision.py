@@ -115,6 +115,29 @@ def test_sigterm_lets_a_sync_call_and_a_job_needing_grace_minus_5_s_finish(
     assert_all_gone(stack, kids)
 
 
+def test_with_redis_a_job_needing_grace_minus_5_s_finishes_in_the_worker_across_sigterm(
+        tmp_path: Path, redis_server) -> None:
+    stack = start(tmp_path, MTP_REDIS_URL=redis_server.url)
+    kids = children(stack)
+    assert "worker" in kids
+    submitted = stack.call("POST", "/services/slow_job", admin(), json.dumps({"s": WORK}).encode())
+    assert submitted.status == 202
+    job_id = submitted.json()["job_id"]
+    wait_running(stack, job_id)
+    stack.proc.send_signal(signal.SIGTERM)
+    assert stack.proc.wait(GRACE) == 0
+    assert_all_gone(stack, kids)
+    again = start_run(tmp_path, tmp_path / "tenant", run_env(
+        tmp_path, free_port(), MTP_SIDECAR_SECRET=SIDECAR_SECRET, MTP_JWT_SECRET=JWT_SECRET,
+        MTP_REDIS_URL=redis_server.url))
+    try:
+        job = again.call("GET", f"/jobs/{job_id}", admin()).json()
+        assert job["status"] == "succeeded" and job["result"] == {"slept": True}
+    finally:
+        again.proc.send_signal(signal.SIGTERM)
+        assert again.proc.wait(30) == 0
+
+
 def test_a_job_still_running_when_the_grace_ends_is_interrupted_after_the_restart(
         tmp_path: Path) -> None:
     stack = start(tmp_path)
