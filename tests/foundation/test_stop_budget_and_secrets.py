@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from framework.cli.run import answers_health, child_specs, split_env
+from framework.cli.run import ChildSpec, Supervisor, answers_health, child_specs, split_env
 from framework.grace import MIN_GRACE_SECONDS, stop_budget
 from framework.settings import SECRETS_FD_ENV, Settings
 from framework.tenant_config import ConfigError, TenantConfig, load_tenant
@@ -140,6 +140,9 @@ def _server(answer: bytes | None) -> Iterator[tuple[str, int]]:
             except OSError:
                 return
             conn.recv(1024)
+            if answer == b"":
+                conn.close()  # hangs up without a word
+                continue
             if answer is None:
                 held.append(conn)  # read the request, say nothing: a hung process
                 continue
@@ -171,12 +174,26 @@ def silent() -> Iterator[tuple[str, int]]:
     yield from _server(None)
 
 
-def test_the_probe_wants_a_200_in_time(ok, failing, silent) -> None:
+@pytest.fixture
+def hanging_up() -> Iterator[tuple[str, int]]:
+    yield from _server(b"")
+
+
+def test_the_probe_wants_a_200_in_time(ok, failing, silent, hanging_up) -> None:
     assert answers_health(ok, 2.0)
     assert not answers_health(failing, 2.0)
+    assert not answers_health(hanging_up, 2.0)
     assert not answers_health(silent, 0.3)  # accepted, never answered: a stopped process
     free = socket.socket()
     free.bind(("127.0.0.1", 0))
     port = free.getsockname()[1]
     free.close()
     assert not answers_health(("0.0.0.0", port), 0.3)  # nothing listening
+
+
+def test_secrets_too_big_for_the_pipe_are_refused_before_anything_starts() -> None:
+    spec = ChildSpec("framework", ("framework",))
+    sup = Supervisor([spec], {"framework": {}}, {"framework": {"BIG": "x" * 70000}})
+    with pytest.raises(ConfigError) as err:
+        sup.start()
+    assert err.value.key == SECRETS_FD_ENV and sup.procs == {}
