@@ -101,9 +101,22 @@ def become_subreaper() -> bool:
         return False
 
 
-def reap_orphans(timeout: float = 5.0) -> None:
-    """Reap adopted orphans until none is left (or ``timeout``)."""
-    deadline = time.monotonic() + timeout
+def reap_adopted(ours: set[int]) -> None:
+    """Reap adopted orphans that have exited, leaving our own children to Popen."""
+    while True:
+        try:
+            # WNOWAIT: look first, so that a child of ours is not reaped behind Popen's back.
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None or info.si_pid in ours:
+            return  # nothing exited, or one of ours did: the main loop sees that
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(info.si_pid, 0)
+
+
+def reap_orphans(deadline: float) -> None:
+    """After every child of ours is reaped: reap adopted orphans until none is left."""
     while time.monotonic() < deadline:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -266,6 +279,7 @@ class Supervisor:
                 self._kill(self.procs[hung])
                 self.stop()
                 return CHILD_HUNG
+            reap_adopted({proc.pid for proc in self.procs.values()})
             time.sleep(POLL_SECONDS)
 
     def _kill(self, proc: subprocess.Popen[bytes]) -> None:
@@ -298,7 +312,7 @@ class Supervisor:
         self._drain(rest, began + self.budget.kill_after)
         for proc in self.procs.values():
             self._kill(proc)
-        reap_orphans()
+        reap_orphans(max(began + self.budget.total - 0.5, time.monotonic() + 0.5))
 
 
 def child_env(settings: Settings, tenant_dir: Path, template: bool,

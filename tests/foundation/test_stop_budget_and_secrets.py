@@ -197,3 +197,42 @@ def test_secrets_too_big_for_the_pipe_are_refused_before_anything_starts() -> No
     with pytest.raises(ConfigError) as err:
         sup.start()
     assert err.value.key == SECRETS_FD_ENV and sup.procs == {}
+
+
+ADOPTER = r'''
+import os, subprocess, sys, time
+from framework.cli.run import become_subreaper, reap_adopted, reap_orphans
+assert become_subreaper()
+# Our child starts a grandchild and exits: the grandchild is now ours to reap.
+orphan = int(subprocess.run([sys.executable, "-c",
+    "import subprocess, sys; p = subprocess.Popen(['sleep', '0.3']); print(p.pid)"],
+    capture_output=True, text=True, check=True).stdout)
+ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1); raise SystemExit(7)"])
+def zombie(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return False
+for _ in range(100):
+    reap_adopted({ours.pid})
+    if not os.path.exists(f"/proc/{orphan}"):
+        break
+    time.sleep(0.05)
+gone = not os.path.exists(f"/proc/{orphan}")
+while not zombie(ours.pid):
+    time.sleep(0.05)
+reap_adopted({ours.pid})  # ours has exited: left for Popen to reap
+print(gone, ours.wait(5))
+reap_orphans(time.monotonic() + 1)
+'''
+
+
+def test_mtp_run_reaps_adopted_orphans_and_leaves_its_children_to_popen() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", ADOPTER], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "7"]  # the orphan reaped, our child's code kept
