@@ -16,8 +16,8 @@ when MTP_REDIS_URL is set.
 
 Each child gets only the secrets it uses. The framework and the worker run
 tenant code: they never get the sidecar's secrets (JWT secret, LDAP bind
-password), and the framework gets its own (MTP_SIDECAR_SECRET, the billing
-webhook secret) over an inherited pipe, not in its environment.
+password), and get their own (MTP_SIDECAR_SECRET for the framework, the billing
+webhook secret for both) over an inherited pipe, not in their environment.
 """
 
 from __future__ import annotations
@@ -346,9 +346,9 @@ def split_env(env: Mapping[str, str], tenant: TenantConfig, names: list[str]
               ) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]:
     """Each child's environment, and the secrets handed to it over a pipe.
 
-    The sidecar runs no tenant code and gets everything but the framework's webhook
-    secret. The framework and the worker run tenant code: no secret of the sidecar,
-    none of their own in the environment; the framework's come over the pipe.
+    The sidecar runs no tenant code and gets everything but the webhook secret. The
+    framework and the worker run tenant code: no secret of the sidecar, none of their
+    own in the environment; theirs come over the pipe (the worker's: the webhook's).
     """
     own = framework_secrets(tenant)
     private = sidecar_secrets(tenant) | own
@@ -360,8 +360,9 @@ def split_env(env: Mapping[str, str], tenant: TenantConfig, names: list[str]
             envs[name] = {k: v for k, v in env.items() if k not in keep}
             continue
         envs[name] = {k: v for k, v in env.items() if k not in private}
-        if name == "framework":
-            handed[name] = {k: env[k] for k in sorted(own) if env.get(k)}
+        # The worker runs no HTTP (no sidecar secret) but exports usage like the framework.
+        needs = own if name == "framework" else own - {"MTP_SIDECAR_SECRET"}
+        handed[name] = {k: env[k] for k in sorted(needs) if env.get(k)}
     return envs, handed
 
 

@@ -64,8 +64,8 @@ def admin() -> dict[str, str]:
             "Content-Type": "application/json"}
 
 
-def start(root: Path, **extra: str) -> RunStack:
-    tdir = write_tenant(root, tenant_toml())
+def start(root: Path, toml: str = "", **extra: str) -> RunStack:
+    tdir = write_tenant(root, tenant_toml() + toml)
     (tdir / "services" / "slow_job.py").write_text(SLOW_JOB)
     (tdir / "services" / "environ.py").write_text(ENVIRON)
     env = run_env(root, free_port(), MTP_SIDECAR_SECRET=SIDECAR_SECRET,
@@ -190,6 +190,10 @@ def test_busy_is_not_hung_a_call_longer_than_the_misses_allow_is_answered(
     assert stack.proc.wait(GRACE) == 0
 
 
+# A webhook nobody listens on: what matters is that its secret reaches the exporters.
+BILLING = '\n[billing]\nwebhook_url = "http://127.0.0.1:9/usage"\n'
+
+
 def _secrets_env() -> dict[str, str]:
     return {"MTP_LDAP_PASSWORD": LDAP_PASSWORD, "MTP_BILLING_SECRET": BILLING_SECRET,
             "MTP_OPERATOR_JWT_SECRET": OPERATOR_SECRET}
@@ -208,11 +212,12 @@ def assert_sees_no_secret(seen: dict[str, object]) -> None:
 
 def test_tenant_code_in_the_framework_sees_none_of_the_sidecars_secrets(
         tmp_path: Path) -> None:
-    stack = start(tmp_path, **_secrets_env())
+    stack = start(tmp_path, BILLING, **_secrets_env())
     try:
         r = stack.call("POST", "/services/environ", admin(), b"{}")  # a signed call works
         assert r.status == 200
         assert_sees_no_secret(r.json())
+        assert "billing webhook disabled" not in stack.output()  # its secret did arrive
     finally:
         stack.proc.send_signal(signal.SIGTERM)
         assert stack.proc.wait(GRACE) == 0
@@ -220,13 +225,14 @@ def test_tenant_code_in_the_framework_sees_none_of_the_sidecars_secrets(
 
 def test_tenant_code_in_the_job_worker_sees_none_of_the_secrets(
         tmp_path: Path, redis_server) -> None:
-    stack = start(tmp_path, MTP_REDIS_URL=redis_server.url, **_secrets_env())
+    stack = start(tmp_path, BILLING, MTP_REDIS_URL=redis_server.url, **_secrets_env())
     try:
         assert "worker" in children(stack)
         headers = {**admin(), "Prefer": "respond-async, wait=30"}
         r = stack.call("POST", "/services/environ", headers, b"{}")
         assert r.status == 200, r.body
         assert_sees_no_secret(r.json())
+        assert "billing webhook disabled" not in stack.output()  # its secret did arrive
     finally:
         stack.proc.send_signal(signal.SIGTERM)
         assert stack.proc.wait(GRACE) == 0

@@ -114,7 +114,8 @@ def test_each_child_gets_only_the_secrets_it_uses(tmp_path: Path) -> None:
     for tenant_code in ("framework", "worker"):
         assert envs[tenant_code] == {"PATH": "/bin", "MTP_TENANT_DIR": "/t"}
         assert not secrets & set(envs[tenant_code])
-    assert handed == {"framework": {"MTP_SIDECAR_SECRET": "s", "ACME_BILLING": "b"}}
+    assert handed == {"framework": {"MTP_SIDECAR_SECRET": "s", "ACME_BILLING": "b"},
+                      "worker": {"ACME_BILLING": "b"}}
     assert envs["sidecar"] == {k: v for k, v in env.items() if k != "ACME_BILLING"}
 
 
