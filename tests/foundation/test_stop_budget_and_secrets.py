@@ -225,6 +225,7 @@ while not zombie(ours.pid):
     time.sleep(0.05)
 reap_adopted({ours.pid})  # ours has exited: left for Popen to reap
 print(gone, ours.wait(5))
+reap_adopted(set())  # no child left at all: nothing to do
 reap_orphans(time.monotonic() + 1)
 '''
 
