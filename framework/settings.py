@@ -6,15 +6,20 @@ passes it down; nothing else reads ``os.environ``.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from framework.grace import MIN_GRACE_SECONDS
 from framework.tenant_config import ConfigError, TenantConfig, load_tenant
 
 ENV = "environment"
 MIN_SECRET_BYTES = 16
+# `mtp run` hands a tenant-code process its secrets over this inherited pipe, so
+# they are in neither its os.environ nor its /proc/self/environ.
+SECRETS_FD_ENV = "MTP_SECRETS_FD"
 
 
 def default_data_dir(environ: Mapping[str, str]) -> Path:
@@ -50,6 +55,20 @@ def parse_address(value: str, name: str) -> tuple[str, int] | str:
     return (host.strip("[]") or "0.0.0.0", int(port))
 
 
+def read_handed_secrets(raw: str) -> dict[str, str]:
+    """The JSON object of secrets on the pipe fd ``raw``: read to its end once, fd closed."""
+    try:
+        with os.fdopen(int(raw), "rb") as pipe:
+            data = json.loads(pipe.read())
+    except (ValueError, OSError) as exc:
+        raise ConfigError(ENV, SECRETS_FD_ENV, f"no secrets to read on fd {raw!r}: {exc}"
+                          ) from None
+    if not isinstance(data, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise ConfigError(ENV, SECRETS_FD_ENV, "expected a JSON object of strings")
+    return data
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a process takes from its environment."""
@@ -72,14 +91,24 @@ class Settings:
     job_workers: int = 4  # async job threads per worker
     job_queue: int = 64  # async jobs waiting per worker before 503
     grace_seconds: int = 25  # SIGTERM to exit; every layer's drain derives from it
+    health_interval: int = 5  # `mtp run` asks each child's /healthz this often
+    health_misses: int = 3  # missed answers in a row that make a child hung
     environ: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_env(
         cls, environ: Mapping[str, str] | None = None, tenant_dir: str | Path | None = None
     ) -> Settings:
-        """Build settings from ``environ`` (default ``os.environ``)."""
+        """Build settings from ``environ`` (default ``os.environ``).
+
+        Secrets handed over MTP_SECRETS_FD join the private copy (never os.environ).
+        """
         env = dict(os.environ if environ is None else environ)
+        handed = env.pop(SECRETS_FD_ENV, "")
+        if handed:
+            if environ is None:
+                os.environ.pop(SECRETS_FD_ENV, None)  # the fd is read once, then closed
+            env.update(read_handed_secrets(handed))
         tdir = Path(tenant_dir or env.get("MTP_TENANT_DIR") or ".").resolve()
         data_dir = Path(env.get("MTP_DATA_DIR") or default_data_dir(env))
         upstream_raw = env.get("MTP_UPSTREAM") or f"unix:{data_dir / 'framework.sock'}"
@@ -104,7 +133,9 @@ class Settings:
             job_retention=_int(env, "MTP_JOB_RETENTION", 7 * 86400, minimum=0),
             job_workers=_int(env, "MTP_JOB_WORKERS", 4, minimum=1),
             job_queue=_int(env, "MTP_JOB_QUEUE", 64, minimum=0),
-            grace_seconds=_int(env, "MTP_GRACE_SECONDS", 25, minimum=1),
+            grace_seconds=_int(env, "MTP_GRACE_SECONDS", 25, minimum=MIN_GRACE_SECONDS),
+            health_interval=_int(env, "MTP_HEALTH_INTERVAL", 5, minimum=1),
+            health_misses=_int(env, "MTP_HEALTH_MISSES", 3, minimum=1),
             environ=env,
         )
 

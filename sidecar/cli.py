@@ -10,9 +10,9 @@ import click
 
 from framework import logs
 from framework.cli import resolve_tenant_dir
+from framework.grace import stop_budget
 from framework.settings import Settings
 
-SHUTDOWN_SECONDS = 10.0
 LOGGER_NAME = "mtp.sidecar"
 
 
@@ -53,4 +53,5 @@ def sidecar(tenant_dir: str | None) -> None:
     log.info("mtp sidecar: tenant %s on %s -> %s (%s)", tenant.tenant_id, shown,
              settings.upstream_url, loop_name,
              extra={"listen": shown, "upstream": settings.upstream_url, "loop": loop_name})
-    run(app, shutdown_timeout=SHUTDOWN_SECONDS, **target)
+    # The sidecar stops first and its answers come from the framework, which outlives it.
+    run(app, shutdown_timeout=stop_budget(settings.grace_seconds).sidecar, **target)

@@ -27,11 +27,11 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger as GunicornLogger
 
 from framework.cli import check_version_pin, resolve_tenant_dir
+from framework.grace import stop_budget
 from framework.settings import ENV, Settings
 from framework.tenant_config import ConfigError, TenantConfig
 
 KEEPALIVE = 75  # longer than the sidecar keeps a pooled connection idle
-GRACEFUL_TIMEOUT = 30
 WORKER_TIMEOUT = 60  # heartbeat of a worker's main loop, not a request time limit
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 METRICS_DIR_ENV = "MTP_METRICS_DIR"
@@ -182,7 +182,8 @@ class FrameworkServer(BaseApplication):
             # gthread, with health checks answered off the request threads.
             "worker_class": "framework.worker.FrameworkWorker",
             "keepalive": KEEPALIVE,
-            "graceful_timeout": GRACEFUL_TIMEOUT,
+            # Running requests and jobs get this long after SIGTERM (docs/runtime.md#stopping).
+            "graceful_timeout": stop_budget(settings.grace_seconds).framework,
             "timeout": WORKER_TIMEOUT,
             "proc_name": f"mtp-framework-{self.tenant.tenant_id}",
             "accesslog": None,  # the framework writes its own JSON line per request
@@ -249,6 +250,10 @@ def framework(tenant_dir: str | None) -> None:
     settings = Settings.from_env(tenant_dir=directory)
     settings.require_sidecar_secret()
     tenant = settings.load_tenant()
+    for name in ("MTP_SIDECAR_SECRET", tenant.billing.webhook_secret_env):
+        # Settings holds them; tenant modules, imported later, find them in os.environ
+        # no more (`mtp run` hands them over a pipe, so /proc/self/environ lacks them too).
+        os.environ.pop(name, None)
     check_version_pin(tenant.framework_version, tenant.source)
     metrics_dir = prepare(settings)
     from framework import logs

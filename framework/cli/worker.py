@@ -10,8 +10,8 @@ The process forks ``--processes`` RQ workers (default MTP_JOB_WORKERS) and keeps
 that many alive; each builds the framework's runtime (service loader, metered
 execution seam, breakers, live overlay) once and runs jobs in it, one at a time.
 SIGTERM/SIGINT: RQ's warm shutdown (the current job finishes; queued jobs stay
-in the queue for the next worker), killed ``DRAIN_MARGIN`` seconds before the
-end of ``MTP_GRACE_SECONDS``; a job cut off then is handed to RQ's
+in the queue for the next worker), killed after the framework's share of
+MTP_GRACE_SECONDS (framework/grace.py); a job cut off then is handed to RQ's
 abandoned-job handling (``interrupted``).
 """
 
@@ -36,6 +36,7 @@ from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
 from framework.cli import check_version_pin, resolve_tenant_dir
+from framework.grace import stop_budget
 from framework.redis_wait import Outage
 from framework.settings import Settings
 from framework.tenant_config import ConfigError, TenantConfig
@@ -47,7 +48,6 @@ HUNG_EXIT = 70  # EX_SOFTWARE
 MAX_JOBS = 10000  # then the process is replaced: whatever a handler leaked goes with it
 WORKER_TTL = 30
 MAINTENANCE_INTERVAL = 30
-DRAIN_MARGIN = 2.0  # seconds of the grace period left for SIGKILL and the exit
 RESTART_PAUSE = 1.0
 POLL_SECONDS = 0.1
 
@@ -260,7 +260,7 @@ class WorkerPool:
         for pid in list(self.children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + max(1.0, self.settings.grace_seconds - DRAIN_MARGIN)
+        deadline = time.monotonic() + stop_budget(self.settings.grace_seconds).framework
         while self.children and time.monotonic() < deadline:
             pid, _ = os.waitpid(-1, os.WNOHANG)
             if pid:
