@@ -73,8 +73,13 @@ class Job:
     call: dict[str, Any] | None = None  # what a queued job runs with (never public)
 
     def belongs_to(self, user: str, auth_method: str) -> bool:
-        """Whether this principal created the job (a row without a method: the user id)."""
-        return self.owner == user and self.auth_method in (auth_method, "")
+        """Whether this principal created the job.
+
+        A row from before the method was recorded belongs to no principal (role admin
+        still sees it): its user id alone could name two principals, and such rows
+        live only until the retention ends.
+        """
+        return self.owner == user and self.auth_method == auth_method != ""
 
     def public(self) -> dict[str, Any]:
         """The body of ``GET /jobs/{id}``."""

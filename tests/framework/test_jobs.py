@@ -141,10 +141,11 @@ def test_a_job_belongs_to_its_principal_not_to_its_user_id():
     mine = job(auth_method="api_key")
     assert mine.belongs_to("alice", "api_key")
     assert not mine.belongs_to("alice", "jwt") and not mine.belongs_to("bob", "api_key")
-    # A row from before the method was recorded keeps the rule it was made under.
+    # A row from before the method was recorded belongs to no principal (fail closed:
+    # its user id alone could be two principals); role admin still sees it.
     legacy = job()
     assert legacy.auth_method == ""
-    assert legacy.belongs_to("alice", "jwt") and not legacy.belongs_to("bob", "jwt")
+    assert not legacy.belongs_to("alice", "jwt") and not legacy.belongs_to("alice", "")
 
 
 def test_a_jobs_file_of_an_older_release_is_migrated_and_its_rows_kept(tmp_path: Path):
@@ -164,7 +165,7 @@ def test_a_jobs_file_of_an_older_release_is_migrated_and_its_rows_kept(tmp_path:
     store = SqliteJobStore(path)
     old = store.get("a" * 32)
     assert old.status == "succeeded" and old.result == {"x": 1}
-    assert old.auth_method == "" and old.call is None and old.belongs_to("alice", "ldap")
+    assert old.auth_method == "" and old.call is None and not old.belongs_to("alice", "ldap")
     store.create(job("b" * 32, auth_method="jwt", call={"k": "v"}))
     assert store.get("b" * 32).auth_method == "jwt" and store.get("b" * 32).call == {"k": "v"}
     SqliteJobStore(path)  # opening it again changes nothing
@@ -235,7 +236,7 @@ def test_a_refusing_store_is_logged_once_per_spell(tmp_path: Path, caplog):
         real_create(job)
 
     store.create = create  # the disk fills: every insert is refused
-    runner = JobRunner(store, lambda: Executor(1000, 1).call, runner_id(), 1, 4)
+    runner = JobRunner(store, lambda: Executor(1000).call, runner_id(), 1, 4)
     with caplog.at_level("WARNING", logger="mtp.framework.jobs"):
         for _ in range(3):
             with pytest.raises(Unavailable):
@@ -265,7 +266,7 @@ def test_a_result_waits_for_room_on_the_disk(tmp_path: Path, caplog, monkeypatch
         return real_finish(*args, **kw)
 
     store.finish = finish
-    runner = JobRunner(store, lambda: Executor(1000, 1).call, runner_id(), 1, 4)
+    runner = JobRunner(store, lambda: Executor(1000).call, runner_id(), 1, 4)
     monkeypatch.setattr("framework.jobrunner.WRITE_RETRY", 0.01)
     try:
         with caplog.at_level("WARNING", logger="mtp.framework.jobs"):
