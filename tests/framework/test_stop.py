@@ -109,7 +109,7 @@ def test_a_job_still_running_at_the_end_of_the_grace_period_is_interrupted(tmp_p
 
     The worker drains until the graceful timeout minus 2 s (MTP_GRACE_SECONDS sets it)."""
     server = start_server(tmp_path, MTP_WORKERS="1", MTP_JOB_WORKERS="1",
-                          MTP_GRACE_SECONDS="4")
+                          MTP_GRACE_SECONDS="6")
     try:
         ids = [server.client.post("/services/slow", {"seconds": s}).json()["job_id"]
                for s in (60, 0.1)]

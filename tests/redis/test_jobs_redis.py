@@ -336,7 +336,7 @@ def test_job_routes_answer_503_while_redis_is_away(tenant_dir, tmp_path) -> None
         app.extensions["mtp"].close()
 
 
-def test_a_job_records_its_principal_and_older_hashes_keep_the_user_id_rule(
+def test_a_job_records_its_principal_and_older_hashes_belong_to_no_principal(
         client, settings) -> None:
     from framework.registry import Registry
 
@@ -350,7 +350,7 @@ def test_a_job_records_its_principal_and_older_hashes_keep_the_user_id_rule(
     # A hash written before the method was recorded: readable, the user id decides.
     client.hdel(store.key(job.id), "auth_method")
     legacy = store.get(job.id)
-    assert legacy.auth_method == "" and legacy.belongs_to("alice", "api_key")
+    assert legacy.auth_method == "" and not legacy.belongs_to("alice", "api_key")
     assert not legacy.belongs_to("bob", "jwt")
 
 
