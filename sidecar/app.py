@@ -57,6 +57,12 @@ OWN_ROUTES = frozenset((HEALTH, READY, METRICS))  # answered here, not by the fr
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+def _noted(reason: str, principal: Principal | None) -> str:
+    """The audit reason, plus the identity values that were dropped (DESIGN: audited)."""
+    note = principal.audit_note() if principal is not None else ""
+    return f"{reason}; {note}" if reason and note else reason or note
+
+
 @dataclass
 class Sidecar:
     """Everything one running sidecar holds; the request handler is :meth:`handle`."""
@@ -126,7 +132,7 @@ class Sidecar:
             request_id=rid, method=request.method, outcome=outcome, status=response.status,
             tenant=principal.tenant if principal else "", user=principal.user if principal else "",
             auth_method=principal.auth_method if principal else "", service=service,
-            operation=operation, reason=reason, rule=rule)
+            operation=operation, reason=_noted(reason, principal), rule=rule)
         self.metrics.observe(tenant.tenant_id, service, operation or "", response.status,
                              time.perf_counter() - started)
         return response
@@ -176,7 +182,7 @@ class Sidecar:
         headers = upstream_headers(
             request.headers.items(), identity_headers(principal, rid),
             secret=self.settings.sidecar_secret, method=request.method, path=path,
-            peer=request.remote or "", proto=request.scheme)
+            peer=request.remote or "", proto=request.scheme, body=body)
         reply = await self.upstream.send(request.method, path, headers, body)
         answer = response_headers(reply.headers)
         answer.append(("X-Request-ID", rid))
