@@ -1,9 +1,10 @@
 """A stand-in framework for sidecar tests: verifies the sidecar's signature and echoes.
 
 Run as ``python -m tests.sidecar.echo_upstream unix:/path`` with MTP_SIDECAR_SECRET set.
-Unsigned or forged requests, or a body other than the signed one, get 401. ``/echo...`` and ``/services/...`` answer the
-headers and body they received as JSON; ``/slow`` sleeps ``?s=`` seconds; ``/big``
-answers ``?n=`` bytes (chunked with ``?chunked=1``); ``/metrics`` a line of text.
+Unsigned or forged requests, or a body other than the signed one, get 401.
+``/echo...`` and ``/services/...`` answer the headers and body they received as JSON;
+``/slow`` sleeps ``?s=`` seconds; ``/big`` answers ``?n=`` bytes (chunked with
+``?chunked=1``); ``/metrics`` a line of text.
 """
 
 from __future__ import annotations
