@@ -107,7 +107,7 @@ def test_forged_signatures_never_verify(forgery):
 
 def test_request_ids():
     assert request_id("abc-1.2_3") == "abc-1.2_3"
-    for bad in (None, "", "a" * 129, "bad id", "x\r\ny", "ü"):
+    for bad in (None, "", "a" * 129, "bad id", "x\r\ny", "ü", "abc\n", " abc"):
         new = request_id(bad)
         assert new != bad and len(new) == 32
 

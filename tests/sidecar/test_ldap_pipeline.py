@@ -63,7 +63,10 @@ def test_bad_logins_are_401_offering_basic(ldap_stack: Stack, user: str, passwor
 
 
 def test_malformed_basic_is_401(ldap_stack: Stack) -> None:
-    for credential in ("%%%", "\xff\xfe"):  # the second is not UTF-8 on the wire
+    for credential in ("%%%", "\xff\xfe",  # the second is not UTF-8 on the wire
+                       base64.b64encode(b"\xff\xfe:\xc3(").decode(),  # decodes to no UTF-8
+                       base64.b64encode(b"alice").decode(), "YWxpY2U6cHc", "=" * 7000,
+                       base64.b64encode(b"a" * 300 + b":pw").decode()):
         r = ldap_stack.call("GET", "/services/hello", {"Authorization": f"Basic {credential}"})
         assert r.status == 401
 
