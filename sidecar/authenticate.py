@@ -2,8 +2,9 @@
 
 Every failure is :class:`Unauthenticated` with one generic client message; the
 specific reason is only for the audit line. Two ``Authorization`` or two
-``X-API-Key`` headers are ambiguous (401): no reader may pick one of them. A directory or JWKS endpoint that
-cannot be reached is :class:`Unavailable` (503): fail closed.
+``X-API-Key`` headers are ambiguous (401): no reader may pick one of them. A
+directory or JWKS endpoint that cannot be reached is :class:`Unavailable` (503):
+fail closed.
 """
 
 from __future__ import annotations
