@@ -19,7 +19,8 @@ from framework import identity, signing
 from framework.errors import Forbidden, Unauthenticated, Unavailable
 
 UNSIGNED = frozenset({"/healthz"})
-IDENTITY_FREE = frozenset({"/readyz", "/metrics"})
+# Signed, but no caller: the sidecar's own checks (and its service-catalog fetch).
+IDENTITY_FREE = frozenset({"/readyz", "/metrics", "/internal/catalog"})
 AUTH_METHODS = frozenset({"jwt", "api_key", "ldap"})
 _ANONYMOUS = (signing.TENANT, signing.USER, signing.GROUPS, signing.ROLES, signing.AUTH_METHOD)
 
