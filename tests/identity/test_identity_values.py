@@ -7,13 +7,22 @@ exactly the sidecar's user, groups and roles, never more (" admin" is not admin)
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+
 import pytest
+from multidict import CIMultiDict
 
 from framework import identity, signing
 from framework.errors import Forbidden, Unauthenticated, Unavailable
+from framework.tenant_config import ApiKeySettings, JwtSettings
 from framework.verify import Identity, identify
+from sidecar.apikeys import ApiKeys
+from sidecar.authenticate import Authenticator
+from sidecar.errors import Unauthenticated as SidecarUnauthenticated
 from sidecar.headers import identity_headers, upstream_headers
 from sidecar.principal import BadIdentity, Principal
+from sidecar.tokens import TokenVerifier
 
 SECRET = b"identity-test-secret-0123456789"
 
@@ -139,3 +148,32 @@ def test_a_stale_valid_signature_is_503_a_stale_forged_one_401() -> None:
                                         headers, now=old)}
     with pytest.raises(Unauthenticated):
         identify(SECRET, "acme", "GET", "/services/x", forged, "/services/x")
+
+
+def _authenticator(*keys: ApiKeySettings) -> Authenticator:
+    return Authenticator("acme", TokenVerifier(JwtSettings(algorithms=("HS256",)), secret="s" * 32),
+                         ApiKeys(keys))
+
+
+def test_api_key_roles_and_names_follow_the_same_rule() -> None:
+    digest = hashlib.sha256(b"key-1").hexdigest()
+    auth = _authenticator(ApiKeySettings("ci-bot", digest, roles=(" admin", "deployer"),
+                                         groups=("ops,x", "ops")))
+    p = asyncio.run(auth.authenticate(CIMultiDict({"X-API-Key": "key-1"})))
+    assert (p.user, p.roles, p.groups) == ("ci-bot", ("deployer",), ("ops",))
+    assert "role ' admin'" in p.audit_note() and "group 'ops,x'" in p.audit_note()
+    # A key whose name is no usable user id (a quoted TOML table name) is refused.
+    padded = _authenticator(ApiKeySettings(" ci-bot", hashlib.sha256(b"key-2").hexdigest()))
+    with pytest.raises(SidecarUnauthenticated):
+        asyncio.run(padded.authenticate(CIMultiDict({"X-API-Key": "key-2"})))
+
+
+@pytest.mark.parametrize("headers", [
+    [("Authorization", "Bearer a"), ("Authorization", "Bearer b")],
+    [("X-API-Key", "key-1"), ("X-API-Key", "key-1")],
+    [("x-api-key", "key-1"), ("X-API-Key", "key-1")],
+])
+def test_two_credentials_of_one_kind_are_refused(headers: list[tuple[str, str]]) -> None:
+    auth = _authenticator(ApiKeySettings("ci-bot", hashlib.sha256(b"key-1").hexdigest()))
+    with pytest.raises(SidecarUnauthenticated, match="headers"):
+        asyncio.run(auth.authenticate(CIMultiDict(headers)))
