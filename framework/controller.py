@@ -27,7 +27,7 @@ from framework.errors import (
 )
 from framework.execute import Outcome
 from framework.flags import FlagSet
-from framework.inputs import choose, parse_payload, parse_prefer, read_body, validate
+from framework.inputs import choose, parse_payload, parse_prefer, validate
 from framework.jobs import CANCELLED, FINISHED, Job
 from framework.problem import CONTENT_TYPE, problem_bytes
 from framework.registry import ServiceSpec
@@ -117,10 +117,7 @@ def register(app: Flask, rt: Runtime) -> None:
         # The WSGI server joins repeated Prefer headers with commas.
         dispatch = choose(spec, parse_prefer([req.environ.get("HTTP_PREFER", "")]),
                           params.pop("mode", None))
-        # HTTP/1.1: without Content-Length or Transfer-Encoding there is no body to read.
-        has_body = req.content_length or req.environ.get("HTTP_TRANSFER_ENCODING")
-        body = read_body(req.stream, req.content_length, rt.settings.max_body) if has_body else b""
-        payload = parse_payload(body)
+        payload = parse_payload(state.body)  # read and checked against the signature (hooks)
         validate(spec, payload)
         ctx = make_context(rt, spec, operation, state.identity, payload, params,
                            state.request_id)

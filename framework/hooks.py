@@ -1,4 +1,4 @@
-"""Around every request: request id and signature check before; header, metrics, log after.
+"""Around every request: request id, signature and body check before; header, metrics, log after.
 
 Runs on every call, so it reads the WSGI environ and Flask's ``g`` once each
 instead of going through the context-local proxies again and again.
@@ -11,10 +11,11 @@ import time
 from flask import Flask, Response, g, request
 
 from framework import logs, metrics
+from framework.inputs import check_digest, read_body
 from framework.problem import request_id
 from framework.runtime import Runtime
-from framework.signing import REQUEST_ID
-from framework.verify import EXEMPT, identify, raw_target, signed_headers
+from framework.signing import BODY_SHA256, REQUEST_ID
+from framework.verify import UNSIGNED, identify, raw_target, signed_headers
 
 MAX_LOGGED_PATH = 200
 
@@ -29,10 +30,22 @@ def install_hooks(app: Flask, rt: Runtime) -> None:
         environ = request.environ
         state.request_id = rid = request_id(environ.get("HTTP_X_REQUEST_ID"))
         state.service, state.operation, state.error_kind, state.identity = "", "", None, None
+        state.body = b""
         logs.REQUEST_ID.set(rid)
-        if environ.get("PATH_INFO") not in EXEMPT:
-            state.identity = identify(rt.secret, rt.tenant.tenant_id, environ["REQUEST_METHOD"],
-                                      raw_target(environ), signed_headers(environ))
+        path = environ.get("PATH_INFO")
+        if path in UNSIGNED:
+            return
+        signed = signed_headers(environ)
+        state.identity = identify(rt.secret, rt.tenant.tenant_id, environ["REQUEST_METHOD"],
+                                  raw_target(environ), signed, str(path))
+        # The signature names the body's digest: read and check it here, for every route,
+        # so a captured request never runs with another body (HTTP/1.1: a body only with
+        # Content-Length or Transfer-Encoding).
+        req = request._get_current_object()
+        has_body = req.content_length or environ.get("HTTP_TRANSFER_ENCODING")
+        state.body = (read_body(req.stream, req.content_length, rt.settings.max_body,
+                                signed[BODY_SHA256]) if has_body
+                      else check_digest(b"", signed[BODY_SHA256]))
 
     @app.after_request
     def after(response: Response) -> Response:

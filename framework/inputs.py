@@ -12,7 +12,8 @@ from typing import IO, Any
 import jsonschema.exceptions
 from gunicorn.http.errors import ParseException
 
-from framework.errors import BadRequest, InvalidInput, PayloadTooLarge
+from framework import signing
+from framework.errors import BadRequest, InvalidInput, PayloadTooLarge, Unauthenticated
 from framework.registry import ServiceSpec
 
 MAX_WAIT = 60  # seconds a `Prefer: wait=N` may hold a request
@@ -72,11 +73,21 @@ def choose(spec: ServiceSpec, prefer: Prefer, mode_param: str | None) -> Dispatc
     return Dispatch(False, None, None)
 
 
-def read_body(stream: IO[bytes], content_length: int | None, max_body: int) -> bytes:
-    """The request body, refused with 413 past ``max_body`` (also when chunked)."""
+def check_digest(body: bytes, digest: str) -> bytes:
+    """``body`` when it is the one the sidecar signed (``digest``), else 401."""
+    if not signing.body_matches({signing.BODY_SHA256: digest}, body):
+        raise Unauthenticated("the body is not the one the sidecar signed")
+    return body
+
+
+def read_body(stream: IO[bytes], content_length: int | None, max_body: int,
+              digest: str) -> bytes:
+    """The request body, refused with 413 past ``max_body`` (also when chunked), and with
+    401 when it is not the body whose SHA-256 (``digest``) the signature covers."""
     if content_length is not None and content_length > max_body:
         raise PayloadTooLarge(f"request body is over {max_body} bytes")
-    chunks, total = [], 0
+    chunks: list[bytes] = []
+    total = 0
     while True:
         try:
             chunk = stream.read(min(READ_CHUNK, max_body + 1 - total))
@@ -86,7 +97,7 @@ def read_body(stream: IO[bytes], content_length: int | None, max_body: int) -> b
             raise BadRequest("the request body could not be read (malformed or cut short)"
                              ) from None
         if not chunk:
-            return b"".join(chunks)
+            return check_digest(b"".join(chunks), digest)
         total += len(chunk)
         if total > max_body:
             raise PayloadTooLarge(f"request body is over {max_body} bytes")

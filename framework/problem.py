@@ -9,7 +9,7 @@ from random import getrandbits
 from typing import Any
 
 CONTENT_TYPE = "application/problem+json"
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 TYPE_PREFIX = "urn:mtp:problem:"
 
 
@@ -20,7 +20,8 @@ def request_id(given: str | None) -> str:
     getrandom() system call: it runs on every request and only correlates log lines
     (a client may choose its own anyway).
     """
-    if given and REQUEST_ID_RE.match(given):
+    # fullmatch: "$" alone also matches before a final newline ("abc\n" passed).
+    if given and REQUEST_ID_RE.fullmatch(given):
         return given
     return f"{getrandbits(128):032x}"
 

@@ -1,8 +1,12 @@
 """Step 6: trust identity headers only with the sidecar's valid signature.
 
-Unsigned, forged or stale requests are 401; a correctly signed request for
-another tenant than this runtime's is 403. Only the identity-free routes
-(``/healthz``, ``/readyz``, ``/metrics``) are exempt.
+Only ``/healthz`` answers without a signature. Unsigned or forged requests are
+401; a request signed correctly but held past the signature's lifetime on its way
+(a stalled framework, a long queue) is 503 with ``Retry-After``, because the
+client did nothing wrong; a correctly signed request for another tenant than this
+runtime's is 403. ``/readyz`` and ``/metrics`` need a signature but no caller (the
+sidecar's own checks sign an empty identity). Identity values are read with
+:mod:`framework.identity`, the rule the sidecar built them by.
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from framework import signing
-from framework.errors import Forbidden, Unauthenticated
+from framework import identity, signing
+from framework.errors import Forbidden, Unauthenticated, Unavailable
 
-# /internal/catalog carries no identity either; its view checks the signature itself.
-EXEMPT = frozenset({"/healthz", "/readyz", "/metrics", "/internal/catalog"})
+UNSIGNED = frozenset({"/healthz"})
+# Signed, but no caller: the sidecar's own checks (and its service-catalog fetch).
+IDENTITY_FREE = frozenset({"/readyz", "/metrics", "/internal/catalog"})
 AUTH_METHODS = frozenset({"jwt", "api_key", "ldap"})
+_ANONYMOUS = (signing.TENANT, signing.USER, signing.GROUPS, signing.ROLES, signing.AUTH_METHOD)
 
 
 @dataclass(frozen=True)
@@ -34,10 +40,6 @@ class Identity:
         return "admin" in self.roles
 
 
-def _split(value: str) -> tuple[str, ...]:
-    return tuple(part for part in (p.strip() for p in value.split(",")) if part)
-
-
 def raw_target(environ: Mapping[str, object]) -> str:
     """The request target (path and query) exactly as it came over the wire."""
     raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
@@ -50,7 +52,8 @@ def raw_target(environ: Mapping[str, object]) -> str:
 
 _WSGI_KEYS = tuple(
     (name, "HTTP_" + name.upper().replace("-", "_"))
-    for name in (*signing.SIGNED_HEADERS, signing.TIMESTAMP, signing.SIGNATURE)
+    for name in (*signing.SIGNED_HEADERS, signing.TIMESTAMP, signing.SIGNATURE,
+                 signing.BODY_SHA256)
 )
 
 
@@ -59,22 +62,38 @@ def signed_headers(environ: Mapping[str, object]) -> dict[str, str]:
     return {name: str(environ.get(key, "")) for name, key in _WSGI_KEYS}
 
 
+def check_signature(secret: bytes, method: str, target: str,
+                    headers: Mapping[str, str]) -> None:
+    """Raise 401 for a missing or forged signature, 503 for a valid one held too long."""
+    verdict = signing.check(secret, method, target, headers)
+    if verdict is signing.Verdict.STALE:
+        raise Unavailable("the request was held too long before it reached the framework; "
+                          "retry it")
+    if verdict is not signing.Verdict.VALID:
+        raise Unauthenticated("missing or invalid sidecar signature")
+
+
 def identify(secret: bytes, tenant_id: str, method: str, target: str,
-             headers: Mapping[str, str]) -> Identity:
-    """The caller's identity from signed headers; raises 401/403 errors."""
-    if not signing.verify(secret, method, target, headers):
-        raise Unauthenticated("missing, invalid or expired sidecar signature")
+             headers: Mapping[str, str], path: str = "") -> Identity | None:
+    """The caller's identity from signed headers; raises 401/403/503 errors.
+
+    None for a signed request without a caller to a route that needs none (``path``
+    in :data:`IDENTITY_FREE`).
+    """
+    check_signature(secret, method, target, headers)
+    if path in IDENTITY_FREE and not any(headers.get(h) for h in _ANONYMOUS):
+        return None
     tenant = headers.get(signing.TENANT, "")
     if tenant != tenant_id:
         raise Forbidden("this runtime serves another tenant")
     user = headers.get(signing.USER, "")
     method_name = headers.get(signing.AUTH_METHOD, "")
-    if not user or method_name not in AUTH_METHODS:
-        raise Unauthenticated("the signed request names no user or auth method")
+    if not identity.usable(user) or method_name not in AUTH_METHODS:
+        raise Unauthenticated("the signed request names no usable user or auth method")
     return Identity(
         tenant=tenant,
         user=user,
-        groups=_split(headers.get(signing.GROUPS, "")),
-        roles=_split(headers.get(signing.ROLES, "")),
+        groups=identity.split(headers.get(signing.GROUPS, "")),
+        roles=identity.split(headers.get(signing.ROLES, "")),
         auth_method=method_name,
     )

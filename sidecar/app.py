@@ -74,6 +74,12 @@ METRICS_TIMEOUT = 10.0
 METRICS_ROLES = frozenset(("admin", "metrics"))  # a Prometheus scraper's API key: "metrics"
 
 
+def _noted(reason: str, principal: Principal | None) -> str:
+    """The audit reason, plus the identity values that were dropped (DESIGN: audited)."""
+    note = principal.audit_note() if principal is not None else ""
+    return f"{reason}; {note}" if reason and note else reason or note
+
+
 @dataclass
 class Sidecar:
     """Everything one running sidecar holds; the request handler is :meth:`handle`."""
@@ -152,7 +158,7 @@ class Sidecar:
             request_id=rid, method=request.method, outcome=outcome, status=response.status,
             tenant=principal.tenant if principal else "", user=principal.user if principal else "",
             auth_method=principal.auth_method if principal else "", service=service,
-            operation=operation, reason=reason, rule=rule)
+            operation=operation, reason=_noted(reason, principal), rule=rule)
         self.metrics.observe(tenant.tenant_id, service, operation or "", response.status,
                              time.perf_counter() - started)
         logs.REQUEST_ID.set("")
@@ -212,7 +218,7 @@ class Sidecar:
         headers = upstream_headers(
             request.headers.items(), identity_headers(principal, rid),
             secret=self.settings.sidecar_secret, method=request.method, path=path,
-            peer=request.remote or "", proto=request.scheme)
+            peer=request.remote or "", proto=request.scheme, body=body)
         check_upstream(request.method, path, headers)
         reply = await self.upstream.call(request.method, path, headers, body, self.admission,
                                          service, self._timeout(request, service),

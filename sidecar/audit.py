@@ -3,7 +3,9 @@
 Fields: time (UTC, ISO 8601), request_id, tenant, user, auth_method, method,
 service, operation, outcome, reason, rule, status. Never a credential: the line
 is built only from these fields, none of which holds a token, key or password
-(reasons are written by the sidecar, not copied from requests). Lines are
+(reasons are written by the sidecar, not copied from requests; the one exception
+is a group or role name that was dropped as unusable, quoted with ``repr`` and cut
+to 40 characters, so an operator can see which name granted nothing). Lines are
 buffered and flushed at least every FLUSH_SECONDS and at shutdown, so auditing
 costs no system call per request.
 """

@@ -1,15 +1,19 @@
 """Stage 1: who is calling. JWT bearer, API key or (when enabled) LDAP Basic.
 
 Every failure is :class:`Unauthenticated` with one generic client message; the
-specific reason is only for the audit line. A directory or JWKS endpoint that
-cannot be reached is :class:`Unavailable` (503): fail closed.
+specific reason is only for the audit line. Two ``Authorization`` or two
+``X-API-Key`` headers are ambiguous (401): no reader may pick one of them. A
+directory or JWKS endpoint that cannot be reached is :class:`Unavailable` (503):
+fail closed.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping
+import unicodedata
 from typing import Any
+
+from multidict import MultiMapping
 
 from sidecar.apikeys import ApiKeys
 from sidecar.errors import Unauthenticated, Unavailable
@@ -41,10 +45,18 @@ class Authenticator:
         """The one 401 every failure becomes."""
         return Unauthenticated(reason, self.challenge)
 
-    async def authenticate(self, headers: Mapping[str, str]) -> Principal:
+    def _one(self, headers: MultiMapping[str], name: str) -> str | None:
+        """The one value of a credential header; two of them are ambiguous (401)."""
+        values = headers.getall(name, ())
+        if len(values) > 1:
+            # "The first wins" would let whatever else reads the request pick another.
+            raise self.fail(f"{len(values)} {name} headers")
+        return values[0] if values else None
+
+    async def authenticate(self, headers: MultiMapping[str]) -> Principal:
         """The caller's principal, or Unauthenticated / Unavailable."""
-        authorization = headers.get("Authorization")
-        api_key = headers.get("X-API-Key")
+        authorization = self._one(headers, "Authorization")
+        api_key = self._one(headers, "X-API-Key")
         try:
             if authorization is not None and api_key is not None:
                 raise self.fail("both Authorization and X-API-Key sent")
@@ -96,6 +108,10 @@ class Authenticator:
         username, sep, password = decoded.partition(":")
         if not sep or not username or not password:
             raise self.fail("Basic credentials without username or password")
+        if _has_control(password):
+            # No directory could accept it (ldap3 refuses it before sending a bind): the
+            # client's mistake, 401, never the 503 of a directory that seems down.
+            raise self.fail("Basic password with a control character")
         # A user id the identity headers could not carry is refused before any bind
         # (BadIdentity becomes the generic 401 in authenticate()).
         user = Principal.build(self.tenant_id, username, (), (), LDAP)
@@ -107,3 +123,8 @@ class Authenticator:
             raise self.fail("LDAP login refused")
         _dn, groups = found
         return user.with_groups(groups)
+
+
+def _has_control(text: str) -> bool:
+    """Whether ``text`` holds a control character (Unicode category Cc)."""
+    return not text.isprintable() and any(unicodedata.category(c) == "Cc" for c in text)

@@ -8,7 +8,8 @@ headers (``Connection`` and every header it names, ``Keep-Alive``, ``TE``,
 ``Trailer``, ``Transfer-Encoding``, ``Upgrade``), plus ``Host``, ``Content-Length``
 and ``Expect``, which the proxy sets itself. Names are compared case-insensitively
 with ``_`` read as ``-``, because WSGI servers map both to the same variable.
-Then the identity headers, ``X-Forwarded-For``/``-Proto`` and the signature are added.
+Then the identity headers, ``X-Forwarded-For``/``-Proto`` and the signature (with the
+body's digest) are added.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from functools import lru_cache
 
-from framework import signing
+from framework import identity, signing
 from sidecar.errors import HeadersTooLarge, UriTooLong
 from sidecar.principal import Principal
 
@@ -36,7 +37,8 @@ RESPONSE_DROPPED = HOP_BY_HOP | frozenset({"content-length", "date", "server",
 FORWARDED_FOR = "X-Forwarded-For"
 FORWARDED_PROTO = "X-Forwarded-Proto"
 IDENTITY = frozenset(h.lower() for h in (*signing.SIGNED_HEADERS, signing.TIMESTAMP,
-                                          signing.SIGNATURE, FORWARDED_FOR, FORWARDED_PROTO))
+                                          signing.SIGNATURE, signing.BODY_SHA256,
+                                          FORWARDED_FOR, FORWARDED_PROTO))
 
 # gunicorn's limits (its defaults: framework/cli/serve.py sets none of them). gunicorn
 # answers a request over one with an HTML page, so the sidecar refuses it first, as
@@ -107,25 +109,29 @@ def identity_headers(principal: Principal | None, request_id: str) -> dict[str, 
         signing.REQUEST_ID: request_id,
         signing.TENANT: principal.tenant,
         signing.USER: principal.user,
-        signing.GROUPS: ",".join(principal.groups),
-        signing.ROLES: ",".join(principal.roles),
+        signing.GROUPS: identity.join(principal.groups),
+        signing.ROLES: identity.join(principal.roles),
         signing.AUTH_METHOD: principal.auth_method,
     }
 
 
-def upstream_headers(client: Iterable[tuple[str, str]], identity: dict[str, str], *,
+def upstream_headers(client: Iterable[tuple[str, str]], who: dict[str, str], *,
                      secret: bytes, method: str, path: str, peer: str, proto: str,
-                     now: float | None = None) -> list[tuple[str, str]]:
-    """The headers sent to the framework: the client's safe ones, then ours, signed."""
+                     body: bytes | None = None, now: float | None = None
+                     ) -> list[tuple[str, str]]:
+    """The headers sent to the framework: the client's safe ones, then ours, signed.
+
+    ``body`` is exactly what will be sent: the signature covers its SHA-256.
+    """
     items = list(client)
     out = [(name, value) for name, value in items if not is_stripped(name)]
     if len(out) < len(items) and names_headers(items):
         extra = connection_named(items)
         out = [(name, value) for name, value in out if normal(name) not in extra]
-    out.extend(identity.items())
+    out.extend(who.items())
     out.append((FORWARDED_FOR, peer))
     out.append((FORWARDED_PROTO, proto))
-    out.extend(signing.sign(secret, method, path, identity, now).items())
+    out.extend(signing.sign(secret, method, path, who, now, body).items())
     return out
 
 

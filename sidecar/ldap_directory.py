@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import ldap3
 from cachetools import TTLCache
-from ldap3.core.exceptions import LDAPException
+from ldap3.core.exceptions import LDAPException, LDAPSASLPrepError
 from ldap3.utils.conv import escape_filter_chars
 
 from framework import depstate
@@ -188,6 +188,10 @@ class LdapClient:
                 code = conn.result.get("result")
             finally:
                 _quietly_unbind(conn)
+        except LDAPSASLPrepError:
+            # RFC 4013 prohibits the password (a control character, ...): ldap3 refuses to
+            # send it. That is the client's password, not the directory being down.
+            return False
         except (LDAPException, OSError) as exc:
             raise DirectoryUnavailable(str(exc)) from exc
         if ok:

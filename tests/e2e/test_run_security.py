@@ -213,3 +213,107 @@ def test_audit_has_every_decision_and_no_credentials(run: RunStack) -> None:
         ("whoami", "allowed", 200), ("hidden", "denied", 403)]
     for secret in (tok, API_KEY, JWT_SECRET, SIDECAR_SECRET):
         assert secret not in text
+
+
+def _framework(run: RunStack, method: str, target: str, headers: dict[str, str],
+               body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    """One request straight to the framework's socket: (status, headers, body)."""
+    lines = [f"{method} {target} HTTP/1.1", "Host: framework", "Connection: close",
+             f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items()), "", ""]
+    data = _send_raw(run, "\r\n".join(lines).encode() + body)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status_line, *fields = head.decode("latin-1").split("\r\n")
+    return (int(status_line.split()[1]),
+            {k.lower(): v.strip() for k, _, v in (f.partition(":") for f in fields)}, rest)
+
+
+def _send_raw(run: RunStack, data: bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(run.socket))
+        s.sendall(data)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer
+
+
+def _ident(**over: str) -> dict[str, str]:
+    return {"X-Request-ID": "direct-2", "X-Tenant-ID": "acme", "X-User-ID": "alice",
+            "X-User-Groups": "", "X-User-Roles": "", "X-Auth-Method": "jwt", **over}
+
+
+@pytest.mark.parametrize("path", ["/usage", "/config/versions"])
+def test_a_role_with_outer_spaces_is_not_admin_anywhere(run: RunStack, path: str) -> None:
+    assert run.call("GET", path, bearer(token(roles=["admin"]))).status == 200  # the control
+    for roles in ([" admin"], ["admin "], ["\tadmin"], ["admin\n"]):
+        r = run.call("GET", path, bearer(token(roles=roles)))
+        assert r.status == 403, (roles, r.body)
+    # Nor when the framework is handed such a member, signed, directly. (Outer spaces of
+    # the whole value are HTTP's to strip: that breaks the signature instead, 401.)
+    padded = _ident(**{"X-User-Roles": "ops, admin"})
+    padded.update(signing.sign(SIDECAR_SECRET.encode(), "GET", path, padded))
+    assert _framework(run, "GET", path, padded)[0] == 403
+    outer = _ident(**{"X-User-Roles": " admin"})
+    outer.update(signing.sign(SIDECAR_SECRET.encode(), "GET", path, outer))
+    assert _framework(run, "GET", path, outer)[0] == 401
+
+
+def test_the_service_sees_exactly_the_names_the_sidecar_kept(run: RunStack) -> None:
+    tok = token(roles=[" admin", "viewer"], groups=["sales ", "ops"])
+    r = run.call("POST", "/services/whoami", bearer(tok), b"{}")
+    assert r.status == 200, r.body
+    assert (r.json()["roles"], r.json()["groups"]) == (["viewer"], ["ops"])
+
+
+def test_two_authorization_headers_are_401(run: RunStack) -> None:
+    r = run.call("POST", "/services/whoami", [("Authorization", f"Bearer {token()}"),
+                                              ("Authorization", "Bearer x")], b"{}")
+    assert r.status == 401
+
+
+def test_a_captured_request_cannot_carry_another_body(run: RunStack) -> None:
+    body = b'{"amount": 1}'
+    ident = _ident()
+    ident.update(signing.sign(SIDECAR_SECRET.encode(), "POST", "/services/whoami", ident,
+                              body=body))
+    status, _, answer = _framework(run, "POST", "/services/whoami", ident, body)
+    assert status == 200 and json.loads(answer)["payload"] == {"amount": 1}  # the control
+    for other in (b'{"amount": 1000}', b"", b'{"amount": 1} '):
+        status, headers, answer = _framework(run, "POST", "/services/whoami", ident, other)
+        assert status == 401, other
+        assert headers["content-type"] == "application/problem+json"
+        assert b"Traceback" not in answer
+    # A digest swapped to match the new body breaks the signature itself.
+    forged = {**ident, signing.BODY_SHA256: signing.body_digest(b'{"amount": 1000}')}
+    assert _framework(run, "POST", "/services/whoami", forged, b'{"amount": 1000}')[0] == 401
+
+
+def test_only_healthz_answers_unsigned(run: RunStack) -> None:
+    assert _framework(run, "GET", "/healthz", {})[0] == 200
+    for path in ("/readyz", "/metrics", "/usage", "/nowhere"):
+        status, headers, _answer = _framework(run, "GET", path, {})
+        assert status == 401 and headers["content-type"] == "application/problem+json", path
+    # The sidecar's own checks sign an empty identity: that is enough for these two.
+    for path in ("/readyz", "/metrics"):
+        anonymous = _ident(**{h: "" for h in ("X-Tenant-ID", "X-User-ID", "X-Auth-Method")})
+        anonymous.update(signing.sign(SIDECAR_SECRET.encode(), "GET", path, anonymous))
+        assert _framework(run, "GET", path, anonymous)[0] == 200, path
+    assert run.call("GET", "/readyz").status == 200  # and through the sidecar
+
+
+def test_a_request_held_too_long_is_503_a_forged_one_401(run: RunStack) -> None:
+    ident = _ident()
+    old = time.time() - 60
+    held = {**ident, **signing.sign(SIDECAR_SECRET.encode(), "GET", "/services/whoami", ident,
+                                    now=old)}
+    status, headers, answer = _framework(run, "GET", "/services/whoami", held)
+    assert status == 503 and headers["retry-after"] == "1"
+    assert headers["content-type"] == "application/problem+json"
+    assert json.loads(answer)["request_id"] == "direct-2"
+    forged = {**ident, **signing.sign(b"not-the-sidecar-secret-123", "GET", "/services/whoami",
+                                      ident, now=old)}
+    assert _framework(run, "GET", "/services/whoami", forged)[0] == 401
+    forged_fresh = {**ident, **signing.sign(b"not-the-sidecar-secret-123", "GET",
+                                            "/services/whoami", ident)}
+    assert _framework(run, "GET", "/services/whoami", forged_fresh)[0] == 401

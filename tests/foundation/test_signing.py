@@ -14,14 +14,51 @@ IDENTITY = {
 }
 
 
-def signed(now=1000.0, **over):
+BODY = b'{"amount": 10}'
+
+
+def signed(now=1000.0, body=BODY, **over):
     headers = dict(IDENTITY, **over)
-    headers.update(signing.sign(SECRET, "POST", "/services/a?x=1", headers, now=now))
+    headers.update(signing.sign(SECRET, "POST", "/services/a?x=1", headers, now=now, body=body))
     return headers
 
 
 def test_round_trip():
-    assert signing.verify(SECRET, "post", "/services/a?x=1", signed(), now=1000.0)
+    assert signing.verify(SECRET, "post", "/services/a?x=1", signed(), now=1000.0, body=BODY)
+
+
+def test_the_body_digest_is_signed_and_checked():
+    headers = signed()
+    assert headers[signing.BODY_SHA256] == signing.body_digest(BODY)
+    assert headers[signing.SIGNATURE].startswith("v2=")
+    # A captured request replayed with another body, or with the digest swapped too.
+    other = b'{"amount": 10000}'
+    assert not signing.verify(SECRET, "POST", "/services/a?x=1", headers, now=1000.0, body=other)
+    swapped = {**headers, signing.BODY_SHA256: signing.body_digest(other)}
+    assert signing.check(SECRET, "POST", "/services/a?x=1", swapped,
+                         now=1000.0) is signing.Verdict.INVALID
+    # No body and an empty body are the same thing on the wire.
+    bodiless = signed(body=None)
+    assert bodiless[signing.BODY_SHA256] == signing.EMPTY_BODY == signing.body_digest(b"")
+    assert signing.verify(SECRET, "POST", "/services/a?x=1", bodiless, now=1000.0, body=b"")
+
+
+@pytest.mark.parametrize("digest", ["", "0" * 63, "A" * 64, "g" * 64, signing.EMPTY_BODY + "0"])
+def test_malformed_digests_are_invalid(digest):
+    headers = {**signed(), signing.BODY_SHA256: digest}
+    assert signing.check(SECRET, "POST", "/services/a?x=1", headers,
+                         now=1000.0) is signing.Verdict.INVALID
+
+
+def test_stale_is_told_apart_from_forged():
+    headers = signed()
+    late = 1000.0 + signing.MAX_SKEW + 1
+    assert signing.check(SECRET, "POST", "/services/a?x=1", headers,
+                         now=late) is signing.Verdict.STALE
+    assert signing.check(b"other" * 8, "POST", "/services/a?x=1", headers,
+                         now=late) is signing.Verdict.INVALID
+    assert signing.check(SECRET, "POST", "/services/a?x=1", headers,
+                         now=1000.0) is signing.Verdict.VALID
 
 
 @pytest.mark.parametrize("header", signing.SIGNED_HEADERS)
@@ -43,13 +80,13 @@ def test_any_changed_identity_header_breaks_it(header):
     ],
 )
 def test_wrong_secret_request_or_time_fails(secret, method, path, now):
-    assert not signing.verify(secret, method, path, signed(), now=now)
+    assert not signing.verify(secret, method, path, signed(), now=now, body=BODY)
 
 
 @pytest.mark.parametrize(
     "bad",
-    [{signing.TIMESTAMP: "soon"}, {signing.SIGNATURE: "deadbeef"}, {signing.SIGNATURE: "v1="},
-     {signing.TIMESTAMP: ""}],
+    [{signing.TIMESTAMP: "soon"}, {signing.SIGNATURE: "deadbeef"}, {signing.SIGNATURE: "v2="},
+     {signing.TIMESTAMP: ""}, {signing.SIGNATURE: "\udcff"}, {signing.TIMESTAMP: "\u00b2"}],
 )
 def test_malformed_signature_headers_fail(bad):
     headers = signed()
@@ -64,13 +101,13 @@ def test_unsigned_request_fails():
 @given(st.text(min_size=1, max_size=64))
 def test_forged_signatures_never_verify(forgery):
     headers = signed()
-    headers[signing.SIGNATURE] = "v1=" + forgery
+    headers[signing.SIGNATURE] = "v2=" + forgery
     assert not signing.verify(SECRET, "POST", "/services/a?x=1", headers, now=1000.0)
 
 
 def test_request_ids():
     assert request_id("abc-1.2_3") == "abc-1.2_3"
-    for bad in (None, "", "a" * 129, "bad id", "x\r\ny", "ü"):
+    for bad in (None, "", "a" * 129, "bad id", "x\r\ny", "ü", "abc\n", " abc"):
         new = request_id(bad)
         assert new != bad and len(new) == 32
 

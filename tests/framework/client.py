@@ -34,9 +34,9 @@ def identity(user: str = "alice", groups: str = "", roles: str = "", tenant: str
 
 
 def signed_headers(method: str, path: str, secret: str = SECRET, now: float | None = None,
-                   **who: str) -> dict[str, str]:
+                   body: bytes | None = None, **who: str) -> dict[str, str]:
     headers = identity(**who)
-    headers.update(signing.sign(secret.encode(), method, path, headers, now=now))
+    headers.update(signing.sign(secret.encode(), method, path, headers, now=now, body=body))
     return headers
 
 
@@ -63,10 +63,10 @@ class Client:
     def request(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
                 sign: bool = True, headers: dict[str, str] | None = None,
                 timeout: float = 20, **who: Any) -> Answer:
-        sent = signed_headers(method, path, self.secret, **who) if sign else {}
-        sent.update(headers or {})
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None
                                             else None)
+        sent = signed_headers(method, path, self.secret, body=data, **who) if sign else {}
+        sent.update(headers or {})
         conn = (UnixConnection(self.unix, timeout) if self.unix
                 else http.client.HTTPConnection(self.host, self.port, timeout=timeout))
         try:

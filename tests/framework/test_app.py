@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -37,7 +38,11 @@ def app(tmp_path: Path) -> Iterator[Flask]:
 
 def send(app: Flask, method: str, path: str, **kw):
     who = {k: kw.pop(k) for k in ("user", "roles") if k in kw}
-    headers = signed_headers(method, path, **who)
+    if "json" in kw:  # serialised here: the signature covers the body's bytes
+        kw["data"], kw["content_type"] = json.dumps(kw.pop("json")).encode(), "application/json"
+    body = kw.get("data")
+    headers = signed_headers(method, path, body=body.encode() if isinstance(body, str) else body,
+                             **who)
     headers.update(kw.pop("headers", {}))
     return app.test_client().open(path, method=method, headers=headers, **kw)
 
@@ -116,10 +121,9 @@ def test_only_half_the_request_threads_may_wait_for_a_job(tmp_path: Path):
 
 
 def test_readiness_fails_closed_when_the_job_store_is_unusable(app: Flask, monkeypatch):
-    client = app.test_client()
-    assert client.get("/readyz").status_code == 200
+    assert send(app, "GET", "/readyz").status_code == 200
     monkeypatch.setattr(app.extensions["mtp"].jobs, "usable", lambda: False)
-    answer = client.get("/readyz")
+    answer = send(app, "GET", "/readyz")
     assert answer.status_code == 503 and answer.headers["Retry-After"] == "1"
     assert answer.content_type == "application/problem+json"
 
@@ -135,8 +139,8 @@ def test_a_broken_job_store_is_503_on_the_job_routes(app: Flask):
         answer = send(app, method, path)
         assert answer.status_code == 503 and answer.headers["Retry-After"] == "1"
         assert answer.content_type == "application/problem+json"
-    assert app.test_client().get("/metrics").status_code == 503
-    assert app.test_client().get("/readyz").status_code == 503
+    assert send(app, "GET", "/metrics").status_code == 503
+    assert send(app, "GET", "/readyz").status_code == 503
 
 
 def test_an_unexpected_error_is_500_with_an_id_and_no_traceback(app: Flask, monkeypatch):
@@ -151,7 +155,7 @@ def test_an_unexpected_error_is_500_with_an_id_and_no_traceback(app: Flask, monk
 
 def test_metrics_and_health_in_process(app: Flask):
     send(app, "GET", "/services/echo")
-    text = app.test_client().get("/metrics").data.decode()
+    text = send(app, "GET", "/metrics").data.decode()
     assert "mtp_framework_requests_total" in text and "mtp_framework_jobs{" in text
     assert app.test_client().get("/healthz").json == {"status": "ok"}
 

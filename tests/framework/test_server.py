@@ -57,7 +57,7 @@ def job_runner_pid(server: Server, job_id: str) -> int:
 
 
 def test_sync_call_carries_the_signed_identity(server: Server):
-    answer = server.client.post("/services/echo?x=1&y=two", {"a": 1}, groups="g1, g2",
+    answer = server.client.post("/services/echo?x=1&y=two", {"a": 1}, groups="g1,g2, g3",
                                 roles="r1", auth="api_key", request_id="abc.123")
     assert answer.status == 200, answer.body
     assert answer.header("Content-Type") == "application/json"
@@ -65,6 +65,7 @@ def test_sync_call_carries_the_signed_identity(server: Server):
     body = answer.json()
     assert body["tenant_id"] == "acme" and body["service"] == "echo"
     assert body["operation"] is None and body["user"] == "alice"
+    # Exact members, as the sidecar reads them: " g3" is not g3 and grants nothing.
     assert body["groups"] == ["g1", "g2"] and body["roles"] == ["r1"]
     assert body["auth_method"] == "api_key" and body["payload"] == {"a": 1}
     assert body["params"] == {"x": "1", "y": "two"} and body["request_id"] == "abc.123"
@@ -220,8 +221,11 @@ def test_signatures_unsigned_forged_stale_tampered_or_foreign_are_refused(server
     assert c.get("/services/echo", sign=False).header("WWW-Authenticate")
     forged = signed_headers("GET", "/services/echo", secret="another-secret-0123456789")
     assert_problem(c.get("/services/echo", sign=False, headers=forged), 401)
+    # Made with the secret, only too old: held on its way, not the client's fault.
     stale = signed_headers("GET", "/services/echo", now=time.time() - 120)
-    assert_problem(c.get("/services/echo", sign=False, headers=stale), 401)
+    held = c.get("/services/echo", sign=False, headers=stale)
+    assert_problem(held, 503)
+    assert held.header("Retry-After") == "1"
     tampered = signed_headers("GET", "/services/echo")
     tampered["X-User-Roles"] = "admin"
     assert_problem(c.get("/services/echo", sign=False, headers=tampered), 401)
@@ -236,12 +240,14 @@ def test_signatures_unsigned_forged_stale_tampered_or_foreign_are_refused(server
         assert_problem(c.get("/services/echo", sign=False, headers=bad_ts), 401)
 
 
-def test_health_ready_and_metrics_need_no_signature(server: Server):
+def test_only_health_needs_no_signature(server: Server):
     c = server.client
     assert c.get("/healthz", sign=False).json() == {"status": "ok"}
-    assert c.get("/readyz", sign=False).json()["status"] == "ready"
+    for path in ("/readyz", "/metrics"):
+        assert_problem(c.get(path, sign=False), 401)
+    assert c.get("/readyz").json()["status"] == "ready"
     c.get("/services/echo")
-    text = c.get("/metrics", sign=False).body.decode()
+    text = c.get("/metrics").body.decode()
     assert 'mtp_framework_requests_total{operation="",service="echo",status="200",' \
            'tenant="acme"}' in text
     assert "mtp_framework_request_duration_seconds_bucket" in text

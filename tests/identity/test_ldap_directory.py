@@ -66,6 +66,8 @@ def test_empty_password_is_refused_before_any_bind() -> None:
 @pytest.mark.parametrize("username", [
     "*", "*)(uid=*", "admin)(|(uid=*", "alice)(uid=*", "al*", "*lice", "alice)", "(uid=alice)",
     "alice\\", "\\2a", "alice\x00",
+    # Filter operators escape_filter_chars leaves alone: still one equality value, no 503.
+    "a=b", "alice~=x", "uid>=a", "a:dn:=b", "a&b", "a|b", "!", "{user_dn}",
 ])
 def test_injection_usernames_never_match(slapd: SlapdServer, username: str) -> None:
     async def scenario(d: LdapDirectory) -> list[Any]:
@@ -294,3 +296,16 @@ def test_untrusted_certificate_fails_closed(tls_slapd: SlapdServer, tmp_path: Pa
     with pytest.raises(DirectoryUnavailable):
         run(tls_slapd, lambda d: d.login("alice", "alice-pw"),
             start_tls=True, ca_file=str(tmp_path / "ca.pem"))
+
+
+@pytest.mark.parametrize("password", ["alice-pw\x00", "\n", "a\x7fb", "a\u0085b", "\u00ad",
+                                      "\ue000", "a\u05d0", "\ufffe"])
+def test_passwords_ldap_cannot_send_are_refused_not_an_outage(slapd: SlapdServer,
+                                                             password: str) -> None:
+    # RFC 4013 (SASLprep) prohibits them: ldap3 raises before any bind. That is a wrong
+    # password, not a directory that is down (which would be 503 for the client).
+    async def scenario(d: LdapDirectory) -> list[Any]:
+        return [await d.login("alice", password),
+                await d.login("alice", slapd.password("alice"))]
+    refused, accepted = run(slapd, scenario)
+    assert refused is None and accepted is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 import tomllib
 from collections.abc import Iterator
@@ -72,8 +73,10 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flask]:
 def call(app: Flask, method: str, path: str, body: object = None):
     headers = {signing.REQUEST_ID: "plan", signing.TENANT: "acme", signing.USER: "alice",
                signing.GROUPS: "", signing.ROLES: "", signing.AUTH_METHOD: "jwt"}
-    headers.update(signing.sign(SECRET.encode(), method, path, headers))
-    return app.test_client().open(path, method=method, json=body, headers=headers)
+    data = json.dumps(body).encode() if body is not None else None  # the signed bytes
+    headers.update(signing.sign(SECRET.encode(), method, path, headers, body=data))
+    return app.test_client().open(path, method=method, data=data, headers=headers,
+                                  content_type="application/json" if data is not None else None)
 
 
 def test_not_entitled_or_disabled_is_hidden_and_refused(app: Flask) -> None:

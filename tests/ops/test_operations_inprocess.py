@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -34,9 +35,11 @@ def call(client: FlaskClient, method: str, path: str, body: Any = None,
          roles: str = "", headers: dict[str, str] | None = None) -> Any:
     sent = {signing.REQUEST_ID: "inproc", signing.TENANT: TENANT, signing.USER: "alice",
             signing.GROUPS: "", signing.ROLES: roles, signing.AUTH_METHOD: "jwt"}
-    sent.update(signing.sign(SIDECAR_SECRET.encode(), method, path, sent))
+    data = json.dumps(body).encode() if body is not None else None  # the signed bytes
+    sent.update(signing.sign(SIDECAR_SECRET.encode(), method, path, sent, body=data))
     sent.update(headers or {})
-    return client.open(path, method=method, json=body, headers=sent)
+    return client.open(path, method=method, data=data, headers=sent,
+                       content_type="application/json" if data is not None else None)
 
 
 def open_breaker(client: FlaskClient, service: str) -> None:

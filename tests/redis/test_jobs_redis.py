@@ -331,7 +331,8 @@ def test_job_routes_answer_503_while_redis_is_away(tenant_dir, tmp_path) -> None
             assert answer.status_code == 503, answer.data
             assert answer.content_type == "application/problem+json"
             assert answer.headers["Retry-After"] == "1"
-        assert client.get("/metrics").status_code == 503
+        metrics = client.get("/metrics", headers=signed_headers("GET", "/metrics"))
+        assert metrics.status_code == 503
     finally:
         app.extensions["mtp"].close()
 

@@ -1,9 +1,10 @@
 """A stand-in framework for sidecar tests: verifies the sidecar's signature and echoes.
 
 Run as ``python -m tests.sidecar.echo_upstream unix:/path`` with MTP_SIDECAR_SECRET set.
-Unsigned or forged requests get 401. ``/echo...`` and ``/services/...`` answer the
-headers and body they received as JSON; ``/slow`` sleeps ``?s=`` seconds; ``/big``
-answers ``?n=`` bytes (chunked with ``?chunked=1``); ``/metrics`` a line of text.
+Unsigned or forged requests, or a body other than the signed one, get 401.
+``/echo...`` and ``/services/...`` answer the headers and body they received as JSON;
+``/slow`` sleeps ``?s=`` seconds; ``/big`` answers ``?n=`` bytes (chunked with
+``?chunked=1``); ``/metrics`` a line of text.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from framework import signing
 
 async def handle(request: web.Request) -> web.StreamResponse:
     secret = os.environ["MTP_SIDECAR_SECRET"].encode()
-    if not signing.verify(secret, request.method, request.raw_path, request.headers):
+    body = await request.read()
+    if not signing.verify(secret, request.method, request.raw_path, request.headers,
+                          body=body):
         return web.json_response({"error": "unsigned"}, status=401)
     if request.path == "/slow":
         await asyncio.sleep(float(request.query.get("s", "1")))
@@ -37,7 +40,6 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return web.Response(text="framework_up 1\n")
     if request.path == "/fail":
         return web.json_response({"error": "boom"}, status=503)
-    body = await request.read()
     return web.json_response(
         {"path": request.raw_path, "method": request.method,
          "headers": [[k, v] for k, v in request.headers.items()],

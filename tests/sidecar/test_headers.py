@@ -87,6 +87,16 @@ def test_signature_binds_method_path_and_identity() -> None:
     assert not signing.verify(SECRET, "GET", "/a", {**out, "X-User-ID": "mallory"})
 
 
+def test_signature_covers_the_body_sent() -> None:
+    ident = identity_headers(ALICE, "r")
+    out = dict(upstream_headers([("X-Sidecar-Body-SHA256", "0" * 64)], ident, secret=SECRET,
+                                method="POST", path="/a", peer="p", proto="http",
+                                body=b'{"n": 1}'))
+    assert signing.verify(SECRET, "POST", "/a", out, body=b'{"n": 1}')
+    assert not signing.verify(SECRET, "POST", "/a", out, body=b'{"n": 2}')
+    assert not signing.verify(SECRET, "POST", "/a", out)  # nor without one
+
+
 def test_response_headers_drop_hop_by_hop() -> None:
     out = response_headers([("Content-Type", "application/json"), ("Connection", "X-Secret"),
                             ("X-Secret", "1"), ("Keep-Alive", "timeout=5"), ("Date", "x"),

@@ -272,3 +272,76 @@ def test_targets_that_are_not_paths_get_a_problem_with_a_request_id(
         stack: Stack, method: str, target: str, status: int) -> None:
     # aiohttp's router answered these with a plain-text 404 without a request id.
     assert_problem(stack.call(method, target, bearer(token())), status)
+
+
+def audit_line(stack: Stack, request_id: str) -> dict:
+    deadline = time.monotonic() + 5  # the audit log is flushed every 0.2 s
+    while True:
+        for line in stack.audit.read_text().splitlines():
+            if request_id in line:
+                return json.loads(line)
+        assert time.monotonic() < deadline, "no audit line"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("headers", [
+    lambda: [("Authorization", f"Bearer {token()}"), ("Authorization", "Bearer garbage")],
+    lambda: [("Authorization", "Bearer garbage"), ("Authorization", f"Bearer {token()}")],
+    lambda: [("Authorization", f"Bearer {token()}"), ("authorization", f"Bearer {token()}")],
+    lambda: [("X-API-Key", API_KEY), ("X-API-Key", "not-a-key")],
+    lambda: [("X-API-Key", API_KEY), ("x-api-key", API_KEY)],
+])
+def test_two_credential_headers_are_ambiguous_401(stack: Stack, headers) -> None:
+    r = stack.call("GET", "/services/hello", [*headers(), ("X-Request-ID", "dup-cred")])
+    assert assert_problem(r, 401)["detail"] == "valid credentials are required"
+    assert "headers" in audit_line(stack, "dup-cred")["reason"]
+
+
+def test_roles_and_groups_with_outer_spaces_grant_nothing_and_are_audited(stack: Stack) -> None:
+    # " admin" is not admin: the admin rule grants orders/create, the sales group too.
+    tok = token(roles=[" admin", "admin ", "viewer"], groups=["sales\t", " sales"])
+    r = stack.call("GET", "/services/orders/create", {**bearer(tok), "X-Request-ID": "pad-1"})
+    assert_problem(r, 403)
+    line = audit_line(stack, "pad-1")
+    assert line["outcome"] == "denied" and "dropped unusable identity values" in line["reason"]
+    assert "role ' admin'" in line["reason"] and "group ' sales'" in line["reason"]
+    r, seen = echoed(stack, {**bearer(tok), "X-Request-ID": "pad-2"})
+    assert seen["x-user-roles"] == "viewer" and seen["x-user-groups"] == ""
+    assert "dropped" in audit_line(stack, "pad-2")["reason"]
+
+
+@pytest.mark.parametrize("sub", [" alice", "alice ", "al,ice", "al\u0000ice", "x" * 300])
+def test_user_ids_with_outer_spaces_commas_or_controls_are_401(stack: Stack, sub: str) -> None:
+    assert_problem(stack.call("GET", "/services/hello", bearer(token(sub=sub))), 401)
+
+
+def test_roles_given_as_one_string_are_one_name(stack: Stack) -> None:
+    # Not split on commas (that would be a second reading): "admin,viewer" is dropped.
+    _r, seen = echoed(stack, bearer(token(roles="admin,viewer")))
+    assert seen["x-user-roles"] == ""
+    _r, seen = echoed(stack, bearer(token(roles="viewer")))
+    assert seen["x-user-roles"] == "viewer"
+
+
+def test_more_groups_than_a_header_can_carry_is_401_not_an_upstream_error(stack: Stack) -> None:
+    # 5 KB joined, in a token that still fits one 8190-byte header line.
+    many = [f"group-number-{i:08d}" for i in range(250)]
+    assert_problem(stack.call("GET", "/services/hello", bearer(token(groups=many))), 401)
+
+
+@pytest.mark.parametrize("headers", [
+    {"Authorization": "Basic"}, {"Authorization": "Basic ="}, {"Authorization": "Bearer"},
+    {"Authorization": "Bearer \u00e9\u00e9.\u00e9.\u00e9"}, {"Authorization": " "},
+    {"Authorization": "Bearer " + "a" * 7000}, {"X-API-Key": "\u00e9\u00e8\u00ff"},
+    {"X-API-Key": ""}, {"X-API-Key": "k" * 7000},
+    {"Authorization": "Bearer a.b.c", "X-API-Key": "k"},
+])
+def test_odd_credentials_are_401_never_5xx(stack: Stack, headers) -> None:
+    assert_problem(stack.call("GET", "/services/hello", headers), 401)
+
+
+def test_the_body_sent_is_the_body_signed(stack: Stack) -> None:
+    # The echo upstream verifies the signature over the body it received (else 401).
+    for body in (b"", b"{}", b'{"n": "\xc3\xa9"}', b"\x00\xff" * 100):
+        r = stack.call("POST", "/services/hello", bearer(token()), body)
+        assert r.status == 200, r.body
