@@ -308,8 +308,8 @@ def test_a_late_call_is_504_and_health_never_waits_for_busy_threads(server: Serv
     with ThreadPoolExecutor(10) as pool:
         sleepers = [pool.submit(c.post, "/services/hang", {"seconds": 6}) for _ in range(10)]
         time.sleep(1)
-        health = [c.get(path, sign=False, timeout=5) for path in ("/healthz", "/readyz") * 3]
-        scrape = c.get("/metrics", sign=False, timeout=5)
+        health = [c.get(path, timeout=5) for path in ("/healthz", "/readyz") * 3]
+        scrape = c.get("/metrics", timeout=5)
         # Answered while every service thread still sleeps: off the request threads.
         assert not any(f.done() for f in sleepers)
         answers = [f.result() for f in sleepers]
@@ -317,7 +317,7 @@ def test_a_late_call_is_504_and_health_never_waits_for_busy_threads(server: Serv
     assert all(a.status == 504 for a in answers)
     # The same threads serve again once the sleepers return.
     assert c.post("/services/hang", {"seconds": 0}).json() == {"woke": True}
-    text = c.get("/metrics", sign=False).body.decode()
+    text = c.get("/metrics").body.decode()
     assert 'service="hang",status="504"' in text  # the late answers, in the metrics
 
 
@@ -336,4 +336,4 @@ def test_the_catalog_lists_every_timeout_signed_for_the_sidecar_only(server: Ser
     assert doc["services"]["ops"] == 5.0  # the module's TIMEOUT
     assert doc["services"]["echo"] == 30.0
     assert "disabled" not in doc["services"] and "broken" not in doc["services"]
-    assert c.get("/readyz", sign=False).json()["catalog"] == doc["version"]
+    assert c.get("/readyz").json()["catalog"] == doc["version"]

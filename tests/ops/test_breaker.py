@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -163,9 +164,11 @@ def test_a_handler_still_running_past_its_deadline_opens_the_breaker(tmp_path) -
     def post(seconds: float):
         sent = {signing.REQUEST_ID: "wd", signing.TENANT: TENANT, signing.USER: "alice",
                 signing.GROUPS: "", signing.ROLES: "", signing.AUTH_METHOD: "jwt"}
-        sent.update(signing.sign(SIDECAR_SECRET.encode(), "POST", "/services/slow", sent))
-        return app.test_client().post("/services/slow", json={"seconds": seconds},
-                                      headers=sent)
+        body = json.dumps({"seconds": seconds}).encode()  # the signed bytes
+        sent.update(signing.sign(SIDECAR_SECRET.encode(), "POST", "/services/slow", sent,
+                                 body=body))
+        return app.test_client().post("/services/slow", data=body, headers=sent,
+                                      content_type="application/json")
 
     try:
         with ThreadPoolExecutor(1) as pool:
