@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "apikey": ("framework.cli.creds:apikey", "Create API keys."),
     "usage": ("framework.cli.ops:usage", "Usage and cost per tenant/service/operation."),
     "config": ("framework.cli.ops:config", "List and roll back config versions."),
+    "openapi": ("framework.cli.openapi:openapi", "Print the OpenAPI document (offline)."),
 }
 
 
