@@ -95,9 +95,12 @@ def test_what_the_document_promises_holds(run: RunStack) -> None:
     assert bad.headers["Content-Type"] == "application/problem+json"
 
 
-# The coverage phase also sends methods the document does not declare and wants 405 for
-# them. QUERY is left out: it is a draft method (not RFC 9110/5789) and the sidecar
-# answers every method it does not know 501, as RFC 9110 15.6.2 says.
+# Two of schemathesis' expectations differ from the contract (DESIGN.md), by design:
+# - the coverage phase sends methods the document does not declare and wants 405 for
+#   them; QUERY is left out: it is a draft method (not RFC 9110/5789), and the sidecar
+#   answers every method it does not know 501, as RFC 9110 15.6.2 says;
+# - use_after_free wants 404 for a resource after its DELETE, but DELETE /jobs/{id}
+#   cancels a queued job, which then stays readable with status "cancelled".
 CONFIG = """
 [phases.coverage]
 unexpected-methods = ["get", "put", "post", "delete", "options", "patch", "trace"]
@@ -113,7 +116,9 @@ def schemathesis_run(run: RunStack, tmp_path: Path, headers: dict[str, str],
     config.write_text(CONFIG)
     args = [str(Path(sys.executable).with_name("schemathesis")), "--config-file", str(config),
             "--no-color", "run", str(doc), "--url", f"http://127.0.0.1:{run.port}",
-            "--checks", "all", "--max-examples", str(examples), "--seed", "18",
+            "--checks", "all", "--exclude-checks", "use_after_free",
+            "--max-examples", str(examples), "--seed", "18",
+            # One worker: two share hypothesis state that is not thread safe (its errors).
             "--workers", "1", "--request-timeout", "20"]
     for name, value in headers.items():
         args += ["--header", f"{name}: {value}"]
