@@ -42,6 +42,8 @@ ERRORS: dict[int, tuple[str, str]] = {
     409: ("Conflict", "The job has already started or finished; only a queued job can be "
                       "cancelled."),
     413: ("PayloadTooLarge", "The request body is over MTP_MAX_BODY."),
+    414: ("UriTooLong", "The request target is over the HTTP parser's limit."),
+    431: ("HeadersTooLarge", "The request's header fields are over the HTTP parser's limit."),
     429: ("TooManyRequests", "A rate limit, the concurrency limit or the daily quota refused "
                              "the call."),
     500: ("InternalError", "The service raised, or its result is not JSON or too large; the "
@@ -52,10 +54,11 @@ ERRORS: dict[int, tuple[str, str]] = {
     504: ("GatewayTimeout", "The service's deadline passed."),
     508: ("LoopDetected", "context.call nested too deeply (a call cycle)."),
 }
-# What can answer each kind of route (the sidecar's stages, then the framework's).
-GATEWAY = (401, 403, 429, 502, 503, 504)
-SERVICE_ERRORS = (400, 401, 403, 404, 408, 413, 429, 500, 502, 503, 504, 508)
-JOB_ERRORS = (401, 403, 404, 429, 502, 503, 504)
+# What can answer each kind of route (the sidecar's parser and stages, then the framework).
+PARSER = (414, 431)
+GATEWAY = (*PARSER, 401, 403, 429, 502, 503, 504)
+SERVICE_ERRORS = (*GATEWAY, 400, 404, 408, 413, 500, 508)
+JOB_ERRORS = (*GATEWAY, 404)
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,7 @@ def ref(kind: str, name: str) -> dict[str, str]:
 
 def responses_for(statuses: Iterable[int]) -> dict[str, Any]:
     """The error responses of ``statuses``, by reference."""
-    return {str(status): ref("responses", ERRORS[status][0]) for status in statuses}
+    return {str(status): ref("responses", ERRORS[status][0]) for status in sorted(statuses)}
 
 
 def success_headers() -> dict[str, Any]:
@@ -307,8 +310,8 @@ def fixed_paths() -> dict[str, Any]:
             "summary": "Liveness of the sidecar (no credentials)",
             "responses": {"200": {"description": "Alive.",
                                   "headers": {"X-Request-ID": ref("headers", "X-Request-ID")},
-                                  "content": {JSON: {"schema": {"$ref": SCHEMAS + "Health"}}}
-                                  }}}},
+                                  "content": {JSON: {"schema": {"$ref": SCHEMAS + "Health"}}}},
+                          **responses_for(PARSER)}}},
         "/readyz": {"get": {
             "operationId": "readyz", "tags": ["platform"], "security": no_credentials,
             "summary": "Readiness: the framework answers and its config is loaded "
@@ -316,7 +319,7 @@ def fixed_paths() -> dict[str, Any]:
             "responses": {"200": {"description": "Ready.",
                                   "headers": {"X-Request-ID": ref("headers", "X-Request-ID")},
                                   "content": {JSON: {"schema": {"$ref": SCHEMAS + "Health"}}}},
-                          **responses_for((503,))}}},
+                          **responses_for((*PARSER, 503))}}},
     }
 
 
@@ -405,7 +408,7 @@ def headers() -> dict[str, Any]:
 def error_responses() -> dict[str, Any]:
     """One component response per error status: problem+json, with its headers."""
     found: dict[str, Any] = {}
-    for status, (name, description) in ERRORS.items():
+    for status, (name, description) in sorted(ERRORS.items()):
         hdrs: dict[str, Any] = {"X-Request-ID": ref("headers", "X-Request-ID")}
         if status == 401:
             hdrs["WWW-Authenticate"] = ref("headers", "WWW-Authenticate")

@@ -93,6 +93,10 @@ def test_what_the_document_promises_holds(run: RunStack) -> None:
     assert bad.status == 400 and "400" in doc["paths"]["/services/orders/create"]["post"][
         "responses"]
     assert bad.headers["Content-Type"] == "application/problem+json"
+    # The HTTP parser's refusals are in the document too.
+    big = run.call("GET", "/services/whoami", {**bearer, "X-Big": "a" * 20000})
+    assert str(big.status) in doc["paths"]["/services/whoami"]["get"]["responses"]
+    assert big.status == 431 and big.headers["X-Request-ID"]
 
 
 # Two of schemathesis' expectations differ from the contract (DESIGN.md), by design:
