@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -154,3 +155,28 @@ def test_a_failing_document_would_be_caught(run: RunStack) -> None:
     case = operation.Case(body={"qty": 1})
     with pytest.raises(FailureGroup, match="Undocumented status code"):
         case.call_and_validate(headers=dict(ADMIN), timeout=20)
+
+
+def test_a_429_matches_the_document(run: RunStack) -> None:
+    """The refusals schemathesis does not provoke, checked against the served document."""
+    schema = schemathesis.openapi.from_dict(served(run, ADMIN))
+    schema.config.update(base_url=f"http://127.0.0.1:{run.port}")
+    operation = schema["/services/whoami"]["POST"]
+    # A rate nobody else uses marks the first answer served under this overlay.
+    run.overlay.write_text("[limits]\nrate = 9003\nburst = 9003\ndaily_quota = 3\n")
+    try:
+        deadline = time.monotonic() + 10
+        statuses = []
+        while not statuses or statuses[-1] != 429:
+            assert time.monotonic() < deadline, statuses
+            case = operation.Case(body={})
+            response = case.call(headers=dict(ADMIN), timeout=20)
+            if response.headers.get("ratelimit-limit") not in (["9003"], ["3"]):
+                time.sleep(0.05)  # still the old limits
+                continue
+            statuses.append(response.status_code)
+            case.validate_response(response)  # raises on anything the document does not say
+        assert response.headers["retry-after"][0].isdigit()
+    finally:
+        run.overlay.unlink()
+    assert statuses[-1] == 429
