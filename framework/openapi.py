@@ -195,8 +195,11 @@ def service_path(spec: ServiceSpec, operation: str | None,
                    f"Deadline: {spec.timeout:g} s (504 past it).")
     parameters: list[dict[str, Any]] = [{
         "name": "mode", "in": "query", "required": False,
-        "description": "`async` runs the call as a job (202)." if spec.mode != "sync"
-        else "Only `sync`: this service does not run as a job.",
+        "description": {
+            "sync": "Only `sync`: this service does not run as a job (`async` is 400).",
+            "async": "Ignored: every call of this service runs as a job.",
+            "both": "`async` runs the call as a job (202); `sync` runs it in the request, "
+                    "even with `Prefer: respond-async`."}[spec.mode],
         "schema": {"type": "string",
                    "enum": ["sync"] if spec.mode == "sync" else ["sync", "async"]},
     }]
