@@ -119,7 +119,7 @@ def schemathesis_run(run: RunStack, tmp_path: Path, headers: dict[str, str],
     doc.write_text(json.dumps(served(run, headers)))
     config = tmp_path / "schemathesis.toml"
     config.write_text(CONFIG)
-    args = [str(Path(sys.executable).with_name("schemathesis")), "--config-file", str(config),
+    args = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config),
             "--no-color", "run", str(doc), "--url", f"http://127.0.0.1:{run.port}",
             "--checks", "all", "--exclude-checks", "use_after_free",
             "--max-examples", str(examples), "--seed", "18",
