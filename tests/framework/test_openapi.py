@@ -20,7 +20,8 @@ from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 from framework import signing
 from framework.app import create_app
 from framework.cli import cli
-from framework.openapi import ERRORS, accepts_empty, document, offer_all, rebase
+from framework.openapi import accepts_empty, document, offer_all, rebase
+from framework.openapi_parts import ERRORS
 from framework.registry import Registry
 from framework.settings import Settings
 from framework.tenant_config import LdapSettings, load_tenant
