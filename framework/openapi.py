@@ -151,7 +151,7 @@ def service_path(spec: ServiceSpec, operation: str | None,
              "async": "runs asynchronously only: every call is answered 202 with a job",
              "both": "runs synchronously (200) unless the call asks for a job with "
                      "`Prefer: respond-async` or `?mode=async` (202)"}
-    description = (f"{spec.description or spec.name}\n\nThis service {modes[spec.mode]}. "
+    description = (f"{spec.doc or spec.name}\n\nThis service {modes[spec.mode]}. "
                    f"Deadline: {spec.timeout:g} s (504 past it).")
     parameters: list[dict[str, Any]] = [{
         "name": "mode", "in": "query", "required": False,

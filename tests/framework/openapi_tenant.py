@@ -60,7 +60,10 @@ SERVICES = {
             return {"user": context.user, "payload": context.payload}
     ''',
     "orders": '''
-        """Create and fetch orders."""
+        """Create and fetch orders.
+
+        An order names an item and how many of it.
+        """
         OPERATIONS = ["create", "get"]
         INPUT_SCHEMA = {
             "type": "object",

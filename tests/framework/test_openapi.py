@@ -134,6 +134,14 @@ def test_modes_decide_the_answers_and_parameters(offline: dict[str, Any]) -> Non
     assert sync["x-mtp-timeout"] == 5.0 and "Deadline: 5 s" in sync["description"]
 
 
+def test_the_docstring_is_the_summary_and_description(offline: dict[str, Any]) -> None:
+    create = offline["paths"]["/services/orders/create"]["post"]
+    assert create["summary"] == "Create and fetch orders."
+    assert create["description"].startswith(
+        "Create and fetch orders.\n\nAn order names an item and how many of it.\n\n")
+    assert {"name": "orders", "description": "Create and fetch orders."} in offline["tags"]
+
+
 def test_every_error_is_problem_json_with_its_headers(offline: dict[str, Any]) -> None:
     responses = offline["components"]["responses"]
     assert {int(s) for s in offline["paths"]["/services/whoami"]["post"]["responses"]} >= {
