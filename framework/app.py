@@ -14,6 +14,7 @@ from framework.execute import Executor
 from framework.hooks import install_hooks
 from framework.jobrunner import JobRunner, Reaper, rebuild_call
 from framework.jobs import JobStore, SqliteJobStore, runner_id
+from framework.openapi_view import install as install_openapi
 from framework.operations import install as install_operations
 from framework.registry import Registry
 from framework.runtime import Runtime
@@ -82,5 +83,6 @@ def create_app(settings: Settings, tenant: TenantConfig, background: bool = True
     app.register_error_handler(Exception, render_error)
     install_hooks(app, rt)
     register(app, rt)
+    install_openapi(app, rt)
     app.extensions["mtp.operations"] = install_operations(app, rt)
     return app

@@ -66,6 +66,7 @@ class ServiceSpec:
     handle: Callable[[Any], Any]
     fallback: Callable[[Any], Any] | None
     path: Path
+    doc: str = ""  # the whole module docstring (description is its first line)
 
     def check_operation(self, operation: str | None) -> None:
         """404 unless ``operation`` is one of OPERATIONS (or absent when there are none)."""
@@ -274,6 +275,7 @@ class Registry:
             handle=handle,
             fallback=fallback,
             path=path,
+            doc=doc,
         )
 
     @staticmethod

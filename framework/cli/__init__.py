@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("framework.cli.dev:check", "Validate tenant.toml and every service module."),
     "new-service": ("framework.cli.dev:new_service", "Write a service module and its test."),
     "invoke": ("framework.cli.dev:invoke", "Call a service in-process, no servers."),
+    "openapi": ("framework.cli.openapi:openapi", "Print the OpenAPI document (offline)."),
     "token": ("framework.cli.creds:token", "Print a development JWT."),
     "apikey": ("framework.cli.creds:apikey", "Create API keys."),
     "usage": ("framework.cli.ops:usage", "Usage and cost per tenant/service/operation."),
