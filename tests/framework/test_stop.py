@@ -9,6 +9,7 @@ period is marked interrupted.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -279,9 +280,10 @@ def test_a_waiting_request_whose_job_is_left_queued_by_the_stop_gets_202(tmp_pat
 
     def post(seconds: float, prefer: str):
         path = "/services/slow"
-        headers = signed_headers("POST", path)
+        body = json.dumps({"seconds": seconds}).encode()  # the signature covers the body
+        headers = signed_headers("POST", path, body=body)
         headers.update({"Prefer": prefer, "Content-Type": "application/json"})
-        return app.test_client().post(path, headers=headers, json={"seconds": seconds})
+        return app.test_client().post(path, headers=headers, data=body)
 
     try:
         busy = post(1, "respond-async").get_json()["job_id"]
