@@ -22,6 +22,7 @@ from sidecar.apikeys import ApiKeys
 from sidecar.app import Sidecar
 from sidecar.audit import AuditLog
 from sidecar.authenticate import Authenticator
+from sidecar.fleet import start_fleet
 from sidecar.limiter import LimiterBackend, MemoryBackend
 from sidecar.overlay import OverlayWatcher
 from sidecar.proxy import Timeouts, Upstream
@@ -102,6 +103,7 @@ class App:
             limiter=RateLimiter(self.backend or limiter_backend(settings)),
             upstream=Upstream(settings, self.timeouts),
             audit=AuditLog(settings.audit_file),
+            fleet=start_fleet(settings.redis_url, settings.data_dir),
         )
         degraded_gauge(sidecar)
         await sidecar.upstream.start()
@@ -112,6 +114,7 @@ class App:
             yield sidecar
         finally:
             await watcher.close()
+            sidecar.fleet.close()
             await sidecar.upstream.close()
             await tokens.close()
             if ids["directory"] is not None:

@@ -1,0 +1,100 @@
+"""The sidecar's side of a fleet: the registry decides who is served, and on which plan.
+
+With a registry in the store (framework/control/registry_view.py), a tenant that
+is not registered is 403 ``unknown-tenant``, a suspended or offboarding one 403
+``tenant-suspended``; a service outside the plan's entitlement globs is 403
+``not-entitled``; each limit is the lower of the plan's and tenant.toml's. Every
+check reads the local copy of the registry: no store round trip per request.
+Without a registry nothing here changes an answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from pathlib import Path
+
+from framework.control.plans import Plan
+from framework.control.registry_view import RegistryView, open_view
+from framework.tenant_config import LimitSettings
+from sidecar.errors import Forbidden
+
+# Limits where 0 means "no limit": the lower of two is the lower non-zero one.
+ZERO_IS_NONE = frozenset(("user_rate", "user_burst", "concurrency", "daily_quota"))
+# name -> type (annotations are strings here: "float" or "int")
+LIMIT_FIELDS = {f.name: float if str(f.type) == "float" else int
+                for f in fields(LimitSettings) if f.name != "delay"}
+
+
+class UnknownTenant(Forbidden):
+    kind = "unknown-tenant"
+    detail = "this tenant is not registered in the fleet"
+
+
+class TenantSuspended(Forbidden):
+    kind = "tenant-suspended"
+    detail = "this tenant is suspended"
+
+
+class NotEntitled(Forbidden):
+    kind = "not-entitled"
+    detail = "the tenant's plan does not include this service"
+
+
+def lower(name: str, mine: float, plans: float | None) -> float:
+    """The effective value of one limit."""
+    if plans is None:
+        return mine
+    if name in ZERO_IS_NONE and (not mine or not plans):
+        return mine or plans
+    return min(mine, plans)
+
+
+def effective_limits(own: LimitSettings, plan: Plan) -> LimitSettings:
+    """Each limit the lower of tenant.toml's and the plan's."""
+    changes = {}
+    for name, kind in LIMIT_FIELDS.items():
+        changes[name] = kind(lower(name, getattr(own, name), plan.limits.get(name)))
+    return replace(own, **changes)
+
+
+class FleetGate:
+    """Registry checks for one sidecar; :meth:`admit` runs after the tenant is bound."""
+
+    def __init__(self, view: RegistryView) -> None:
+        self.view = view
+        self._limits: dict[tuple[LimitSettings, int, str], LimitSettings] = {}
+
+    def admit(self, tenant_id: str) -> None:
+        """Refuse (403) a tenant the registry does not serve."""
+        refusal = self.view.refusal(tenant_id)
+        if refusal == "unknown-tenant":
+            raise UnknownTenant(f"tenant {tenant_id} not in the fleet registry")
+        if refusal is not None:
+            raise TenantSuspended(f"tenant {tenant_id} is suspended or offboarding")
+
+    def entitle(self, tenant_id: str, service: str) -> None:
+        """Refuse (403) a service the tenant's plan does not include."""
+        plan = self.view.plan_of(tenant_id)
+        if plan is not None and not plan.entitled(service):
+            raise NotEntitled(f"plan {plan.name} does not include service {service}")
+
+    def limits(self, tenant_id: str, own: LimitSettings) -> LimitSettings:
+        """The limits in force: tenant.toml's lowered by the plan's (cached per version)."""
+        plan = self.view.plan_of(tenant_id)
+        if plan is None:
+            return own
+        key = (own, self.view.plans_version, plan.name)
+        found = self._limits.get(key)
+        if found is None:
+            if len(self._limits) > 64:  # old versions and overlays: drop, rebuild on demand
+                self._limits.clear()
+            found = self._limits[key] = effective_limits(own, plan)
+        return found
+
+    def close(self) -> None:
+        self.view.close()
+
+
+def start_fleet(redis_url: str, data_dir: Path) -> FleetGate:
+    """The gate over this sidecar's store (a no-op until the store holds a registry)."""
+    return FleetGate(open_view(redis_url, data_dir))

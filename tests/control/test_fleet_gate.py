@@ -1,0 +1,138 @@
+"""The sidecar's fleet gate and the registry view, against real stores (no servers of ours)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from framework.control.plans import Plan
+from framework.control.registry_view import RedisView, RegistryView, SqliteView
+from framework.control.store import (
+    SqliteRegistry,
+    TenantRecord,
+    iso_now,
+    open_registry,
+)
+from framework.tenant_config import LimitSettings
+from sidecar.errors import Forbidden
+from sidecar.fleet import FleetGate, effective_limits, lower
+from tests.servers import RedisServer
+
+PLANS = {"version": 1, "plans": {
+    "basic": {"isolation": "shared", "services": ["echo", "rep*"],
+              "limits": {"rate": 5, "daily_quota": 100, "concurrency": 0},
+              "prices": {"currency": "EUR", "per_call": 0.1}},
+}}
+
+
+def record(tid: str, status: str = "active", plan: str = "basic") -> TenantRecord:
+    now = iso_now()
+    return TenantRecord(tid, tid, plan, status, "dedicated", now, now)
+
+
+def view_with(tenants: dict[str, tuple[str, str]]) -> RegistryView:
+    view = RegistryView()
+    view._apply_plans(PLANS)
+    view.tenants = dict(tenants)
+    return view
+
+
+def test_without_a_registry_nothing_is_refused() -> None:
+    gate = FleetGate(RegistryView())
+    gate.admit("anyone")
+    gate.entitle("anyone", "whatever")
+    own = LimitSettings(rate=50)
+    assert gate.limits("anyone", own) is own
+
+
+@pytest.mark.parametrize(("status", "kind"), [
+    ("suspended", "tenant-suspended"), ("offboarding", "tenant-suspended")])
+def test_refusals_carry_their_problem_kind(status: str, kind: str) -> None:
+    gate = FleetGate(view_with({"acme": (status, "basic"), "ok": ("active", "basic")}))
+    with pytest.raises(Forbidden) as err:
+        gate.admit("acme")
+    assert err.value.kind == kind and err.value.status == 403
+    with pytest.raises(Forbidden) as err:
+        gate.admit("stranger")
+    assert err.value.kind == "unknown-tenant"
+    gate.admit("ok")
+
+
+def test_entitlements_are_the_plans_globs() -> None:
+    gate = FleetGate(view_with({"acme": ("active", "basic"), "odd": ("active", "gone")}))
+    gate.entitle("acme", "echo")
+    gate.entitle("acme", "report")
+    with pytest.raises(Forbidden) as err:
+        gate.entitle("acme", "billing")
+    assert err.value.kind == "not-entitled"
+    gate.entitle("odd", "billing")  # a plan not published (yet): tenant.toml decides
+
+
+def test_each_limit_is_the_lower_one() -> None:
+    assert lower("rate", 100.0, 5) == 5 and lower("rate", 2.0, 5) == 2.0
+    assert lower("daily_quota", 0, 100) == 100  # 0 is "none": the plan's applies
+    assert lower("daily_quota", 50, 0) == 50
+    assert lower("concurrency", 3, None) == 3
+    plan = Plan("p", "shared", ("*",), {"rate": 5, "burst": 3, "daily_quota": 100})
+    got = effective_limits(LimitSettings(rate=100, burst=100, daily_quota=0, delay=False), plan)
+    assert (got.rate, got.burst, got.daily_quota, got.delay) == (5, 3, 100, False)
+    assert isinstance(got.burst, int) and isinstance(got.rate, float)
+    gate = FleetGate(view_with({"acme": ("active", "basic")}))
+    own = LimitSettings(rate=100, daily_quota=1000)
+    first = gate.limits("acme", own)
+    assert (first.rate, first.daily_quota) == (5, 100) and gate.limits("acme", own) is first
+
+
+def wait(view: RegistryView, check, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check(view):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_sqlite_view_follows_the_registry(tmp_path: Path) -> None:
+    view = SqliteView(tmp_path).start()
+    try:
+        time.sleep(0.1)
+        assert not view.fleet and view.refusal("acme") is None  # no fleet.db: no fleet
+        reg = open_registry("", tmp_path)
+        assert isinstance(reg, SqliteRegistry)
+        reg.put_plans(PLANS)
+        reg.create(record("acme"))
+        wait(view, lambda v: v.fleet and v.refusal("acme") is None)
+        assert view.refusal("other") == "unknown-tenant"
+        reg.update("acme", {"status": "suspended"})
+        wait(view, lambda v: v.refusal("acme") == "tenant-suspended")
+        assert view.plan_of("acme").name == "basic"
+        reg.close()
+    finally:
+        view.close()
+
+
+def test_redis_view_keeps_its_copy_through_an_outage(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    view = RedisView(server.url).start()
+    try:
+        reg = open_registry(server.url, tmp_path)
+        reg.create(record("acme"))
+        wait(view, lambda v: "acme" in v.tenants)
+        assert not view.fleet  # records but no plans published: not a fleet yet
+        reg.put_plans(PLANS)
+        wait(view, lambda v: v.fleet)
+        reg.update("acme", {"status": "suspended"})
+        wait(view, lambda v: v.refusal("acme") == "tenant-suspended")
+        server.stop()
+        time.sleep(0.5)
+        assert view.refusal("acme") == "tenant-suspended"  # the last copy stays in force
+        server.start()  # an empty database: the view reconnects and resyncs
+        reg2 = open_registry(server.url, tmp_path)
+        reg2.put_plans(PLANS)
+        reg2.create(record("acme"))
+        wait(view, lambda v: v.refusal("acme") is None)
+        reg2.close()
+    finally:
+        view.close()
+        server.stop()
