@@ -328,13 +328,14 @@ async def delete_tenant(request: web.Request) -> web.Response:
     tid = _tenant_id(request)
     old = await _record(control, tid)
     request[AUDIT_INFO].update(tenant=tid, fields={"status": OFFBOARDING})
-    if old.status == OFFBOARDING:
-        return web.json_response(old.as_dict(), status=202)
-    # Refused everywhere first (the registry change reaches data planes at once), then
-    # exported and purged off the request path.
-    rec = await control.run(control.registry.update, tid, {"status": OFFBOARDING})
-    if rec is None:
-        raise NotFound(f"no tenant {tid!r}", kind="unknown-tenant")
+    rec: TenantRecord | None = old
+    if old.status != OFFBOARDING:
+        # Refused everywhere first (the registry change reaches data planes at once),
+        # then exported and purged off the request path. Again on an offboarding
+        # tenant: purged again (whatever a straggler wrote since), same export.
+        rec = await control.run(control.registry.update, tid, {"status": OFFBOARDING})
+        if rec is None:
+            raise NotFound(f"no tenant {tid!r}", kind="unknown-tenant")
     prices = control.prices(rec.plan)
     future = asyncio.get_running_loop().run_in_executor(
         control.purge_thread, offboard, control.data, tid, prices)

@@ -2,11 +2,13 @@
 
 Redis: ``mtp:<tenant>:*`` (jobs, usage, events, quotas), the limiter's
 ``mtp:rl:<tenant>`` and ``mtp:rl:<tenant>\\0*`` (sidecar/limiter_redis.py), the
-tenant's RQ queue ``mtp-<tenant>`` with its registries and the RQ keys of its
-jobs, and its Redis ACL user. SQLite: the tenant's rows in the data dir's
-usage, jobs and config-version files. Every key and row is matched by the exact
-tenant id, so a tenant whose id is a prefix of another's (``acme``/``acme-eu``)
-never loses anything.
+tenant's RQ queue ``mtp-<tenant>`` with its registries, the RQ keys of its jobs
+and of its workers, and its Redis ACL user. A data plane still running when the
+purge runs may write again (a worker's heartbeat, a job that was running): stop
+it, then DELETE again, which purges again and keeps the first export. SQLite: the
+tenant's rows in the data dir's usage, jobs and config-version files. Every key and
+row is matched by the exact tenant id, so a tenant whose id is a prefix of
+another's (``acme``/``acme-eu``) never loses anything.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +28,9 @@ from framework.tenant_config import BillingSettings
 log = logging.getLogger("mtp.control.purge")
 
 LIMITER_PREFIX = "mtp:rl:"  # sidecar/limiter_redis.py PREFIX
+# Seconds between refusing a tenant and purging it: data planes see the refusal within
+# ~100 ms, and their usage meters flush what they counted before it every second.
+DRAIN_SECONDS = 2.0
 EXPORTS = "exports"
 
 
@@ -72,19 +78,25 @@ def purge_redis(client: object, tenant: str) -> int:
     queue = f"mtp-{tenant}"
     queue_key = f"rq:queue:{queue}"
     job_ids.update(client.lrange(queue_key, 0, -1))  # type: ignore[attr-defined]
+    workers = []
     for key in scan(match="rq:*", count=1000):
         parts = key.split(":")
-        if parts[-1] == queue and len(parts) == 3:
-            keys.append(key)  # the queue and its registries: rq:<registry>:mtp-<tenant>
+        if len(parts) >= 3 and parts[2] == queue:
+            # The queue, its registries and sets: rq:<kind>:mtp-<tenant>[:<part>]
+            keys.append(key)
             if client.type(key) == "zset":  # type: ignore[attr-defined]
                 job_ids.update(client.zrange(key, 0, -1))  # type: ignore[attr-defined]
+        elif len(parts) == 3 and parts[1] == "worker" and parts[2].startswith(queue + "."):
+            workers.append(key)  # the tenant's workers (named after its queue; ids have no ".")
     if job_ids:
         for key in scan(match="rq:*", count=1000):
             parts = key.split(":")
             if len(parts) >= 3 and parts[2] in job_ids:
                 keys.append(key)  # rq:job:<id>, rq:results:<id>, rq:executions:<id>...
     client.srem("rq:queues", queue_key)  # type: ignore[attr-defined]
-    removed = _unlink(client, sorted(set(keys)))
+    if workers:
+        client.srem("rq:workers", *workers)  # type: ignore[attr-defined]
+    removed = _unlink(client, sorted(set(keys + workers)))
     from redis.exceptions import ResponseError
 
     with contextlib.suppress(ResponseError):  # no ACL support: there is no user to remove
@@ -117,9 +129,13 @@ def purge_sqlite(data_dir: Path, tenant: str) -> dict[str, int]:
     return out
 
 
-def offboard(data: TenantData, tenant: str, prices: BillingSettings) -> PurgeReport:
-    """Export, then purge every store (the export is kept in the data dir)."""
-    write_export(data, tenant, prices)
+def offboard(data: TenantData, tenant: str, prices: BillingSettings,
+             drain: float = DRAIN_SECONDS) -> PurgeReport:
+    """Wait for data planes to drain, export, then purge every store (the export is kept
+    in the data dir; a second offboarding keeps the first export and purges again)."""
+    time.sleep(drain)
+    if not export_path(data.data_dir, tenant).is_file():
+        write_export(data, tenant, prices)
     report = PurgeReport()
     if data.redis is not None:
         report.redis_keys = purge_redis(data.redis, tenant)
