@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from framework.control.acl import set_user
 from framework.control.audit import AdminAudit
 from framework.control.auth import Operator, OperatorAuth
 from framework.control.errors import (
@@ -261,8 +262,12 @@ async def create_tenant(request: web.Request) -> web.Response:
     request[AUDIT_INFO].update(tenant=tid, fields={**fields, "placement": placement})
     if not await control.run(control.registry.create, record):
         raise Conflict(f"tenant id {tid!r} is taken", kind="tenant-exists")
-    return web.json_response(record.as_dict(), status=201,
-                             headers={"Location": f"/admin/tenants/{tid}"})
+    doc = record.as_dict()
+    if control.data.redis is not None:
+        # The tenant's data plane connects as its own ACL user (shown this once only).
+        user = await control.run(set_user, control.data.redis, tid)
+        doc["redis"] = {"user": user.user, "password": user.password} if user else None
+    return web.json_response(doc, status=201, headers={"Location": f"/admin/tenants/{tid}"})
 
 
 def _cursor(raw: str) -> str:
