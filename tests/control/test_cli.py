@@ -135,3 +135,22 @@ def test_control_and_tenants_are_registered(plane: ControlPlane) -> None:
     sub = ok(mtp(plane, "tenants", "--help"))
     for name in ("create", "list", "show", "update", "suspend", "resume", "delete", "export"):
         assert name in sub
+
+
+def test_check_warns_what_the_fleet_overrides(plane: ControlPlane, tmp_path: Path) -> None:
+    tdir = tmp_path / "t"
+    (tdir / "services").mkdir(parents=True)
+    (tdir / "services" / "echo.py").write_text('"""Echo."""\n\n\ndef handle(context):\n'
+                                               '    return context.payload\n')
+    (tdir / "tenant.toml").write_text(
+        '[tenant]\nid = "cli-check"\nplan = "gold"\n\n[plans.gold]\nservices = ["*"]\n\n'
+        '[billing]\nper_call = 0.5\ncurrency = "USD"\n\n[limits]\nrate = 5\n')
+    alone = mtp(plane, "check", "--tenant-dir", str(tdir),
+                env={"MTP_DATA_DIR": str(tmp_path / "own-data")})
+    assert "ok: tenant cli-check" in ok(alone) and "warning" not in alone.stderr
+    fleet = mtp(plane, "check", "--tenant-dir", str(tdir),
+                env={"MTP_DATA_DIR": str(plane.data_dir)})
+    assert "ok: tenant cli-check" in ok(fleet)
+    assert "billing: prices (currency, per_call) are ignored in this fleet" in fleet.stderr
+    assert "plans: ignored in this fleet" in fleet.stderr
+    assert "limits: in this fleet each limit is the lower" in fleet.stderr

@@ -136,3 +136,27 @@ def test_redis_view_keeps_its_copy_through_an_outage(tmp_path: Path) -> None:
     finally:
         view.close()
         server.stop()
+
+
+def test_fleet_present_looks_at_the_store(tmp_path: Path) -> None:
+    from framework.control.tenant_check import fleet_present
+    from tests.helpers import free_port
+
+    assert not fleet_present("", tmp_path)
+    assert not fleet_present(f"redis://127.0.0.1:{free_port()}/0", tmp_path)  # unreachable
+    (tmp_path / "fleet.db").write_text("not a database")
+    assert not fleet_present("", tmp_path)
+    (tmp_path / "fleet.db").unlink()
+    reg = open_registry("", tmp_path)
+    assert not fleet_present("", tmp_path)  # a registry file, but no plans published
+    reg.put_plans(PLANS)
+    assert fleet_present("", tmp_path)
+    reg.close()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        assert not fleet_present(server.url, tmp_path / "elsewhere")
+        open_registry(server.url, tmp_path).put_plans(PLANS)
+        assert fleet_present(server.url, tmp_path / "elsewhere")
+    finally:
+        server.stop()
