@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
-from framework.control.store import DB_NAME, PLANS
-from framework.tenant_config import TenantConfig
+from framework.control.store import DB_NAME, PLANS, TENANTS
+from framework.tenant_config import BillingSettings, TenantConfig
 
 PRICE_KEYS = ("currency", "per_call", "per_cpu_second", "per_gb")
 
@@ -50,3 +51,42 @@ def fleet_warnings(tenant: TenantConfig) -> list[str]:
         out.append(f"{tenant.source}: limits: in this fleet each limit is the lower of "
                    "these and the plan's")
     return out
+
+
+def plan_prices(redis_url: str, data_dir: Path, tenant: TenantConfig) -> BillingSettings:
+    """The prices the tenant's usage is charged at: its plan's in a fleet, else its own.
+
+    A one-off read of the registry, for the rare usage reports (never on a service
+    call). The plan's prices keep the tenant's own webhook settings.
+    """
+    import json
+
+    doc, plan = None, ""
+    try:
+        if redis_url:
+            from redis import Redis
+
+            with Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2,
+                                decode_responses=True) as r:
+                raw, rec = r.get(PLANS), r.hget(TENANTS, tenant.tenant_id)
+            doc = json.loads(raw) if raw else None
+            plan = json.loads(rec)["plan"] if rec else ""
+        elif (data_dir / DB_NAME).is_file():
+            conn = sqlite3.connect(f"file:{data_dir / DB_NAME}?mode=ro", uri=True, timeout=5)
+            try:
+                row = conn.execute("SELECT value FROM meta WHERE key = 'plans'").fetchone()
+                found = conn.execute("SELECT plan FROM tenants WHERE id = ?",
+                                     (tenant.tenant_id,)).fetchone()
+            finally:
+                conn.close()
+            doc = json.loads(row[0]) if row else None
+            plan = found[0] if found else ""
+    except Exception:
+        return tenant.billing
+    prices = (doc or {}).get("plans", {}).get(plan, {}).get("prices")
+    if prices is None:
+        return tenant.billing
+    return replace(tenant.billing, currency=prices.get("currency", "EUR"),
+                   per_call=prices.get("per_call", 0.0),
+                   per_cpu_second=prices.get("per_cpu_second", 0.0),
+                   per_gb=prices.get("per_gb", 0.0))

@@ -22,6 +22,7 @@ PLANS = """
 isolation = "dedicated"
 services = ["*"]
 limits = { rate = 1000, burst = 1000 }
+prices = { currency = "USD", per_call = 0.5 }
 
 [plans.echo-only]
 isolation = "dedicated"
@@ -105,6 +106,11 @@ def test_the_registry_decides_who_is_served(fleet: tuple[Replica, ControlPlane])
     assert replica.call("GET", "/healthz").status == 200  # liveness needs no tenant
     assert cp.call("PATCH", "/admin/tenants/acme", {"status": "active"}).status == 200
     wait_until(lambda: echo(replica).status == 200)
+    # Usage is charged at the plan's prices, not tenant.toml's (none: EUR 0).
+    report = replica.call("GET", "/usage", auth(roles=("admin",))).json()
+    assert report["currency"] == "USD"
+    calls = sum(r["calls"] for r in report["rows"])
+    assert calls >= 3 and sum(r["cost"] for r in report["rows"]) == pytest.approx(0.5 * calls)
     assert cp.call("DELETE", "/admin/tenants/acme").status == 202
     wait_until(lambda: kind(echo(replica)) == "403 tenant-suspended")
     audit = replica.root / "acme-audit.log"  # flushed every 0.2 s

@@ -160,3 +160,23 @@ def test_fleet_present_looks_at_the_store(tmp_path: Path) -> None:
         assert fleet_present(server.url, tmp_path / "elsewhere")
     finally:
         server.stop()
+
+
+def test_plan_prices_fall_back_to_the_tenants_own(tmp_path: Path) -> None:
+    from framework.control.tenant_check import plan_prices
+    from framework.tenant_config import parse_tenant
+
+    own = parse_tenant({"tenant": {"id": "acme"},
+                        "billing": {"currency": "GBP", "per_call": 9.0}}, "tenant.toml")
+    assert plan_prices("", tmp_path, own) is own.billing  # no registry
+    reg = open_registry("", tmp_path)
+    reg.put_plans(PLANS)
+    assert plan_prices("", tmp_path, own) is own.billing  # not registered
+    reg.create(record("acme"))
+    got = plan_prices("", tmp_path, own)
+    assert (got.currency, got.per_call, got.per_gb) == ("EUR", 0.1, 0.0)
+    reg.update("acme", {"plan": "gone"})
+    assert plan_prices("", tmp_path, own) is own.billing  # a plan no longer published
+    reg.close()
+    (tmp_path / "fleet.db").write_bytes(b"garbage")
+    assert plan_prices("", tmp_path, own) is own.billing
