@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
@@ -14,6 +15,8 @@ from framework.control.plans import PlanBook
 from framework.control.store import connect_redis, open_registry
 from framework.control.tenant_data import TenantData
 
+STORE_THREADS_REDIS = 4
+
 
 def build(config: ControlConfig) -> Control:
     """The control plane, checked (config errors raise here, before anything listens)."""
@@ -23,9 +26,13 @@ def build(config: ControlConfig) -> Control:
     registry = open_registry(config.redis_url, config.data_dir)
     data = TenantData(config.data_dir,
                       connect_redis(config.redis_url) if config.redis_url else None)
+    # SQLite: one thread, one writer (a connection is not shared between threads);
+    # Redis: a few, so one slow call does not queue every other.
+    threads = STORE_THREADS_REDIS if config.redis_url else 1
     return Control(registry=registry, plans=plans, auth=auth,
                    audit=AdminAudit(config.audit_file), data=data,
-                   pool_domain=config.pool_domain)
+                   pool_domain=config.pool_domain,
+                   store_thread=ThreadPoolExecutor(threads, thread_name_prefix="mtp-control"))
 
 
 def serve(config: ControlConfig) -> None:

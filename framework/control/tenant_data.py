@@ -11,7 +11,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,19 +49,22 @@ class TenantData:
 
     data_dir: Path
     redis: Any = None
+    _usage: Any = field(default=None, repr=False)
 
     def usage_store(self) -> Any:
-        """The usage store as ``GET /usage`` reads it, or None when there is none yet."""
+        """The usage store as ``GET /usage`` reads it, or None when there is none yet
+        (made once: building one checks its schema)."""
+        if self._usage is not None:
+            return self._usage
         if self.redis is not None:
             from framework.usage_redis import RedisUsageStore
 
-            return RedisUsageStore(self.redis)
-        path = self.data_dir / USAGE_DB
-        if not path.is_file():
-            return None
-        from framework.usage import UsageStore
+            self._usage = RedisUsageStore(self.redis)
+        elif (self.data_dir / USAGE_DB).is_file():
+            from framework.usage import UsageStore
 
-        return UsageStore(path)
+            self._usage = UsageStore(self.data_dir / USAGE_DB)
+        return self._usage
 
     def usage_today(self, tenant: str, prices: BillingSettings) -> dict[str, Any]:
         """Calls and cost of the tenant since midnight UTC."""
