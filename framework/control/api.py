@@ -102,9 +102,10 @@ class Control:
         return found.prices if found else BillingSettings()
 
     def publish_plans(self) -> None:
-        """Write the plans in force to the store when they changed (data planes read them)."""
+        """Write the plans in force to the store when they changed, or when the store lost
+        them (a Redis restarted empty): they mark the fleet for data planes."""
         current = self.plans.get()
-        if current.version != self.published:
+        if current.version != self.published or not self.registry.has_plans():
             self.registry.put_plans(current.as_dict())
             self.published = current.version
 

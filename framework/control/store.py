@@ -76,14 +76,11 @@ class Registry(Protocol):
     def update(self, tenant_id: str, changes: dict[str, str]) -> TenantRecord | None:
         """Apply field changes (``updated`` set here); None when the id is unknown."""
 
-    def statuses(self) -> dict[str, tuple[str, str]]:
-        """Every tenant's (status, plan): what a data plane caches."""
-
     def put_plans(self, plans: dict[str, Any]) -> None:
         """Publish the plans in force for data planes."""
 
-    def get_plans(self) -> dict[str, Any] | None:
-        """The published plans, or None (no fleet)."""
+    def has_plans(self) -> bool:
+        """True while the published plans are there (a store restarted empty lost them)."""
 
     def close(self) -> None:
         """Release connections."""
@@ -174,21 +171,12 @@ class SqliteRegistry:
             raise
         return new
 
-    def statuses(self) -> dict[str, tuple[str, str]]:
-        return {i: (s, p) for i, s, p in
-                self._conn.execute("SELECT id, status, plan FROM tenants")}
+    def has_plans(self) -> bool:
+        return self._conn.execute("SELECT 1 FROM meta WHERE key = 'plans'").fetchone() is not None
 
     def put_plans(self, plans: dict[str, Any]) -> None:
         self._write("INSERT INTO meta (key, value) VALUES ('plans', ?) "
                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (json.dumps(plans),))
-
-    def get_plans(self) -> dict[str, Any] | None:
-        row = self._conn.execute("SELECT value FROM meta WHERE key = 'plans'").fetchone()
-        return json.loads(row[0]) if row else None
-
-    def data_version(self) -> int:
-        """Changes when another connection commits: a poll costs no read of any table."""
-        return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
 
     def close(self) -> None:
         self._conn.close()
@@ -247,12 +235,8 @@ class RedisRegistry:
                 return new
         raise RuntimeError(f"tenant {tenant_id} changed 20 times while being updated")
 
-    def statuses(self) -> dict[str, tuple[str, str]]:
-        out = {}
-        for tid, raw in self.client.hgetall(TENANTS).items():
-            rec = TenantRecord.from_json(raw)
-            out[_text(tid)] = (rec.status, rec.plan)
-        return out
+    def has_plans(self) -> bool:
+        return bool(self.client.exists(PLANS))
 
     def put_plans(self, plans: dict[str, Any]) -> None:
         pipe = self.client.pipeline()
@@ -261,16 +245,8 @@ class RedisRegistry:
         pipe.publish(CHANNEL, "*")
         pipe.execute()
 
-    def get_plans(self) -> dict[str, Any] | None:
-        raw = self.client.get(PLANS)
-        return json.loads(raw) if raw else None
-
     def close(self) -> None:
         self.client.close()
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def connect_redis(url: str) -> Any:

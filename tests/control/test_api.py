@@ -362,3 +362,29 @@ def test_operator_keys_file_is_checked(tmp_path) -> None:
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "keys.ops.hash" in done.stderr
     assert base_env()  # the helper keeps MTP_* of the test run out
+
+
+def test_a_store_outage_is_503_and_recovers(tmp_path) -> None:
+    from tests.servers import RedisServer
+
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    cp = ControlPlane(tmp_path / "cp", redis_url=server.url).start()
+    try:
+        create(cp, "outage-co", "free")
+        server.stop()
+        doc = assert_problem(cp.call("GET", "/admin/tenants/outage-co"), 503,
+                             "store-unavailable")
+        assert "unavailable" in doc["detail"]
+        assert_problem(cp.call("POST", "/admin/tenants",
+                               {"id": "x1", "name": "x", "plan": "free"}), 503)
+        server.start()  # an empty database (no persistence): the registry is gone too
+        assert cp.call("GET", "/admin/tenants").status == 200
+        client = Redis.from_url(server.url)
+        deadline = time.monotonic() + 10
+        while not client.exists("mtp:_fleet:plans"):  # published again: still a fleet
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        cp.stop()
+        server.stop()

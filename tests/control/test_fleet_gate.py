@@ -180,3 +180,10 @@ def test_plan_prices_fall_back_to_the_tenants_own(tmp_path: Path) -> None:
     reg.close()
     (tmp_path / "fleet.db").write_bytes(b"garbage")
     assert plan_prices("", tmp_path, own) is own.billing
+
+
+def test_the_limits_cache_stays_small() -> None:
+    gate = FleetGate(view_with({"acme": ("active", "basic")}))
+    for i in range(200):  # e.g. many overlay changes over a long run
+        assert gate.limits("acme", LimitSettings(rate=10 + i)).rate == 5
+    assert len(gate._limits) <= 65
