@@ -3,7 +3,8 @@
 With a registry in the store (framework/control/registry_view.py), a tenant that
 is not registered is 403 ``unknown-tenant``, a suspended or offboarding one 403
 ``tenant-suspended``; a service outside the plan's entitlement globs is 403
-``not-entitled``; each limit is the lower of the plan's and tenant.toml's. Every
+``not-entitled``; each limit is the lower of the plan's and tenant.toml's, and
+past the daily quota the plan's ``degraded_rate`` slows rather than refuses. Every
 check reads the local copy of the registry: no store round trip per request.
 Without a registry nothing here changes an answer.
 """
@@ -20,6 +21,7 @@ from sidecar.errors import Forbidden
 
 # Limits where 0 means "no limit": the lower of two is the lower non-zero one.
 ZERO_IS_NONE = frozenset(("user_rate", "user_burst", "concurrency", "daily_quota"))
+PLAN_ONLY = frozenset(("degraded_rate",))  # not a tenant.toml key: the plan's value applies
 # name -> type (annotations are strings here: "float" or "int")
 LIMIT_FIELDS = {f.name: float if str(f.type) == "float" else int
                 for f in fields(LimitSettings) if f.name != "delay"}
@@ -53,7 +55,10 @@ def effective_limits(own: LimitSettings, plan: Plan) -> LimitSettings:
     """Each limit the lower of tenant.toml's and the plan's."""
     changes = {}
     for name, kind in LIMIT_FIELDS.items():
-        changes[name] = kind(lower(name, getattr(own, name), plan.limits.get(name)))
+        if name in PLAN_ONLY:
+            changes[name] = kind(plan.limits.get(name, getattr(own, name)))
+        else:
+            changes[name] = kind(lower(name, getattr(own, name), plan.limits.get(name)))
     return replace(own, **changes)
 
 

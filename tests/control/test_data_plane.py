@@ -32,6 +32,11 @@ services = ["echo", "rep*"]
 isolation = "dedicated"
 services = ["*"]
 limits = { rate = 1000, burst = 1000, daily_quota = 2 }
+
+[plans.slow]
+isolation = "dedicated"
+services = ["*"]
+limits = { rate = 1000, burst = 1000, daily_quota = 2, degraded_rate = 1 }
 """
 
 
@@ -133,5 +138,12 @@ def test_plan_entitlements_and_limits_apply(fleet: tuple[Replica, ControlPlane])
     wait_until(lambda: replica.call("POST", "/services/sleepy", auth(), {"s": 0}).status != 403)
     statuses = [echo(replica).status for _ in range(4)]
     assert statuses[-1] == 429 and statuses.count(200) <= 2
-    assert "daily quota" in echo(replica).json()["detail"] or \
-        echo(replica).headers.get("Retry-After")
+    assert int(echo(replica).headers["Retry-After"]) > 1  # until midnight UTC
+    # Degradation rather than denial: the same used-up quota, a plan with degraded_rate.
+    assert cp.call("PATCH", "/admin/tenants/acme", {"plan": "slow"}).status == 200
+    wait_until(lambda: echo(replica).headers.get("X-Quota-Degraded") == "true")
+    burst = [echo(replica) for _ in range(10)]
+    served = [r for r in burst if r.status == 200]
+    assert all(r.headers["X-Quota-Degraded"] == "true" for r in burst)
+    assert any(r.status == 429 for r in burst)  # faster than 1/s is refused
+    assert all(r.status in (200, 429) for r in burst) and served

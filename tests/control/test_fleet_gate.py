@@ -187,3 +187,30 @@ def test_the_limits_cache_stays_small() -> None:
     for i in range(200):  # e.g. many overlay changes over a long run
         assert gate.limits("acme", LimitSettings(rate=10 + i)).rate == 5
     assert len(gate._limits) <= 65
+
+
+def test_past_the_quota_a_degraded_rate_slows_rather_than_refuses() -> None:
+    import asyncio
+
+    from sidecar.errors import RateLimited
+    from sidecar.limiter import MemoryBackend
+    from sidecar.ratelimit import QUOTA_DEGRADED, RateLimiter
+
+    now = [0.0]
+    rl = RateLimiter(MemoryBackend(), clock=lambda: now[0])
+    limits = LimitSettings(rate=1000, burst=1000, daily_quota=2, degraded_rate=1.0)
+    first = [asyncio.run(rl.admit(limits, "t", "u"))[0] for _ in range(2)]
+    assert not any(QUOTA_DEGRADED in h for h in first)
+    slowed = asyncio.run(rl.admit(limits, "t", "u"))[0]
+    assert slowed[QUOTA_DEGRADED] == "true"  # over the quota, and still served
+    asyncio.run(rl.admit(limits, "t", "u"))  # the one-request burst of the degraded rate
+    with pytest.raises(RateLimited) as exc:  # faster than 1/s: 429, degraded
+        asyncio.run(rl.admit(limits, "t", "u"))
+    assert exc.value.headers[QUOTA_DEGRADED] == "true"
+    assert exc.value.headers["Retry-After"] == "1"
+    now[0] += 1.0
+    assert asyncio.run(rl.admit(limits, "t", "u"))[0][QUOTA_DEGRADED] == "true"
+    plan = Plan("p", "shared", ("*",), {"daily_quota": 2, "degraded_rate": 0.5})
+    got = effective_limits(LimitSettings(daily_quota=10), plan)
+    assert (got.daily_quota, got.degraded_rate) == (2, 0.5)  # the plan's, not the lower
+    assert effective_limits(LimitSettings(), Plan("q", "shared", ("*",))).degraded_rate == 0.0
