@@ -103,7 +103,7 @@ class App:
             limiter=RateLimiter(self.backend or limiter_backend(settings)),
             upstream=Upstream(settings, self.timeouts),
             audit=AuditLog(settings.audit_file),
-            fleet=start_fleet(settings.redis_url, settings.data_dir),
+            fleet=start_fleet(settings, tenant.tenant_id),
         )
         degraded_gauge(sidecar)
         await sidecar.upstream.start()

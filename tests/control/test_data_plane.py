@@ -33,6 +33,11 @@ isolation = "dedicated"
 services = ["*"]
 limits = { rate = 1000, burst = 1000, daily_quota = 2 }
 
+[plans.cpu]
+isolation = "dedicated"
+services = ["*"]
+limits = { rate = 1000, burst = 1000, daily_cpu_seconds = 0.2 }
+
 [plans.slow]
 isolation = "dedicated"
 services = ["*"]
@@ -147,3 +152,36 @@ def test_plan_entitlements_and_limits_apply(fleet: tuple[Replica, ControlPlane])
     assert all(r.headers["X-Quota-Degraded"] == "true" for r in burst)
     assert any(r.status == 429 for r in burst)  # faster than 1/s is refused
     assert all(r.status in (200, 429) for r in burst) and served
+
+
+BURN = '''"""Burn about 0.1 s of CPU."""
+import time
+
+
+def handle(context):
+    end = time.process_time() + 0.1
+    n = 0
+    while time.process_time() < end:
+        n += 1
+    return {"n": n}
+'''
+
+
+def test_daily_cpu_seconds_caps_handler_cpu(fleet: tuple[Replica, ControlPlane]) -> None:
+    replica, cp = fleet
+    (replica.tenant_dir / "services" / "burn.py").write_text(BURN)
+    cp.start()
+    assert cp.call("POST", "/admin/tenants", {"id": "acme", "name": "Acme",
+                                              "plan": "cpu"}).status == 201
+    start_replica(replica)
+    wait_until(lambda: echo(replica).status == 200)
+    for _ in range(3):  # 0.3 s of handler CPU against a cap of 0.2 s
+        assert replica.call("POST", "/services/burn", auth(), {}).status == 200
+    # Usage is flushed each second and read by the sidecar every two: then refused.
+    wait_until(lambda: echo(replica).status == 429, timeout=20)
+    refused = echo(replica)
+    assert refused.json()["type"].endswith("too-many-requests")
+    assert int(refused.headers["Retry-After"]) > 1  # until midnight UTC
+    # A plan without the cap: served again.
+    assert cp.call("PATCH", "/admin/tenants/acme", {"plan": "std"}).status == 200
+    wait_until(lambda: echo(replica).status == 200)

@@ -214,3 +214,30 @@ def test_past_the_quota_a_degraded_rate_slows_rather_than_refuses() -> None:
     got = effective_limits(LimitSettings(daily_quota=10), plan)
     assert (got.daily_quota, got.degraded_rate) == (2, 0.5)  # the plan's, not the lower
     assert effective_limits(LimitSettings(), Plan("q", "shared", ("*",))).degraded_rate == 0.0
+
+
+def test_cpu_watch_reads_todays_cpu_and_survives_a_broken_store(monkeypatch,
+                                                                 tmp_path: Path) -> None:
+    import sidecar.fleet as fleet_mod
+    from framework.usage import UsageStore
+    from sidecar.fleet import CpuWatch
+    from tests.control.seed import usage_row
+
+    monkeypatch.setattr(fleet_mod, "CPU_POLL", 0.01)
+    view = view_with({"acme": ("active", "basic")})
+    view._apply_plans({"version": 2, "plans": {"basic": {
+        "isolation": "shared", "services": ["*"], "limits": {"daily_cpu_seconds": 1.0}}}})
+    path = tmp_path / "usage.db"
+    path.mkdir()  # a directory where the database should be: the store cannot be opened
+    watch = CpuWatch(view, "acme", lambda: UsageStore(path)).start()
+    try:
+        time.sleep(0.1)
+        assert watch.used == 0.0 and not watch.over(view.plan_of("acme"))
+        path.rmdir()
+        UsageStore(path).add([usage_row("acme", 3, cpu=1.5), usage_row("other", 3, cpu=9.0)])
+        wait(view, lambda v: watch.used == 1.5)
+        assert watch.over(view.plan_of("acme"))
+        gate = FleetGate(view, watch)
+        assert gate.limits("acme", LimitSettings(daily_quota=100)).daily_quota == 1
+    finally:
+        watch.close()
