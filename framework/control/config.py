@@ -50,6 +50,8 @@ class ControlConfig:
             raise ConfigError(ENV, "MTP_OPERATOR_JWT_SECRET",
                               "set it or MTP_OPERATOR_KEYS_FILE: operators need credentials")
         level = env.get("MTP_LOG_LEVEL", "INFO").upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(ENV, "MTP_LOG_LEVEL", f"unknown level {level!r}")
         return cls(
             data_dir=Path(env.get("MTP_DATA_DIR") or default_data_dir(env)),
             listen=listen,
@@ -59,5 +61,5 @@ class ControlConfig:
             operator_keys_file=keys,
             audit_file=env.get("MTP_AUDIT_FILE", ""),
             pool_domain=env.get("MTP_POOL_DOMAIN") or "tenants.example.com",
-            log_level=level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO",
+            log_level=level,
         )

@@ -338,6 +338,10 @@ def test_every_admin_action_is_one_audit_line(plane: ControlPlane) -> None:
      {"MTP_OPERATOR_JWT_SECRET": "short", "MTP_OPERATOR_KEYS_FILE": ""}, "at least 32"),
     ('[plans.free]\nisolation = "shared"\nservices = ["*"]\n', {"MTP_PLANS_FILE": ""},
      "MTP_PLANS_FILE"),
+    ('[plans.free]\nisolation = "shared"\nservices = ["*"]\n', {"MTP_LOG_LEVEL": "loud"},
+     "MTP_LOG_LEVEL"),
+    ('[plans.free]\nisolation = "shared"\nservices = ["*"]\n',
+     {"MTP_CONTROL_LISTEN": "unix:/tmp/x.sock"}, "MTP_CONTROL_LISTEN"),
 ])
 def test_control_refuses_to_start_with_bad_config(tmp_path, plans, env, words) -> None:
     cp = ControlPlane(tmp_path)
