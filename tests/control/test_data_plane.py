@@ -185,3 +185,48 @@ def test_daily_cpu_seconds_caps_handler_cpu(fleet: tuple[Replica, ControlPlane])
     # A plan without the cap: served again.
     assert cp.call("PATCH", "/admin/tenants/acme", {"plan": "std"}).status == 200
     wait_until(lambda: echo(replica).status == 200)
+
+
+def test_two_tenant_stacks_one_suspended_the_other_untouched(redis_server,
+                                                             tmp_path: Path) -> None:
+    import jwt
+    from redis import Redis
+
+    from tests.redis.stack import JWT_SECRET
+
+    Redis.from_url(redis_server.url).flushdb()
+    acme = Replica("acme", tmp_path, write_tenant(tmp_path / "a", "rate = 1000\nburst = 1000"),
+                   redis_server.url)
+    beta_dir = write_tenant(tmp_path / "b", "rate = 1000\nburst = 1000")
+    toml = beta_dir / "tenant.toml"
+    toml.write_text(toml.read_text().replace('id = "acme"', 'id = "beta"'))
+    beta = Replica("beta", tmp_path, beta_dir, redis_server.url)
+    beta_token = jwt.encode({"sub": "bob", "tenant_id": "beta", "exp": int(time.time()) + 600},
+                            JWT_SECRET, algorithm="HS256")
+    beta_auth = {"Authorization": f"Bearer {beta_token}", "Content-Type": "application/json"}
+
+    def beta_echo() -> Reply:
+        return beta.call("POST", "/services/echo", beta_auth, {"x": 1})
+
+    cp = ControlPlane(tmp_path / "control", redis_url=redis_server.url, plans=PLANS)
+    try:
+        cp.start()
+        for tid in ("acme", "beta"):
+            assert cp.call("POST", "/admin/tenants", {"id": tid, "name": tid,
+                                                      "plan": "std"}).status == 201
+        start_replica(acme)
+        start_replica(beta)
+        wait_until(lambda: echo(acme).status == 200 and beta_echo().status == 200)
+        assert beta.call("POST", "/services/echo", auth(), {}).status == 403  # acme's token
+        assert cp.call("PATCH", "/admin/tenants/acme", {"status": "suspended"}).status == 200
+        wait_until(lambda: kind(echo(acme)) == "403 tenant-suspended")
+        assert [beta_echo().status for _ in range(5)] == [200] * 5
+        assert cp.call("DELETE", "/admin/tenants/acme").status == 202
+        cp.wait_offboarded("acme")
+        assert kind(echo(acme)) == "403 tenant-suspended"
+        assert beta_echo().status == 200
+        assert cp.call("GET", "/admin/tenants/beta").json()["usage"]["calls"] >= 6
+    finally:
+        acme.stop()
+        beta.stop()
+        cp.stop()
