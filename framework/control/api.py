@@ -10,12 +10,9 @@ the event loop never waits on a disk or a socket, and SQLite sees one writer.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import json
 import logging
-import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,22 +24,32 @@ from aiohttp import web
 from framework.control.acl import set_user
 from framework.control.audit import AdminAudit
 from framework.control.auth import Operator, OperatorAuth
+from framework.control.bodies import (
+    CREATE_KEYS,
+    DEFAULT_LIMIT,
+    MAX_BODY,
+    MAX_LIMIT,
+    PATCH_KEYS,
+    check_fields,
+    decode_cursor,
+    encode_cursor,
+    read_body,
+    string,
+)
 from framework.control.errors import (
     ApiError,
     BadRequest,
     Conflict,
     NotFound,
     Unavailable,
-    Unprocessable,
 )
 from framework.control.gateway import FORMATS, gateway_api, nginx
-from framework.control.plans import PlanBook, PlanSet
+from framework.control.plans import PlanBook
 from framework.control.purge import export_path, offboard
 from framework.control.store import (
     ACTIVE,
     OFFBOARDING,
     STATUSES,
-    SUSPENDED,
     Registry,
     TenantRecord,
     iso_now,
@@ -56,14 +63,7 @@ from framework.tenant_config import TENANT_ID_RE, BillingSettings
 log = logging.getLogger("mtp.control")
 T = TypeVar("T")
 
-PLACEMENT_RE = re.compile(r"^(dedicated|pool:[a-z0-9][a-z0-9-]{0,62})$")
-MAX_NAME = 200
-MAX_LIMIT = 1000
-DEFAULT_LIMIT = 50
-MAX_BODY = 64 * 1024
 PLANS_POLL = 1.0
-CREATE_KEYS = frozenset(("id", "name", "plan", "placement"))
-PATCH_KEYS = frozenset(("plan", "status", "name", "placement"))
 NDJSON = "application/x-ndjson"
 
 
@@ -178,59 +178,6 @@ async def errors_and_audit(request: web.Request,
     return response
 
 
-async def _body(request: web.Request, allowed: frozenset[str]) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise BadRequest("request body too large")
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise BadRequest("request body too large")
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise BadRequest(f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
-    return body
-
-
-def _string(body: dict[str, Any], key: str) -> str:
-    value = body[key]
-    if not isinstance(value, str):
-        raise BadRequest(f"{key} must be a string")
-    return value
-
-
-def _check_fields(body: dict[str, Any], plans: PlanSet) -> dict[str, str]:
-    """Validate record fields of a create or patch body; the plan is 422 when unknown."""
-    out: dict[str, str] = {}
-    if "name" in body:
-        name = _string(body, "name")
-        if len(name) > MAX_NAME or any(ord(c) < 32 for c in name):
-            raise BadRequest(f"name must be at most {MAX_NAME} printable characters")
-        out["name"] = name
-    if "placement" in body:
-        placement = _string(body, "placement")
-        if not PLACEMENT_RE.match(placement):
-            raise BadRequest('placement must be "dedicated" or "pool:<name>"')
-        out["placement"] = placement
-    if "status" in body:
-        status = _string(body, "status")
-        if status not in (ACTIVE, SUSPENDED):
-            raise BadRequest('status must be "active" or "suspended" (DELETE offboards)')
-        out["status"] = status
-    if "plan" in body:
-        plan = _string(body, "plan")
-        if plan not in plans.plans:
-            raise Unprocessable(f"plan {plan!r} is not in the plans file "
-                                f"(plans: {', '.join(sorted(plans.plans))})",
-                                kind="unknown-plan", plan=plan)
-        out["plan"] = plan
-    return out
-
-
 def _tenant_id(request: web.Request) -> str:
     tid = request.match_info["tenant_id"]
     if not TENANT_ID_RE.match(tid):
@@ -247,15 +194,15 @@ async def _record(control: Control, tid: str) -> TenantRecord:
 
 async def create_tenant(request: web.Request) -> web.Response:
     control = request.app[CONTROL]
-    body = await _body(request, CREATE_KEYS)
+    body = await read_body(request, CREATE_KEYS)
     for key in ("id", "name", "plan"):
         if key not in body:
             raise BadRequest(f"{key} is required")
-    tid = _string(body, "id")
+    tid = string(body, "id")
     if not TENANT_ID_RE.match(tid):
         raise BadRequest(f"id must match {TENANT_ID_RE.pattern}")
     plans = control.plans.get()
-    fields = _check_fields(body, plans)
+    fields = check_fields(body, plans)
     placement = fields.get("placement") or plans.plans[fields["plan"]].default_placement
     now = iso_now()
     record = TenantRecord(id=tid, name=fields["name"], plan=fields["plan"], status=ACTIVE,
@@ -271,18 +218,6 @@ async def create_tenant(request: web.Request) -> web.Response:
     return web.json_response(doc, status=201, headers={"Location": f"/admin/tenants/{tid}"})
 
 
-def _cursor(raw: str) -> str:
-    if not raw:
-        return ""
-    try:
-        tid = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise BadRequest("cursor is not one this API gave out") from None
-    if not TENANT_ID_RE.match(tid):
-        raise BadRequest("cursor is not one this API gave out")
-    return tid
-
-
 async def list_tenants(request: web.Request) -> web.Response:
     control = request.app[CONTROL]
     query = request.query
@@ -295,12 +230,12 @@ async def list_tenants(request: web.Request) -> web.Response:
     raw_limit = query.get("limit", str(DEFAULT_LIMIT))
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
         raise BadRequest(f"limit must be an integer from 1 to {MAX_LIMIT}")
-    after = _cursor(query.get("cursor", ""))
+    after = decode_cursor(query.get("cursor", ""))
     records, last = await control.run(
         lambda: list_records(control.registry, after=after, limit=int(raw_limit),
                              plan=query.get("plan", ""), status=status,
                              placement=query.get("placement", "")))
-    next_cursor = base64.urlsafe_b64encode(last.encode()).decode().rstrip("=") if last else None
+    next_cursor = encode_cursor(last) if last else None
     return web.json_response({"tenants": [r.as_dict() for r in records],
                               "next_cursor": next_cursor})
 
@@ -315,10 +250,10 @@ async def show_tenant(request: web.Request) -> web.Response:
 async def update_tenant(request: web.Request) -> web.Response:
     control = request.app[CONTROL]
     tid = _tenant_id(request)
-    body = await _body(request, PATCH_KEYS)
+    body = await read_body(request, PATCH_KEYS)
     if not body:
         raise BadRequest(f"nothing to change; fields: {', '.join(sorted(PATCH_KEYS))}")
-    fields = _check_fields(body, control.plans.get())
+    fields = check_fields(body, control.plans.get())
     request[AUDIT_INFO].update(tenant=tid, fields=fields)
     old = await _record(control, tid)
     if old.status == OFFBOARDING:

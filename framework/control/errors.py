@@ -42,6 +42,10 @@ class Conflict(ApiError):
     status = 409
 
 
+class PayloadTooLarge(ApiError):
+    status = 413
+
+
 class Unprocessable(ApiError):
     status = 422
 

@@ -92,6 +92,7 @@ def test_create_returns_the_record_and_refuses_a_taken_id(plane: ControlPlane) -
     ({"id": "ok2", "name": 5, "plan": "free"}, 400, "name must be a string"),
     ({"id": "ok3", "name": "x", "plan": "free", "placement": "moon"}, 400, "placement"),
     ({"id": "ok4", "name": "x", "plan": "gold"}, 422, "gold"),
+    ({"id": "ok5", "name": "x" * 70_000, "plan": "free"}, 413, "over 65536 bytes"),
 ])
 def test_create_refuses_bad_bodies(plane: ControlPlane, body: object, status: int,
                                    words: str) -> None:
@@ -392,3 +393,24 @@ def test_a_store_outage_is_503_and_recovers(tmp_path) -> None:
     finally:
         cp.stop()
         server.stop()
+
+
+def test_a_chunked_body_over_the_cap_is_413(plane: ControlPlane) -> None:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", plane.port, timeout=10)
+    try:
+        conn.putrequest("POST", "/admin/tenants")
+        for name, value in op_headers().items():
+            conn.putheader(name, value)
+        conn.putheader("Transfer-Encoding", "chunked")
+        conn.endheaders()
+        for _ in range(5):
+            part = b'{"x": "' + b"y" * 20000 + b'"}'
+            conn.send(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+        conn.send(b"0\r\n\r\n")
+        resp = conn.getresponse()
+        assert resp.status == 413
+        assert json.loads(resp.read())["status"] == 413
+    finally:
+        conn.close()
