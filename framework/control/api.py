@@ -335,6 +335,10 @@ async def healthz(request: web.Request) -> web.Response:
 async def _plans_publisher(app: web.Application) -> AsyncIterator[None]:
     """Keep the store's copy of the plans in step with the file (live reload)."""
     control = app[CONTROL]
+    published = await control.run(control.registry.get_plans)
+    if published:
+        control.plans.continue_from(int(published.get("version", 0)),
+                                    str(published.get("hash", "")))
     await control.run(control.publish_plans)
 
     async def loop() -> None:

@@ -202,6 +202,13 @@ class PlanBook:
             self.reload()
         return self.current
 
+    def continue_from(self, version: int, digest: str) -> None:
+        """Number on from the plans last published (versions survive restarts): the same
+        file keeps its version, another one is the next."""
+        mine = self.current
+        number = version if digest == mine.digest else version + 1
+        self.current = PlanSet(mine.plans, mine.digest, max(number, 1), mine.loaded)
+
     def reload(self) -> bool:
         """Load the file again if it changed; True when new plans came in force."""
         stamp = self._stat()

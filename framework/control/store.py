@@ -82,6 +82,9 @@ class Registry(Protocol):
     def has_plans(self) -> bool:
         """True while the published plans are there (a store restarted empty lost them)."""
 
+    def get_plans(self) -> dict[str, Any] | None:
+        """The published plans (``version``, ``hash``, ``plans``), or None."""
+
     def close(self) -> None:
         """Release connections."""
 
@@ -174,6 +177,10 @@ class SqliteRegistry:
     def has_plans(self) -> bool:
         return self._conn.execute("SELECT 1 FROM meta WHERE key = 'plans'").fetchone() is not None
 
+    def get_plans(self) -> dict[str, Any] | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'plans'").fetchone()
+        return json.loads(row[0]) if row else None
+
     def put_plans(self, plans: dict[str, Any]) -> None:
         self._write("INSERT INTO meta (key, value) VALUES ('plans', ?) "
                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (json.dumps(plans),))
@@ -237,6 +244,10 @@ class RedisRegistry:
 
     def has_plans(self) -> bool:
         return bool(self.client.exists(PLANS))
+
+    def get_plans(self) -> dict[str, Any] | None:
+        raw = self.client.get(PLANS)
+        return json.loads(raw) if raw else None
 
     def put_plans(self, plans: dict[str, Any]) -> None:
         pipe = self.client.pipeline()

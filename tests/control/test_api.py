@@ -414,3 +414,26 @@ def test_a_chunked_body_over_the_cap_is_413(plane: ControlPlane) -> None:
         assert json.loads(resp.read())["status"] == 413
     finally:
         conn.close()
+
+
+def test_plan_versions_survive_a_restart(tmp_path) -> None:
+    cp = ControlPlane(tmp_path).start()
+    try:
+        first = cp.call("GET", "/admin/plans").json()
+        cp.plans_file.write_text(cp.plans + '\n[plans.team]\nisolation = "process"\n'
+                                 'services = ["*"]\n')
+        deadline = time.monotonic() + 10
+        while cp.call("GET", "/admin/plans").json()["version"] == first["version"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        second = cp.call("GET", "/admin/plans").json()
+        cp.stop()
+        cp.start()  # the same file: the same version
+        assert cp.call("GET", "/admin/plans").json()["version"] == second["version"]
+        cp.stop()
+        cp.plans_file.write_text(cp.plans)  # changed while it was down: the next version
+        cp.start()
+        third = cp.call("GET", "/admin/plans").json()
+        assert third["version"] == second["version"] + 1 and third["hash"] == first["hash"]
+    finally:
+        cp.stop()
