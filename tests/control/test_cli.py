@@ -154,3 +154,17 @@ def test_check_warns_what_the_fleet_overrides(plane: ControlPlane, tmp_path: Pat
     assert "billing: prices (currency, per_call) are ignored in this fleet" in fleet.stderr
     assert "plans: ignored in this fleet" in fleet.stderr
     assert "limits: in this fleet each limit is the lower" in fleet.stderr
+
+
+def test_mtp_usage_prices_with_the_plan(plane: ControlPlane, tmp_path: Path) -> None:
+    tdir = tmp_path / "t"
+    (tdir / "services").mkdir(parents=True)
+    (tdir / "tenant.toml").write_text('[tenant]\nid = "cli-usage"\n\n[billing]\n'
+                                      'currency = "USD"\nper_call = 9.0\n')
+    ok(mtp(plane, "tenants", "create", "cli-usage", "--name", "U", "--plan", "pro"))
+    seed_sqlite(plane.data_dir, "cli-usage", calls=10)
+    env = {"MTP_DATA_DIR": str(plane.data_dir)}
+    report = json.loads(ok(mtp(plane, "usage", "--tenant-dir", str(tdir), "--format", "json",
+                               env=env)))
+    assert report["currency"] == "EUR"  # plan pro: EUR 0.001 per call
+    assert sum(r["cost"] for r in report["rows"]) == pytest.approx(10 * 0.001)
