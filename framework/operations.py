@@ -31,6 +31,7 @@ from flask import Flask, Response, g, request
 from framework.authz import decide
 from framework.breaker import Breakers, CircuitBreaker
 from framework.context import Context
+from framework.control.tenant_check import plan_prices
 from framework.errors import (
     BadRequest,
     Conflict,
@@ -308,9 +309,11 @@ def _routes(app: Flask, ops: Operations) -> None:
             raise BadRequest(str(exc)) from None
         ops.meter.flush()  # this worker's latest calls; others flush within a second
         tenant = ops.rt.tenant
-        rows = ops.store.query(tenant.tenant_id, tenant.billing, start, end, group_by)
-        series = ops.store.hourly(tenant.tenant_id, tenant.billing, start, end)
-        return _json({"currency": tenant.billing.currency, "rows": rows,
+        settings = ops.rt.settings
+        prices = plan_prices(settings.redis_url, settings.data_dir, tenant)  # a fleet's plan
+        rows = ops.store.query(tenant.tenant_id, prices, start, end, group_by)
+        series = ops.store.hourly(tenant.tenant_id, prices, start, end)
+        return _json({"currency": prices.currency, "rows": rows,
                       "anomalies": [a.as_dict() for a in anomalies(series)],
                       "forecast": forecasts(series)})
 

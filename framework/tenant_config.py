@@ -276,6 +276,9 @@ class LimitSettings:
     user_burst: int = 0
     concurrency: int = 0
     daily_quota: int = 0
+    # Set by a fleet's plan only (not a tenant.toml key): past the daily quota the
+    # tenant is slowed to this many requests/s instead of refused; 0: refused (429).
+    degraded_rate: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from sidecar.errors import (
     Unavailable,
     render,
 )
+from sidecar.fleet import FleetGate
 from sidecar.front import BodyTooLarge, Request, Response
 from sidecar.headers import (
     check_request,
@@ -93,6 +94,7 @@ class Sidecar:
     metrics: Metrics = field(default_factory=Metrics)
     catalog: Catalog = field(default_factory=Catalog)
     admission: Admission = field(init=False)  # MTP_WORKERS x MTP_THREADS of the settings
+    fleet: FleetGate | None = None  # the fleet's registry decides (sidecar/fleet.py)
 
     def __post_init__(self) -> None:
         self.admission = Admission.for_settings(self.settings)
@@ -122,6 +124,8 @@ class Sidecar:
             check_request(method, request.raw_path, request.headers.items())
             principal = await self.authenticator.authenticate(request.headers)
             bind_tenant(principal, tenant.tenant_id)
+            if self.fleet is not None:
+                self.fleet.admit(tenant.tenant_id)
             if path == METRICS:
                 response = await self._metrics(principal, rid)
             else:
@@ -131,6 +135,8 @@ class Sidecar:
                 if target is not None:
                     service, operation = target
                     rule = self._authorize(tenant, principal, service, operation)
+                    if self.fleet is not None:
+                        self.fleet.entitle(tenant.tenant_id, service)
                     # Forward exactly the path that was authorized (see service_target).
                     query = request.query
                     upstream_path = f"{path}?{query}" if query else path
@@ -179,8 +185,10 @@ class Sidecar:
     async def _limit(self, tenant: TenantConfig, principal: Principal, service: str,
                      operation: str | None) -> tuple[dict[str, str], str | None, float]:
         try:
+            limits = tenant.limits if self.fleet is None else \
+                self.fleet.limits(tenant.tenant_id, tenant.limits)
             limit_headers, slot, delay = await self.limiter.admit(
-                tenant.limits, tenant.tenant_id, principal.user)
+                limits, tenant.tenant_id, principal.user)
         except SidecarError as exc:
             self.metrics.decision(Metrics.RATELIMIT, tenant.tenant_id, service,
                                   operation or "", exc.reason.replace(" ", "_"))

@@ -4,7 +4,9 @@ Order: GCRA (tenant, and user when ``user_rate`` is set, all-or-nothing), then
 the daily quota, then the delay inside the burst (degrade rather than deny),
 then a concurrency slot, held until the answer is sent. A refusal is 429 with
 ``Retry-After`` in whole seconds. Past 80% of the daily quota the answer carries
-``X-Quota-Warning``; past 100% it is 429 until midnight UTC. Health and
+``X-Quota-Warning``; past 100% it is 429 until midnight UTC, unless a fleet plan
+sets ``degraded_rate``: then the tenant is slowed to that rate and answers carry
+``X-Quota-Degraded: true``. Health and
 readiness never come here.
 
 Answers describe the binding limit twice: ``RateLimit-Limit``/``-Remaining``/``-Reset``
@@ -33,6 +35,7 @@ from sidecar.errors import RateLimited
 from sidecar.limiter import Limit, LimiterBackend, Verdict
 
 QUOTA_WARNING = "X-Quota-Warning"
+QUOTA_DEGRADED = "X-Quota-Degraded"
 WARN_FRACTION = 0.8
 MAX_WINDOW = 60  # seconds: the longest window looked at for a whole quota
 DAY = 86400
@@ -126,7 +129,11 @@ class RateLimiter:
         if not verdict.allowed:
             raise RateLimited("rate limit", verdict.retry_after, headers)
         if limits.daily_quota:
-            self._quota(await self._count(tenant), limits, headers)
+            used = await self._count(tenant)
+            if used > limits.daily_quota and limits.degraded_rate > 0:
+                await self._degraded(tenant, limits, headers)
+            else:
+                self._quota(used, limits, headers)
         delay = verdict.delay if limits.delay else 0.0
         if delay > 0:
             await self._sleep(delay)
@@ -142,6 +149,16 @@ class RateLimiter:
     async def _count(self, tenant: str) -> int:
         day = self._wall().strftime("%Y-%m-%d")
         return await self.backend.incr_quota(f"{tenant}\x00quota", day)
+
+    async def _degraded(self, tenant: str, limits: LimitSettings,
+                        headers: dict[str, str]) -> None:
+        """Past the daily quota with a fleet plan's ``degraded_rate``: slowed, not refused."""
+        verdict = await self.backend.admit(
+            [Limit(f"{tenant}\x00degraded", limits.degraded_rate, 1)], self._clock())
+        if not verdict.allowed:
+            raise RateLimited("degraded rate (daily quota used up)", verdict.retry_after,
+                              {**headers, QUOTA_DEGRADED: "true"})
+        headers[QUOTA_DEGRADED] = "true"
 
     def _quota(self, used: int, limits: LimitSettings, headers: dict[str, str]) -> None:
         quota = limits.daily_quota

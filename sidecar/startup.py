@@ -23,6 +23,7 @@ from sidecar.app import Sidecar
 from sidecar.audit import AuditLog
 from sidecar.authenticate import Authenticator
 from sidecar.catalog import Catalog, CatalogWatcher
+from sidecar.fleet import start_fleet
 from sidecar.limiter import LimiterBackend, MemoryBackend
 from sidecar.metrics import Metrics, ServiceNames
 from sidecar.overlay import OverlayWatcher
@@ -107,6 +108,7 @@ class App:
             # Labels name only the services of the tenant dir (read once: the overlay
             # cannot add, remove or disable a service).
             metrics=Metrics(ServiceNames.from_tenant_dir(settings.tenant_dir, tenant)),
+            fleet=start_fleet(settings, tenant.tenant_id),
         )
         degraded_gauge(sidecar)
         await sidecar.upstream.start()
@@ -126,6 +128,7 @@ class App:
         finally:
             await catalog.close()
             await watcher.close()
+            sidecar.fleet.close()
             await sidecar.upstream.close()
             await tokens.close()
             if ids["directory"] is not None:

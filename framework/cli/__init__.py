@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "apikey": ("framework.cli.creds:apikey", "Create API keys."),
     "usage": ("framework.cli.ops:usage", "Usage and cost per tenant/service/operation."),
     "config": ("framework.cli.ops:config", "List and roll back config versions."),
+    "control": ("framework.cli.control:control", "Serve the fleet's admin API (control plane)."),
+    "tenants": ("framework.cli.control:tenants", "Manage fleet tenants through the admin API."),
     "probe": ("framework.cli.probe:probe", "Ask a process's /healthz: exit 0 on 200 (probes)."),
 }
 

@@ -15,7 +15,7 @@ from framework.jwt_keys import load_public_key
 from framework.problem import problem
 from framework.registry import Registry, valid_name
 from framework.settings import Settings
-from framework.tenant_config import SERVICE_NAME_RE, ConfigError, load_tenant
+from framework.tenant_config import SERVICE_NAME_RE, ConfigError, TenantConfig, load_tenant
 
 TENANT_DIR = click.option("--tenant-dir", type=click.Path(file_okay=False), default=None,
                           help="Tenant directory (default: MTP_TENANT_DIR, else the current "
@@ -56,7 +56,18 @@ def check(tenant_dir: str | None) -> None:
         click.echo(f"mtp check: {reason}", err=True)
     if problems:
         raise SystemExit(1)
+    _fleet_warnings(tenant, directory)
     click.echo(f"ok: tenant {tenant.tenant_id}, {len(registry.names())} service(s)")
+
+
+def _fleet_warnings(tenant: TenantConfig, directory: Path) -> None:
+    """In a fleet the operator's plan overrides parts of tenant.toml: say which."""
+    from framework.control.tenant_check import fleet_present, fleet_warnings
+
+    settings = Settings.from_env(tenant_dir=directory)
+    if fleet_present(settings.redis_url, settings.data_dir):
+        for warning in fleet_warnings(tenant):
+            click.echo(f"mtp check: warning: {warning}", err=True)
 
 
 @click.command("invoke")

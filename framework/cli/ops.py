@@ -38,16 +38,19 @@ def _time(value: str | None, name: str) -> float | None:
 def usage_report(settings: Settings, start: float | None, end: float | None,
                  group_by: tuple[str, ...]) -> dict[str, Any]:
     """The report `mtp usage` prints: rows, anomalies and a forecast."""
+    from framework.control.tenant_check import plan_prices
+
     cfg = settings.load_tenant()
+    prices = plan_prices(settings.redis_url, settings.data_dir, cfg)  # a fleet's plan
     store = open_store(settings)  # Redis when MTP_REDIS_URL is set: every replica's usage
     try:
-        rows = store.query(cfg.tenant_id, cfg.billing, start, end, group_by)
-        series = store.hourly(cfg.tenant_id, cfg.billing, start, end)
+        rows = store.query(cfg.tenant_id, prices, start, end, group_by)
+        series = store.hourly(cfg.tenant_id, prices, start, end)
     except Unavailable as exc:
         raise click.ClickException(str(exc)) from None
     return {
         "tenant": cfg.tenant_id,
-        "currency": cfg.billing.currency,
+        "currency": prices.currency,
         "rows": [{"tenant": cfg.tenant_id, **row} for row in rows],
         "anomalies": [a.as_dict() for a in anomalies(series)],
         "forecast": forecasts(series),

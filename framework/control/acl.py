@@ -1,0 +1,62 @@
+"""Redis ACL users per tenant: each data plane connects as ``t-<tenant>``, limited to its keys.
+
+The user may touch ``mtp:<tenant>:*`` (jobs, usage, events, quotas) and the
+limiter's ``mtp:rl:<tenant>`` keys, and Pub/Sub channels ``mtp:<tenant>:*``; any
+command on another tenant's key is refused by Redis itself (NOPERM). Creating
+again rotates: ``reset`` drops the old password, so a leaked one dies at once.
+The password is returned once, to the operator who onboarded the tenant.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from framework.control.purge import LIMITER_PREFIX
+
+log = logging.getLogger("mtp.control.acl")
+
+
+@dataclass(frozen=True)
+class AclUser:
+    """A tenant's Redis credentials (the password is shown once, never logged)."""
+
+    user: str
+    password: str
+
+    def url(self, redis_url: str) -> str:
+        """The fleet's Redis URL with these credentials in it."""
+        scheme, _, rest = redis_url.partition("://")
+        host = rest.rpartition("@")[2]
+        return f"{scheme}://{self.user}:{self.password}@{host}"
+
+
+def user_name(tenant: str) -> str:
+    return f"t-{tenant}"
+
+
+def rules(tenant: str, password: str) -> list[str]:
+    """The ACL SETUSER arguments for one tenant."""
+    return ["reset", "on", f">{password}",
+            # The limiter's keys are "<tenant>" and "<tenant>\0...": Redis cuts an ACL
+            # rule at a NUL byte, so "any byte that cannot continue a tenant id" stands
+            # for it (mtp:rl:acme-eu stays out of acme's reach).
+            f"~mtp:{tenant}:*", f"~{LIMITER_PREFIX}{tenant}",
+            f"~{LIMITER_PREFIX}{tenant}[^a-z0-9-]*",
+            f"&mtp:{tenant}:*", "+@all", "-@dangerous"]
+
+
+def set_user(client: Any, tenant: str) -> AclUser | None:
+    """Create or rotate the tenant's ACL user; its new credentials, or None when this
+    Redis refuses ACL commands (a managed Redis without them: logged, not fatal)."""
+    from redis.exceptions import ResponseError
+
+    password = secrets.token_urlsafe(32)
+    try:
+        client.execute_command("ACL", "SETUSER", user_name(tenant), *rules(tenant, password))
+    except ResponseError as exc:
+        log.warning("no Redis ACL user for tenant %s: %s", tenant, exc)
+        return None
+    return AclUser(user_name(tenant), password)

@@ -1,0 +1,164 @@
+"""The sidecar's side of a fleet: the registry decides who is served, and on which plan.
+
+With a registry in the store (framework/control/registry_view.py), a tenant that
+is not registered is 403 ``unknown-tenant``, a suspended or offboarding one 403
+``tenant-suspended``; a service outside the plan's entitlement globs is 403
+``not-entitled``; each limit is the lower of the plan's and tenant.toml's, and
+past the daily quota the plan's ``degraded_rate`` slows rather than refuses; a plan's
+``daily_cpu_seconds`` used up counts as a used-up daily quota. Every
+check reads the local copy of the registry: no store round trip per request.
+Without a registry nothing here changes an answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import fields, replace
+from typing import Any
+
+from framework.control.plans import Plan
+from framework.control.registry_view import RegistryView, open_view
+from framework.control.tenant_data import midnight
+from framework.settings import Settings
+from framework.tenant_config import BillingSettings, LimitSettings
+from sidecar.errors import Forbidden
+
+log = logging.getLogger("mtp.sidecar.fleet")
+
+CPU_POLL = 2.0  # seconds between readings of today's CPU (a plan's daily_cpu_seconds)
+
+# Limits where 0 means "no limit": the lower of two is the lower non-zero one.
+ZERO_IS_NONE = frozenset(("user_rate", "user_burst", "concurrency", "daily_quota"))
+PLAN_ONLY = frozenset(("degraded_rate",))  # not a tenant.toml key: the plan's value applies
+# name -> type (annotations are strings here: "float" or "int")
+LIMIT_FIELDS = {f.name: float if str(f.type) == "float" else int
+                for f in fields(LimitSettings) if f.name != "delay"}
+
+
+class UnknownTenant(Forbidden):
+    kind = "unknown-tenant"
+    detail = "this tenant is not registered in the fleet"
+
+
+class TenantSuspended(Forbidden):
+    kind = "tenant-suspended"
+    detail = "this tenant is suspended"
+
+
+class NotEntitled(Forbidden):
+    kind = "not-entitled"
+    detail = "the tenant's plan does not include this service"
+
+
+def lower(name: str, mine: float, plans: float | None) -> float:
+    """The effective value of one limit."""
+    if plans is None:
+        return mine
+    if name in ZERO_IS_NONE and (not mine or not plans):
+        return mine or plans
+    return min(mine, plans)
+
+
+def effective_limits(own: LimitSettings, plan: Plan) -> LimitSettings:
+    """Each limit the lower of tenant.toml's and the plan's."""
+    changes = {}
+    for name, kind in LIMIT_FIELDS.items():
+        if name in PLAN_ONLY:
+            changes[name] = kind(plan.limits.get(name, getattr(own, name)))
+        else:
+            changes[name] = kind(lower(name, getattr(own, name), plan.limits.get(name)))
+    return replace(own, **changes)
+
+
+class CpuWatch:
+    """Today's handler CPU seconds of one tenant, read from the usage store every
+    :data:`CPU_POLL` s (only while its plan caps them): a plan's ``daily_cpu_seconds``."""
+
+    def __init__(self, view: RegistryView, tenant_id: str,
+                 open_usage: Callable[[], Any]) -> None:
+        self.view, self.tenant_id, self.open_usage = view, tenant_id, open_usage
+        self.used = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mtp-fleet-cpu", daemon=True)
+
+    def start(self) -> CpuWatch:
+        self._thread.start()
+        return self
+
+    def over(self, plan: Plan) -> bool:
+        """True when the plan caps CPU per day and today's is used up."""
+        cap = plan.limits.get("daily_cpu_seconds") or 0
+        return bool(cap) and self.used >= cap
+
+    def _run(self) -> None:
+        store = None
+        while not self._stop.wait(CPU_POLL):
+            plan = self.view.plan_of(self.tenant_id)
+            if plan is None or not plan.limits.get("daily_cpu_seconds"):
+                continue
+            try:
+                store = store or self.open_usage()
+                rows = store.query(self.tenant_id, BillingSettings(), start=midnight(),
+                                   group_by=())
+                self.used = sum(float(r["cpu_seconds"]) for r in rows)
+            except Exception as exc:  # keep the last reading, try again
+                log.debug("CPU usage not read (%s)", type(exc).__name__)
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class FleetGate:
+    """Registry checks for one sidecar; :meth:`admit` runs after the tenant is bound."""
+
+    def __init__(self, view: RegistryView, cpu: CpuWatch | None = None) -> None:
+        self.view = view
+        self.cpu = cpu
+        self._limits: dict[tuple[LimitSettings, int, str, bool], LimitSettings] = {}
+
+    def admit(self, tenant_id: str) -> None:
+        """Refuse (403) a tenant the registry does not serve."""
+        refusal = self.view.refusal(tenant_id)
+        if refusal == "unknown-tenant":
+            raise UnknownTenant(f"tenant {tenant_id} not in the fleet registry")
+        if refusal is not None:
+            raise TenantSuspended(f"tenant {tenant_id} is suspended or offboarding")
+
+    def entitle(self, tenant_id: str, service: str) -> None:
+        """Refuse (403) a service the tenant's plan does not include."""
+        plan = self.view.plan_of(tenant_id)
+        if plan is not None and not plan.entitled(service):
+            raise NotEntitled(f"plan {plan.name} does not include service {service}")
+
+    def limits(self, tenant_id: str, own: LimitSettings) -> LimitSettings:
+        """The limits in force: tenant.toml's lowered by the plan's (cached per version)."""
+        plan = self.view.plan_of(tenant_id)
+        if plan is None:
+            return own
+        over = self.cpu is not None and self.cpu.over(plan)
+        key = (own, self.view.plans_version, plan.name, over)
+        found = self._limits.get(key)
+        if found is None:
+            if len(self._limits) > 64:  # old versions and overlays: drop, rebuild on demand
+                self._limits.clear()
+            found = effective_limits(own, plan)
+            if over:
+                # Today's CPU is used up: a used-up daily quota (degraded or 429 till midnight).
+                found = replace(found, daily_quota=1)
+            self._limits[key] = found
+        return found
+
+    def close(self) -> None:
+        if self.cpu is not None:
+            self.cpu.close()
+        self.view.close()
+
+
+def start_fleet(settings: Settings, tenant_id: str) -> FleetGate:
+    """The gate over this sidecar's store (a no-op until the store holds a registry)."""
+    from framework.usage_redis import open_store
+
+    view = open_view(settings.redis_url, settings.data_dir)
+    return FleetGate(view, CpuWatch(view, tenant_id, lambda: open_store(settings)).start())
