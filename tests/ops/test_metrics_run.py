@@ -91,7 +91,9 @@ def bearer(roles: tuple[str, ...] = ()) -> dict[str, str]:
     return {"Authorization": f"Bearer {token(roles=list(roles))}"}
 
 
-ADMIN = bearer(("admin",))
+def admin() -> dict[str, str]:
+    """A fresh admin token (one built at import expires in a long suite)."""
+    return bearer(("admin",))
 
 
 def scrape(run: RunStack, headers: dict[str, str] | None = None) -> str:
@@ -121,19 +123,20 @@ def test_only_roles_admin_and_metrics_may_scrape(run: RunStack) -> None:
     problem(run.call("GET", "/metrics", {"X-API-Key": DEPLOYER_KEY}), 403)
     problem(run.call("GET", "/metrics", bearer(("deployer", "metrics-reader"))), 403)
     assert "mtp_sidecar_requests_total" in scrape(run)  # an API key with role metrics
-    assert "mtp_framework_requests_total" in scrape(run, ADMIN)
+    assert "mtp_framework_requests_total" in scrape(run, admin())
     assert "mtp_sidecar_requests_total" in scrape(run, bearer(("metrics",)))
 
 
 def test_made_up_paths_do_not_grow_the_series(run: RunStack) -> None:
-    assert run.call("POST", "/services/orders/create", ADMIN, b"{}").status == 200
+    assert run.call("POST", "/services/orders/create", admin(), b"{}").status == 200
     assert run.call("GET", "/services/hello", bearer()).status == 200
     before = series(scrape(run))
     statuses: collections.Counter[int] = collections.Counter()
+    headers = admin()
     for i in range(500):
         # As admin: authorized by "*", so they reach the framework (404 there).
-        statuses[run.call("GET", f"/services/made_up_{i}", ADMIN).status] += 1
-        statuses[run.call("POST", f"/services/orders/op_{i}", ADMIN, b"{}").status] += 1
+        statuses[run.call("GET", f"/services/made_up_{i}", headers).status] += 1
+        statuses[run.call("POST", f"/services/orders/op_{i}", headers, b"{}").status] += 1
         # As anyone else: refused by the sidecar's authz (403).
         statuses[run.call("GET", f"/services/nope_{i}/x{i}", bearer()).status] += 1
     assert statuses == {404: 1000, 403: 500}

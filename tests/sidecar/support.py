@@ -51,7 +51,7 @@ burst = 10000
 """
 
 
-def token(sub: str = "alice", tenant: str = "acme", ttl: int = 300, key: str = JWT_SECRET,
+def token(sub: str = "alice", tenant: str = "acme", ttl: int = 3600, key: str = JWT_SECRET,
           alg: str = "HS256", **extra: object) -> str:
     claims = {"sub": sub, "tenant_id": tenant, "exp": int(time.time()) + ttl, **extra}
     return jwt.encode(claims, key, algorithm=alg)
