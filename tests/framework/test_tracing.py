@@ -8,7 +8,6 @@ the traceparent header the sidecar sends, exactly as between two processes.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
