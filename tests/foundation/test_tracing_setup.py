@@ -1,0 +1,88 @@
+"""Tracing is configured by the standard OTEL_* variables, and off without them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from framework import tracing
+from framework.app import create_app
+from framework.settings import Settings
+from framework.tenant_config import ConfigError, parse_tenant
+
+SECRET = "tracing-test-secret-0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def off() -> Iterator[None]:
+    yield
+    tracing.shutdown()
+
+
+@pytest.mark.parametrize(("environ", "names"), [
+    ({}, []),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, ["otlp"]),
+    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"}, ["otlp"]),
+    ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c"}, []),
+    ({"OTEL_TRACES_EXPORTER": " Console , otlp "}, ["console", "otlp"]),
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "TRUE"}, []),
+    ({"OTEL_SERVICE_NAME": "x", "OTEL_RESOURCE_ATTRIBUTES": "a=b"}, []),  # no exporter: off
+])
+def test_exporters_named_by_the_environment(environ: dict[str, str], names: list[str]) -> None:
+    assert tracing.exporter_names(environ) == names
+
+
+def test_nothing_set_means_off() -> None:
+    assert tracing.setup({}, "mtp-framework", "acme") is False
+    assert tracing.ENABLED is False
+    tracing.flush()  # nothing to flush: no provider
+
+
+def test_otlp_endpoints_follow_the_spec() -> None:
+    base = tracing.make_exporter("otlp", {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/"})
+    assert base._endpoint == "http://c:4318/v1/traces"
+    own = tracing.make_exporter("otlp", {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+                                         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t/x"})
+    assert own._endpoint == "http://t/x"
+    assert tracing.make_exporter("otlp", {}) is not None  # the exporter's own default
+
+
+@pytest.mark.parametrize(("environ", "key", "words"), [
+    ({"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER", "unknown exporter"),
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+     "OTEL_EXPORTER_OTLP_PROTOCOL", "unsupported protocol"),
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc"},
+     "OTEL_TRACES_EXPORTER", "opentelemetry-exporter-otlp-proto-grpc"),
+])
+def test_unusable_settings_refuse_to_start(environ: dict[str, str], key: str,
+                                           words: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        tracing.setup(environ, "mtp-framework", "acme")
+    assert err.value.key == key and words in err.value.reason
+    assert tracing.ENABLED is False
+
+
+def test_framework_refuses_to_start_with_an_unknown_exporter(tmp_path) -> None:
+    settings = Settings.from_env({"MTP_SIDECAR_SECRET": SECRET, "MTP_DATA_DIR": str(tmp_path),
+                                  "OTEL_TRACES_EXPORTER": "bogus"})
+    with pytest.raises(ConfigError, match="unknown exporter"):
+        create_app(settings, parse_tenant({"tenant": {"id": "acme"}}), background=False)
+
+
+def test_console_exporter_turns_tracing_on_with_the_service_name() -> None:
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+    assert isinstance(tracing.make_exporter("console", {}), ConsoleSpanExporter)
+    assert tracing.setup({"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "edge"},
+                         "mtp-sidecar", "acme")
+    assert tracing.ENABLED
+    resource = tracing._state["provider"].resource.attributes
+    assert (resource["service.name"], resource["mtp.tenant"]) == ("edge", "acme")
+    with tracing.child_span("demo"):
+        assert len(tracing.current_trace_id()) == 32
+        assert set(tracing.carrier()) == {"traceparent"}
+    assert tracing.current_trace_id() == ""  # no span current
+    tracing.flush()
+    tracing.shutdown()
+    assert not tracing.ENABLED
