@@ -87,18 +87,54 @@ def make_exporter(name: str, environ: Mapping[str, str]) -> Any:
     return exporter(endpoint=endpoint) if endpoint else exporter()
 
 
+def make_sampler(environ: Mapping[str, str], edge: bool) -> Any:
+    """OTEL_TRACES_SAMPLER (default ``parentbased_always_on``) and its ``_ARG``.
+
+    At the ``edge`` (the sidecar) a client's parent is continued but its sampled flag
+    decides nothing: whether a request is traced is the platform's choice, so a client
+    can neither hide its requests from traces nor make every one of them traced.
+    """
+    from opentelemetry.sdk.trace import sampling
+
+    name = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_always_on"
+    root_name = name.removeprefix("parentbased_")
+    if root_name == "always_on":
+        root = sampling.ALWAYS_ON
+    elif root_name == "always_off":
+        root = sampling.ALWAYS_OFF
+    elif root_name == "traceidratio":
+        raw = environ.get("OTEL_TRACES_SAMPLER_ARG", "").strip() or "1.0"
+        try:
+            ratio = float(raw)
+        except ValueError:
+            ratio = -1.0
+        if not 0.0 <= ratio <= 1.0:
+            raise ConfigError(ENV, "OTEL_TRACES_SAMPLER_ARG",
+                              f"a ratio between 0 and 1, got {raw!r}")
+        root = sampling.TraceIdRatioBased(ratio)
+    else:
+        raise ConfigError(ENV, "OTEL_TRACES_SAMPLER", f"unsupported sampler {name!r} "
+                          "(always_on, always_off, traceidratio, or parentbased_ of one)")
+    if edge:
+        return sampling.ParentBased(root, remote_parent_sampled=root,
+                                    remote_parent_not_sampled=root)
+    return sampling.ParentBased(root) if name.startswith("parentbased_") else root
+
+
 def setup(environ: Mapping[str, str], service_name: str, tenant_id: str,
-          exporter: Any = None) -> bool:
+          exporter: Any = None, edge: bool = False) -> bool:
     """Turn tracing on when ``environ`` asks for it (or ``exporter`` is given: tests).
 
     Exporters named in the environment batch their spans (a background thread);
-    ``exporter`` gets each span as it ends. True when tracing is on.
+    ``exporter`` gets each span as it ends. ``edge``: the process that takes trace
+    context from clients (see :func:`make_sampler`). True when tracing is on.
     """
     global ENABLED
     names = exporter_names(environ)
     if exporter is None and not names:
         return False
     exporters = [make_exporter(name, environ) for name in names]  # errors before anything
+    sampler = make_sampler(environ, edge)
     from opentelemetry import trace
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -109,7 +145,7 @@ def setup(environ: Mapping[str, str], service_name: str, tenant_id: str,
     resource = Resource.create({
         "service.name": environ.get("OTEL_SERVICE_NAME") or service_name,
         "service.version": __version__, "mtp.tenant": tenant_id})
-    provider = TracerProvider(resource=resource)
+    provider = TracerProvider(resource=resource, sampler=sampler)
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     for each in exporters:

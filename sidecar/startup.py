@@ -139,7 +139,7 @@ def create_app(settings: Settings, tenant: TenantConfig, *, timeouts: Timeouts |
                backend: LimiterBackend | None = None) -> App:
     """The sidecar, checked (config errors raise here, before anything listens)."""
     settings.require_sidecar_secret()
-    tracing.setup(settings.environ, "mtp-sidecar", tenant.tenant_id)  # OTEL_*: off unless set
+    tracing.setup(settings.environ, "mtp-sidecar", tenant.tenant_id, edge=True)  # OTEL_*
     secret = jwt_secret(tenant, settings)
     public_key = load_public_key(tenant)  # the same loader and checks as `mtp check`
     return App(settings, tenant, secret, public_key, timeouts, backend)

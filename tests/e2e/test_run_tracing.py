@@ -127,6 +127,18 @@ def test_malformed_traceparent_starts_a_new_trace(traced: RunStack,
     assert framework.parent_id == sidecar.span_id
 
 
+def test_a_client_cannot_switch_tracing_off_with_the_sampled_flag(
+        traced: RunStack, receiver: OtlpReceiver) -> None:
+    headers = [("Authorization", f"Bearer {token()}"), ("Content-Type", "application/json"),
+               ("traceparent", f"00-{TRACE_ID}-{CLIENT_SPAN}-00")]  # "not sampled"
+    reply = traced.call("POST", "/services/whoami", headers, b"{}")
+    assert reply.status == 200
+    rid = reply.headers["X-Request-ID"]
+    spans = by_request(receiver.wait(lambda got: len(by_request(got, rid)) == 2), rid)
+    assert spans["mtp-sidecar"].trace_id == TRACE_ID  # continued, and recorded all the same
+    assert spans["mtp-framework"].parent_id == spans["mtp-sidecar"].span_id
+
+
 @pytest.mark.parametrize(("name", "value"), ODD, ids=[f"{n}:{v[:24]}" for n, v in ODD])
 def test_odd_trace_context_changes_no_identity_untraced(
         untraced: RunStack, name: str, value: str) -> None:

@@ -86,3 +86,42 @@ def test_console_exporter_turns_tracing_on_with_the_service_name() -> None:
     tracing.flush()
     tracing.shutdown()
     assert not tracing.ENABLED
+
+
+@pytest.mark.parametrize(("environ", "edge", "described"), [
+    ({}, False, "ParentBased{root:AlwaysOnSampler,"),
+    ({"OTEL_TRACES_SAMPLER": "always_off"}, False, "AlwaysOffSampler"),
+    ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"}, False,
+     "TraceIdRatioBased{0.25}"),
+    ({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio"}, False,
+     "ParentBased{root:TraceIdRatioBased{1.0},"),
+])
+def test_samplers_from_the_environment(environ: dict[str, str], edge: bool,
+                                       described: str) -> None:
+    assert tracing.make_sampler(environ, edge).get_description().startswith(described)
+
+
+def test_the_edge_ignores_a_remote_parents_sampled_flag() -> None:
+    from opentelemetry.sdk.trace import sampling
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
+
+    parent = set_span_in_context(NonRecordingSpan(SpanContext(
+        trace_id=1, span_id=2, is_remote=True, trace_flags=TraceFlags(0))))
+    edge = tracing.make_sampler({}, edge=True)
+    inner = tracing.make_sampler({}, edge=False)
+    decide = sampling.Decision.RECORD_AND_SAMPLE
+    assert edge.should_sample(parent, 1, "s").decision == decide
+    assert inner.should_sample(parent, 1, "s").decision != decide
+
+
+@pytest.mark.parametrize(("environ", "key"), [
+    ({"OTEL_TRACES_SAMPLER": "jaeger_remote"}, "OTEL_TRACES_SAMPLER"),
+    ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"},
+     "OTEL_TRACES_SAMPLER_ARG"),
+    ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "half"},
+     "OTEL_TRACES_SAMPLER_ARG"),
+])
+def test_unusable_samplers_refuse_to_start(environ: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        tracing.setup({**environ, "OTEL_TRACES_EXPORTER": "console"}, "mtp-sidecar", "acme")
+    assert err.value.key == key and not tracing.ENABLED

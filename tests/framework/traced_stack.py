@@ -113,7 +113,8 @@ def traced_stack(tmp: Path, traced: bool = True) -> Iterator[Stack]:
     """Sidecar + framework for the tenant above; ``traced``: spans to an in-memory exporter."""
     exporter = InMemorySpanExporter() if traced else None
     if traced:
-        tracing.setup({}, "mtp-test", "acme", exporter=exporter)
+        # One provider for both "processes": the sidecar's (edge) sampling.
+        tracing.setup({}, "mtp-test", "acme", exporter=exporter, edge=True)
     root = make_tenant(tmp / "tenant")
     fport, sport = free_port(), free_port()
     fsettings = Settings.from_env({"MTP_SIDECAR_SECRET": SIDECAR_SECRET,
