@@ -32,6 +32,9 @@ _state: dict[str, Any] = {}  # provider, tracer, propagator, trace (the API modu
 TRACEPARENT, TRACESTATE = "traceparent", "tracestate"
 ENV = "environment"
 MAX_ATTRIBUTE = 200  # a client's path in a span attribute, at most
+# The platform's own routes, asked by probes and the sidecar itself (never with a
+# client's trace): no span in the framework, as none in the sidecar for health.
+UNTRACED = frozenset(("/healthz", "/readyz", "/metrics", "/internal/catalog"))
 OTLP_PACKAGES = {
     "http/protobuf": ("opentelemetry.exporter.otlp.proto.http.trace_exporter",
                       "opentelemetry-exporter-otlp-proto-http"),
@@ -41,6 +44,14 @@ OTLP_PACKAGES = {
 # The propagator warns about every malformed header: a client must not be able to
 # write a log line per request.
 QUIET_LOGGERS = ("opentelemetry.trace.propagation.tracecontext", "opentelemetry.trace.span")
+
+
+def text(value: str) -> str:
+    """``value`` as an attribute any exporter can encode: a client's undecodable bytes
+    (surrogate escapes) would make the protobuf encoder drop the whole batch."""
+    if value.isascii():
+        return value
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def exporter_names(environ: Mapping[str, str]) -> list[str]:
@@ -226,7 +237,9 @@ def headers_of(span: Any) -> dict[str, str]:
 
 
 def carrier() -> dict[str, str]:
-    """The current span's context as W3C headers ({} when no span is current)."""
+    """The current span's context as W3C headers ({} when none is, or tracing is off)."""
+    if not ENABLED:
+        return {}
     out: dict[str, str] = {}
     _state["propagator"].inject(out)
     return out
@@ -302,6 +315,8 @@ def install(app: Any) -> None:
     @app.before_request
     def trace_start() -> None:
         environ = request.environ
+        if environ.get("PATH_INFO") in UNTRACED:
+            return
         span = start_span("framework " + str(environ.get("REQUEST_METHOD", "")),
                           extract(environ, ENVIRON),
                           attributes={"http.request.method": environ.get("REQUEST_METHOD", ""),

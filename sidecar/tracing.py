@@ -24,7 +24,7 @@ def start(request: Request, request_id: str) -> Any:
     return tracing.start_span(
         "sidecar " + request.method, tracing.extract(request.headers, tracing.HEADERS),
         attributes={"http.request.method": request.method,
-                    "url.path": request.path[:tracing.MAX_ATTRIBUTE],
+                    "url.path": tracing.text(request.path[:tracing.MAX_ATTRIBUTE]),
                     "mtp.request_id": request_id})
 
 

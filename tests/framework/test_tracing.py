@@ -7,6 +7,7 @@ the traceparent header the sidecar sends, exactly as between two processes.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -150,3 +151,30 @@ def test_link_span_is_a_no_op_when_tracing_is_off(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(tracing, "ENABLED", False)
     with tracing.link_span("event demo", {}) as span:
         assert span is None
+
+
+def test_paths_in_spans_are_always_encodable(stack: Stack) -> None:
+    # Raw non-ASCII bytes in the target: the parser refuses them, before any span.
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as conn:
+        conn.sendall(b"GET /services/fr\xffont HTTP/1.1\r\nHost: x\r\n"
+                     b"Connection: close\r\n\r\n")
+        assert conn.recv(65536).startswith(b"HTTP/1.1 400 ")
+    # Percent-encoded: invalid UTF-8 stays encoded, valid UTF-8 is decoded.
+    reply = stack.call("GET", "/services/fr%FFont%C3%A9", auth())
+    assert reply.status == 404
+    [span] = stack.spans(1)
+    assert span.attributes["url.path"] == "/services/fr%FFont\u00e9"
+    # Anything else (a surrogate escape) is made encodable; exporters would drop the batch.
+    assert tracing.text("/a\udcff\u00e9") == "/a\\udcff\u00e9"
+    assert tracing.text("/plain") == "/plain"
+
+
+def test_carrier_is_empty_when_tracing_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tracing, "ENABLED", False)
+    assert tracing.carrier() == {}
+
+
+def test_the_platforms_own_routes_have_no_framework_span(stack: Stack) -> None:
+    assert stack.call("GET", "/readyz").status == 200  # the sidecar asks the framework's
+    assert stack.call("GET", "/metrics", auth()).status == 403
+    assert [s.name for s in stack.spans(1)] == ["sidecar GET"]  # /metrics: the sidecar's
