@@ -152,5 +152,6 @@ def traced_stack(tmp: Path, traced: bool = True) -> Iterator[Stack]:
         fthread.join(10)
         app.extensions["mtp.operations"].close()
         app.extensions["mtp"].close()
+        logs.setup("INFO", "acme")  # back to stderr: the StringIO goes with this stack
         if traced:
             tracing.shutdown()
