@@ -165,6 +165,11 @@ def setup(environ: Mapping[str, str], service_name: str, tenant_id: str,
         logging.getLogger(name).setLevel(logging.ERROR)
     _state.update(provider=provider, tracer=provider.get_tracer("mtp", __version__),
                   propagator=TraceContextTextMapPropagator(), trace=trace)
+    if exporter is None:
+        # A real process sets this up once: tenant code's own spans (the OpenTelemetry
+        # API's global tracer) then join the request's trace. Tests keep the global
+        # alone, as it can be set only once per process.
+        trace.set_tracer_provider(provider)
     ENABLED = True
     return True
 

@@ -14,9 +14,16 @@ from collections.abc import Iterator
 import pytest
 
 from tests.e2e.otlp_receiver import OtlpReceiver, Received
-from tests.helpers import stop
-from tests.sidecar.run_stack import RunStack, start_default
-from tests.sidecar.support import token
+from tests.helpers import free_port, stop
+from tests.sidecar.run_stack import (
+    RunStack,
+    run_env,
+    start_default,
+    start_run,
+    tenant_toml,
+    write_tenant,
+)
+from tests.sidecar.support import JWT_SECRET, SIDECAR_SECRET, token
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +49,17 @@ ODD = [
 ]
 
 
+SPANNER = '''"""Makes a span of its own with the OpenTelemetry API."""
+from opentelemetry import trace
+
+
+def handle(context):
+    with trace.get_tracer("tenant").start_as_current_span("tenant work") as span:
+        span.set_attribute("tenant.rows", 3)
+    return {"ok": True}
+'''
+
+
 def who(stack: RunStack, extra: list[tuple[str, str]]) -> tuple[int, dict]:
     headers = [("Authorization", f"Bearer {token(groups=['sales'], roles=['viewer'])}"),
                ("Content-Type", "application/json"), *extra]
@@ -62,8 +80,12 @@ def traced(tmp_path_factory: pytest.TempPathFactory,
            receiver: OtlpReceiver) -> Iterator[RunStack]:
     root = tmp_path_factory.mktemp("traced")
     # OTEL_BSP_SCHEDULE_DELAY: the exporters send every 100 ms instead of every 5 s.
-    stack = start_default(root, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
-                          OTEL_BSP_SCHEDULE_DELAY="100")
+    tdir = write_tenant(root, tenant_toml() + '[[authz.rules]]\nservice = "spanner"\n')
+    (tdir / "services" / "spanner.py").write_text(SPANNER)
+    env = run_env(root, free_port(), MTP_SIDECAR_SECRET=SIDECAR_SECRET,
+                  MTP_JWT_SECRET=JWT_SECRET, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+                  OTEL_BSP_SCHEDULE_DELAY="100")
+    stack = start_run(root, tdir, env)
     yield stack
     stop(stack.proc)
     shutil.rmtree(root, ignore_errors=True)
@@ -153,3 +175,19 @@ def test_tracing_off_exports_nothing_and_logs_no_trace_id(untraced: RunStack) ->
     status, _ = who(untraced, [("traceparent", VALID)])
     assert status == 200
     assert "trace_id" not in untraced.output()
+
+
+def test_a_handlers_own_span_joins_the_request_trace(traced: RunStack,
+                                                     receiver: OtlpReceiver) -> None:
+    reply = traced.call("POST", "/services/spanner", [
+        ("Authorization", f"Bearer {token()}"), ("Content-Type", "application/json"),
+        ("traceparent", VALID)], b"{}")
+    assert reply.status == 200, reply.body
+    rid = reply.headers["X-Request-ID"]
+    spans = by_request(receiver.wait(lambda got: len(by_request(got, rid)) == 2), rid)
+    framework = spans["mtp-framework"]
+    mine = receiver.wait(lambda got: any(
+        s.name == "tenant work" and s.parent_id == framework.span_id for s in got))
+    own = next(s for s in mine if s.name == "tenant work" and s.parent_id == framework.span_id)
+    assert own.service == "mtp-framework" and own.trace_id == TRACE_ID
+    assert own.attributes == {"tenant.rows": 3}
