@@ -283,7 +283,8 @@ def linked_span(name: str, stored: Mapping[str, str] | None,
     trace = _state["trace"]
     from opentelemetry.context import Context
 
-    linked = trace.get_current_span(extract(dict(stored or {}))).get_span_context()
+    carrier = stored if isinstance(stored, Mapping) else {}  # a store's odd value: no link
+    linked = trace.get_current_span(extract(dict(carrier))).get_span_context()
     links = [trace.Link(linked)] if linked.is_valid else None
     with _state["tracer"].start_as_current_span(
             name, context=Context(), kind=trace.SpanKind.CONSUMER, attributes=attributes,

@@ -171,7 +171,7 @@ def test_odd_trace_context_changes_no_identity_untraced(
                     "roles": ["viewer"], "auth_method": "jwt"}
 
 
-def test_tracing_off_exports_nothing_and_logs_no_trace_id(untraced: RunStack) -> None:
+def test_tracing_off_a_valid_traceparent_is_plain_data(untraced: RunStack) -> None:
     status, _ = who(untraced, [("traceparent", VALID)])
     assert status == 200
     assert "trace_id" not in untraced.output()

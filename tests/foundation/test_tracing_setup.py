@@ -125,3 +125,31 @@ def test_unusable_samplers_refuse_to_start(environ: dict[str, str], key: str) ->
     with pytest.raises(ConfigError) as err:
         tracing.setup({**environ, "OTEL_TRACES_EXPORTER": "console"}, "mtp-sidecar", "acme")
     assert err.value.key == key and not tracing.ENABLED
+
+
+def test_service_logger_lines_carry_the_trace_id_only_with_tracing_on() -> None:
+    import io
+    import json
+
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from framework import logs
+
+    stream = io.StringIO()
+    logs.setup("INFO", "acme", stream=stream)
+    try:
+        logger = logs.service_logger("acme", "rid-1", "echo", None)
+        logger.info("off")
+        tracing.setup({}, "mtp-test", "acme", exporter=InMemorySpanExporter())
+        logger.info("no span")
+        with tracing.child_span("handler"):
+            logger.info("in a span")
+            expected = tracing.current_trace_id()
+        with tracing.linked_span("job", "not a mapping") as job:  # an odd stored value
+            assert list(job.links) == []
+    finally:
+        logs.setup("INFO", "acme")
+    lines = {line["msg"]: line for line in map(json.loads, stream.getvalue().splitlines())}
+    assert "trace_id" not in lines["off"]
+    assert lines["no span"]["trace_id"] == ""
+    assert lines["in a span"]["trace_id"] == expected and len(expected) == 32
