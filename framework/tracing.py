@@ -2,17 +2,19 @@
 
 Off (the default) nothing of OpenTelemetry is imported, no tracer provider is
 installed and every hook on the request path is one test of :data:`ENABLED`, a
-module-level flag. On, the process has one SDK tracer provider (its own, not the
-global one) exporting through ``OTEL_TRACES_EXPORTER`` (``otlp``, the default when
-``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``..._TRACES_ENDPOINT`` is set, or ``console``);
-the OTLP exporter is an optional package, imported only then.
+module-level flag. On, the process has one SDK tracer provider (also the API's
+global one, so tenant code's own spans join the request's trace) exporting through
+``OTEL_TRACES_EXPORTER`` (``otlp``, the default when ``OTEL_EXPORTER_OTLP_ENDPOINT``
+or ``..._TRACES_ENDPOINT`` is set, or ``console``); the OTLP exporter is an optional
+package, imported only then.
 
 Trace context crosses processes as W3C ``traceparent``/``tracestate`` only (the
 W3C propagator itself, not ``OTEL_PROPAGATORS``). It is data, never identity: no
 identity value is read from it, and a malformed one is ignored (a new trace).
 A job stores the context of the request that queued it (:func:`carrier`) and runs
 in a span of its own trace that links to it (:func:`linked_span`); an event
-delivery is meant to do the same.
+delivery is meant to do the same: store :func:`carrier` when the event is emitted,
+deliver inside :func:`link_span`.
 """
 
 from __future__ import annotations
@@ -283,8 +285,8 @@ def linked_span(name: str, stored: Mapping[str, str] | None,
     trace = _state["trace"]
     from opentelemetry.context import Context
 
-    carrier = stored if isinstance(stored, Mapping) else {}  # a store's odd value: no link
-    linked = trace.get_current_span(extract(dict(carrier))).get_span_context()
+    given = stored if isinstance(stored, Mapping) else {}  # a store's odd value: no link
+    linked = trace.get_current_span(extract(dict(given))).get_span_context()
     links = [trace.Link(linked)] if linked.is_valid else None
     with _state["tracer"].start_as_current_span(
             name, context=Context(), kind=trace.SpanKind.CONSUMER, attributes=attributes,
@@ -297,7 +299,7 @@ def link_span(name: str, stored: Mapping[str, str] | None,
     """:func:`linked_span` when tracing is on, else a block that does nothing.
 
     The hook for work started from a stored context (event deliveries): store
-    ``carrier() if ENABLED else {}`` with the work, run it ``with link_span(...)``.
+    ``carrier()`` with the work ({} while tracing is off), run it ``with link_span(...)``.
     """
     if not ENABLED:
         from contextlib import nullcontext
