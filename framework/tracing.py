@@ -1,6 +1,6 @@
 """OpenTelemetry traces: off unless the standard ``OTEL_*`` variables ask for them.
 
-Off (the default) nothing of OpenTelemetry is imported, no tracer provider is
+Off (the default) nothing here imports OpenTelemetry, no tracer provider is
 installed and every hook on the request path is one test of :data:`ENABLED`, a
 module-level flag. On, the process has one SDK tracer provider (also the API's
 global one, so tenant code's own spans join the request's trace) exporting through
