@@ -19,6 +19,7 @@ run sidecar      bench/sidecar_wrk.sh 5 32
 run sidecar-py   $PY bench/sidecar_micro.py 20000
 run sidecar-rate $PY bench/sidecar_rate.py 3 32
 run halfload     $PY bench/sidecar_halfload.py 5 1
+run tracing      $PY bench/tracing_cost.py 5000
 run limiter      $PY bench/limiter_micro.py
 run scale-limit  $PY bench/scale_limiter.py
 run ldap         $PY bench/ldap_cost.py --seconds 3

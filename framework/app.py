@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Flask
 
-from framework import logs, metrics
+from framework import logs, metrics, tracing
 from framework.controller import register, render_error
 from framework.execute import Executor
 from framework.hooks import install_hooks
@@ -75,6 +75,8 @@ class FrameworkFlask(Flask):
 def create_app(settings: Settings, tenant: TenantConfig, background: bool = True) -> Flask:
     """The framework's WSGI app for one tenant."""
     secret = settings.require_sidecar_secret()
+    # Per worker, after the fork: the exporter's thread belongs to this process.
+    tracing.setup(settings.environ, "mtp-framework", tenant.tenant_id)
     rt = build_runtime(settings, tenant, background, secret)
     app = FrameworkFlask("framework")
     # No MAX_CONTENT_LENGTH: inputs.read_body enforces MTP_MAX_BODY itself, for

@@ -10,7 +10,7 @@ import time
 
 from flask import Flask, Response, g, request
 
-from framework import logs, metrics
+from framework import logs, metrics, tracing
 from framework.inputs import check_digest, read_body
 from framework.problem import request_id
 from framework.runtime import Runtime
@@ -22,6 +22,8 @@ MAX_LOGGED_PATH = 200
 
 def install_hooks(app: Flask, rt: Runtime) -> None:
     """Attach the before/after/teardown hooks for ``rt`` to ``app``."""
+    if tracing.ENABLED:  # first, so the request span covers the hooks below too
+        tracing.install(app)
 
     @app.before_request
     def before() -> None:

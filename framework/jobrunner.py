@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from framework import logs
+from framework import logs, tracing
 from framework.context import Context
 from framework.diskfull import disk_trouble
 from framework.errors import DeadlineExceeded, FrameworkError, Saturated, Unavailable
@@ -53,10 +53,28 @@ def error_document(outcome: Outcome, request_id: str) -> dict:
 
 def call_of(ctx: Context) -> dict[str, Any]:
     """What a job stores to be run later, anywhere: the identity and the request."""
-    return {"tenant": ctx.tenant_id, "service": ctx.service, "operation": ctx.operation,
+    call = {"tenant": ctx.tenant_id, "service": ctx.service, "operation": ctx.operation,
             "user": ctx.user, "groups": list(ctx.groups), "roles": list(ctx.roles),
             "auth_method": ctx.auth_method, "payload": ctx.payload,
             "params": dict(ctx.params), "request_id": ctx.request_id}
+    if tracing.ENABLED:  # the job's span links to the request that queued it
+        call["trace"] = tracing.carrier()
+    return call
+
+
+def traced(call: Mapping[str, Any], run: Callable[[], Outcome]) -> Outcome:
+    """``run()`` in the job's span (a new trace linked to its request's) when tracing is on."""
+    if not tracing.ENABLED:
+        return run()
+    with tracing.linked_span("job " + str(call.get("service", "")), call.get("trace"), {
+            "mtp.tenant": str(call.get("tenant", "")), "mtp.service": str(call.get("service", "")),
+            "mtp.operation": call.get("operation") or "",
+            "mtp.auth_method": str(call.get("auth_method", "")),
+            "mtp.request_id": str(call.get("request_id", ""))}) as span:
+        outcome = run()
+        span.set_attribute("mtp.status", outcome.status)
+        tracing.set_error(span, outcome.status)
+        return outcome
 
 
 def context_of(tenant: TenantConfig, spec: ServiceSpec, call: Mapping[str, Any]) -> Context:
@@ -201,7 +219,7 @@ class JobRunner:
             if not self._write(job, "start", lambda: self._claim(job, spec)):
                 return None  # cancelled while queued, reaped, or this process is stopping
             self.on_status(job.tenant, job.service, job.operation, "running")
-            outcome = self.call()(spec, ctx)
+            outcome = traced(job.call or call_of(ctx), lambda: self.call()(spec, ctx))
             if outcome.ok and time.monotonic() > ctx.deadline:
                 # Late results are not kept: a job obeys its timeout like a sync call.
                 outcome = Outcome(504, error=_late(spec), wall=outcome.wall, cpu=outcome.cpu)

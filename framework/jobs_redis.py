@@ -45,7 +45,14 @@ from framework import depstate, logs, metrics
 from framework.context import Context
 from framework.errors import DeadlineExceeded, FrameworkError, Saturated, Unavailable
 from framework.execute import Outcome
-from framework.jobrunner import StatusHook, Stopping, call_of, context_of, error_document
+from framework.jobrunner import (
+    StatusHook,
+    Stopping,
+    call_of,
+    context_of,
+    error_document,
+    traced,
+)
 from framework.jobs import (
     CANCELLED,
     FAILED,
@@ -393,7 +400,7 @@ class JobWorker:
         if not until(lambda: store.claim(job_id, runner, time.time() + spec.timeout)):
             return None  # cancelled while queued, or already handled
         ctx = self.context(spec, call)
-        outcome = self.rt.executor.call(spec, ctx)
+        outcome = traced(call, lambda: self.rt.executor.call(spec, ctx))
         if outcome.ok and time.monotonic() > ctx.deadline:
             outcome = Outcome(504, error=DeadlineExceeded(
                 f"service {spec.name!r} did not finish within {spec.timeout:g}s"))

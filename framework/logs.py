@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any
 
+from framework import tracing
+
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("mtp_request_id", default="")
 
 LOGGER_NAME = "mtp.framework"
@@ -95,6 +97,8 @@ class ServiceLogger(logging.LoggerAdapter):
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         extra = dict(self.extra or {})
+        if tracing.ENABLED:  # the span current when the line is written: request or job
+            extra["trace_id"] = tracing.current_trace_id()
         extra.update(kwargs.get("extra") or {})
         kwargs["extra"] = extra
         return msg, kwargs

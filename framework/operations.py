@@ -28,6 +28,7 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
+from framework import tracing
 from framework.authz import decide
 from framework.breaker import Breakers, CircuitBreaker
 from framework.context import Context
@@ -238,7 +239,15 @@ class Operations:
         arrived = ARRIVED.set(time.monotonic())
         in_sync = IN_SYNC.set(False)  # the nested service passes its own breaker
         try:
-            outcome = self.rt.executor.call(spec, child)
+            if tracing.ENABLED:
+                with tracing.child_span("context.call " + spec.name, {
+                        "mtp.service": spec.name, "mtp.operation": operation or "",
+                        "mtp.caller": parent.service}) as span:
+                    outcome = self.rt.executor.call(spec, child)
+                    span.set_attribute("mtp.status", outcome.status)
+                    tracing.set_error(span, outcome.status)
+            else:
+                outcome = self.rt.executor.call(spec, child)
         finally:
             IN_SYNC.reset(in_sync)
             ARRIVED.reset(arrived)

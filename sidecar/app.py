@@ -14,10 +14,11 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
 
-from framework import logs
+from framework import logs, tracing
 from framework.inputs import parse_prefer
 from framework.problem import request_id as make_request_id
 from framework.settings import Settings
@@ -53,6 +54,9 @@ from sidecar.metrics import Metrics
 from sidecar.principal import Principal
 from sidecar.proxy import Upstream
 from sidecar.ratelimit import RateLimiter
+from sidecar.tracing import finish as finish_span
+from sidecar.tracing import inject as inject_trace
+from sidecar.tracing import start as start_span
 
 log = logging.getLogger("mtp.sidecar")
 
@@ -116,6 +120,7 @@ class Sidecar:
             # Refused before anything is forwarded (a HEAD created jobs).
             return render(MethodNotAllowed(SERVICE_METHODS), rid)
         logs.REQUEST_ID.set(rid)  # on every log line of this request (JSON, like the framework)
+        span = start_span(request, rid) if tracing.ENABLED else None
         tenant = self.tenant
         principal: Principal | None = None
         service, operation, rule, slot = "", None, None, None
@@ -147,7 +152,7 @@ class Sidecar:
                 if delay:
                     reason = f"delayed {delay:.3f}s"
                 response = await self._forward(request, principal, rid, upstream_path,
-                                               service)
+                                               service, span)
                 response.headers.extend(limit_headers.items())
         except SidecarError as exc:
             outcome, reason = exc.outcome, exc.reason
@@ -167,6 +172,9 @@ class Sidecar:
             operation=operation, reason=_noted(reason, principal), rule=rule)
         self.metrics.observe(tenant.tenant_id, service, operation or "", response.status,
                              time.perf_counter() - started)
+        if span is not None:
+            finish_span(span, principal, tenant.tenant_id, service, operation, outcome,
+                        response.status)
         logs.REQUEST_ID.set("")
         return response
 
@@ -221,12 +229,14 @@ class Sidecar:
         return timeout
 
     async def _forward(self, request: Request, principal: Principal | None, rid: str,
-                       path: str, service: str = "") -> Response:
+                       path: str, service: str = "", span: Any = None) -> Response:
         body = await self._read_body(request)
         headers = upstream_headers(
             request.headers.items(), identity_headers(principal, rid),
             secret=self.settings.sidecar_secret, method=request.method, path=path,
             peer=request.remote or "", proto=request.scheme, body=body)
+        if span is not None:  # the framework continues this span, not the client's
+            inject_trace(span, headers)
         check_upstream(request.method, path, headers)
         reply = await self.upstream.call(request.method, path, headers, body, self.admission,
                                          service, self._timeout(request, service),

@@ -15,6 +15,7 @@ from typing import Any
 
 from prometheus_client import Gauge
 
+from framework import tracing
 from framework.jwt_keys import load_public_key
 from framework.settings import Settings
 from framework.tenant_config import ConfigError, TenantConfig
@@ -141,6 +142,7 @@ def create_app(settings: Settings, tenant: TenantConfig, *, timeouts: Timeouts |
                backend: LimiterBackend | None = None) -> App:
     """The sidecar, checked (config errors raise here, before anything listens)."""
     settings.require_sidecar_secret()
+    tracing.setup(settings.environ, "mtp-sidecar", tenant.tenant_id, edge=True)  # OTEL_*
     secret = jwt_secret(tenant, settings)
     public_key = load_public_key(tenant)  # the same loader and checks as `mtp check`
     return App(settings, tenant, secret, public_key, timeouts, backend)

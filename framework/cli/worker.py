@@ -123,7 +123,7 @@ class _QuietRetries(logging.Filter):
 
 def build_job_worker(settings: Settings, tenant: TenantConfig) -> Any:
     """The framework runtime a worker process runs jobs with (no HTTP, no local jobs)."""
-    from framework import logs
+    from framework import logs, tracing
     from framework.execute import Executor
     from framework.jobrunner import Reaper
     from framework.jobs_redis import JobWorker, redis_jobs
@@ -132,6 +132,7 @@ def build_job_worker(settings: Settings, tenant: TenantConfig) -> Any:
     from framework.runtime import Runtime
 
     log = logs.setup(settings.log_level, tenant.tenant_id)
+    tracing.setup(settings.environ, "mtp-worker", tenant.tenant_id)
     store, runner = redis_jobs(settings, tenant)
     rt = Runtime(settings=settings, tenant=tenant,
                  registry=Registry(settings.tenant_dir, tenant, dev=settings.dev),
