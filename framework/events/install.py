@@ -1,0 +1,139 @@
+"""Wiring events into a framework worker: the engine, the routes and ``context.emit``.
+
+``POST /events`` reaches the framework like any non-service path: the sidecar
+authenticates, binds the tenant, rate-limits, caps the body and signs the request
+with the body's digest. The events rules of ``[authz]`` are applied here, in one
+place, because only here is the event parsed (in structured mode the type is in
+the body; the sidecar does not parse bodies).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from flask import Flask, Response, g, request
+
+from framework.authz import decide_event
+from framework.context import Context
+from framework.errors import BadRequest, Forbidden, NotFound
+from framework.events.binding import BadEvent, Event, new_event, parse_http
+from framework.events.dispatch import Dispatcher
+from framework.events.observe import PUBLISHED, EventAudit, type_label
+from framework.events.store import EventStore, Publisher
+from framework.execute import Call, Outcome
+from framework.registry import ServiceSpec
+from framework.runtime import Runtime
+
+EVENTS_DB = "events.sqlite3"
+KEEP_SECONDS = 7 * 24 * 3600  # delivered events are kept a week (then pruned)
+
+
+@dataclass
+class Events:
+    """The events parts of one worker."""
+
+    rt: Runtime
+    store: EventStore
+    audit: EventAudit
+    dispatcher: Dispatcher
+
+    def publish(self, event: Event, publisher: Publisher) -> bool:
+        """Store ``event`` with a delivery per matching route; False for a duplicate."""
+        routes = self.rt.tenant.events.matching(event.type, event.subject)
+        fresh = self.store.publish(event, publisher, routes)
+        tenant = self.rt.tenant.tenant_id
+        if fresh:
+            PUBLISHED.labels(tenant, type_label(event.type)).inc()
+            self.dispatcher.wake.set()
+        self.audit.write(request_id=publisher.request_id, user=publisher.user,
+                         auth_method=publisher.auth_method,
+                         outcome="published" if fresh else "duplicate", event_id=event.id,
+                         event_type=event.type, reason=f"{len(routes)} routes" if fresh else "",
+                         status=202)
+        return fresh
+
+    def emit(self, ctx: Context, event_type: str, data: Any = None,
+             subject: str | None = None) -> str:
+        """``context.emit``: publish as the caller of the running service; the event id."""
+        event = new_event(event_type, data, subject,
+                          f"/{ctx.tenant_id}/services/{ctx.service}")
+        json.dumps(data)  # TypeError now, in the handler, for data that cannot be stored
+        self.publish(event, Publisher(ctx.user, tuple(ctx.groups), tuple(ctx.roles),
+                                      ctx.auth_method, ctx.request_id))
+        return event.id
+
+    def with_emit(self, inner: Call) -> Call:
+        """``inner`` with ``context.emit`` attached (sync calls, jobs, nested calls)."""
+
+        def call(spec: ServiceSpec, ctx: Context) -> Outcome:
+            ctx.emit = partial(self.emit, ctx)  # type: ignore[attr-defined]
+            return inner(spec, ctx)
+
+        return call
+
+    def close(self) -> None:
+        self.dispatcher.close()
+
+
+def install(app: Flask, rt: Runtime, background: bool = True) -> Events:
+    """The engine for ``rt`` (embedded, in MTP_DATA_DIR), its routes and ``context.emit``."""
+    settings = rt.settings
+    store = EventStore(settings.data_dir / EVENTS_DB)
+    audit = EventAudit(settings.audit_file, rt.tenant.tenant_id)
+    events = Events(rt, store, audit,
+                    Dispatcher(rt, store, audit, capacity=settings.job_workers))
+    rt.executor.call = events.with_emit(rt.executor.call)
+    if background:
+        store.prune(KEEP_SECONDS)
+        events.dispatcher.start()
+        # gunicorn workers leave through sys.exit: hand running deliveries back.
+        atexit.register(events.close)
+    _routes(app, events)
+    return events
+
+
+def _admin() -> None:
+    ident = g.get("identity")
+    if ident is None or not ident.is_admin:
+        raise Forbidden("this route needs role admin")
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(json.dumps(body, separators=(",", ":")), status=status,
+                    content_type="application/json")
+
+
+def _routes(app: Flask, events: Events) -> None:
+
+    @app.post("/events")
+    def publish() -> Response:
+        state = g._get_current_object()
+        ident = state.identity
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        try:
+            event = parse_http(headers, state.body)
+        except BadEvent as exc:
+            raise BadRequest(f"invalid CloudEvent: {exc.attribute}: {exc.reason}",
+                             attribute=exc.attribute) from None
+        if not decide_event(events.rt.tenant.authz, ident, event.type).allowed:
+            raise Forbidden(f"not allowed to publish events of type {event.type!r}")
+        events.publish(event, Publisher(ident.user, tuple(ident.groups), tuple(ident.roles),
+                                        ident.auth_method, state.request_id))
+        return _json({"id": event.id}, 202)
+
+    @app.get("/events/dead")
+    def dead() -> Response:
+        _admin()
+        return _json({"dead": [d.public() for d in events.store.dead()]})
+
+    @app.post("/events/dead/<int:did>/replay")
+    def replay(did: int) -> Response:
+        _admin()
+        if not events.store.replay(did):
+            raise NotFound(f"no dead letter {did}")
+        events.dispatcher.wake.set()
+        return _json({"id": str(did), "status": "pending"}, 202)
