@@ -12,7 +12,6 @@ from __future__ import annotations
 import atexit
 import json
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from flask import Flask, Response, g, request
@@ -32,7 +31,23 @@ EVENTS_DB = "events.sqlite3"
 KEEP_SECONDS = 7 * 24 * 3600  # delivered events are kept a week (then pruned)
 
 
-@dataclass
+class Emit:
+    """``context.emit`` of one call; its repr shows nothing of the engine (tenant code
+    may print its context)."""
+
+    __slots__ = ("_ctx", "_events")
+
+    def __init__(self, events: Events, ctx: Context) -> None:
+        self._events, self._ctx = events, ctx
+
+    def __call__(self, event_type: str, data: Any = None, subject: str | None = None) -> str:
+        return self._events.emit(self._ctx, event_type, data, subject)
+
+    def __repr__(self) -> str:
+        return "<context.emit>"
+
+
+@dataclass(repr=False)
 class Events:
     """The events parts of one worker."""
 
@@ -70,7 +85,7 @@ class Events:
         """``inner`` with ``context.emit`` attached (sync calls, jobs, nested calls)."""
 
         def call(spec: ServiceSpec, ctx: Context) -> Outcome:
-            ctx.emit = partial(self.emit, ctx)  # type: ignore[attr-defined]
+            ctx.emit = Emit(self, ctx)  # type: ignore[attr-defined]
             return inner(spec, ctx)
 
         return call
