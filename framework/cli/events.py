@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -76,8 +77,8 @@ def publish(event_type: str, data: str | None, subject: str | None, source: str,
 def dead(replay_id: str | None, url: str, token: str) -> None:
     """List dead letters (JSON), or replay one (role admin)."""
     if replay_id is not None:
-        if not replay_id.isdigit():
-            raise click.BadParameter("a dead letter id (digits)", param_hint="--replay")
+        if not re.fullmatch(r"[0-9]+(-[0-9]+)?", replay_id):
+            raise click.BadParameter("a dead letter id, as listed", param_hint="--replay")
         answer = _request(url, token, "POST", f"/events/dead/{replay_id}/replay")
     else:
         answer = _request(url, token, "GET", "/events/dead")

@@ -20,6 +20,7 @@ import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from framework import logs
 from framework.authz import decide
@@ -32,8 +33,10 @@ from framework.events.store import DONE, PENDING, Delivery, EventStore
 from framework.flags import FlagSet
 from framework.runtime import Runtime
 
+if TYPE_CHECKING:
+    from framework.events.store_redis import RedisEventStore
+
 POLL_SECONDS = 0.05  # idle poll: events published by another worker of the tenant
-LEASE_SECONDS = 30.0  # renewed every LEASE_SECONDS / 3 while the handler runs
 SINK_TIMEOUT = 10.0
 
 log = logging.getLogger("mtp.framework.events")
@@ -48,7 +51,7 @@ class Dispatcher:
     """Claims and runs the deliveries of one tenant in this process."""
 
     rt: Runtime
-    store: EventStore
+    store: EventStore | RedisEventStore
     audit: EventAudit
     capacity: int = 4
     owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:"
@@ -87,9 +90,10 @@ class Dispatcher:
         while not self._stop.is_set():
             try:
                 free = self.capacity - self._inflight
-                batch = self.store.claim(self.owner, free, LEASE_SECONDS) if free > 0 else []
-                if time.monotonic() - renewed > LEASE_SECONDS / 3:
-                    self.store.renew(self.owner, LEASE_SECONDS)
+                lease = self.store.lease
+                batch = self.store.claim(self.owner, free, lease) if free > 0 else []
+                if time.monotonic() - renewed > lease / 3:
+                    self.store.renew(self.owner, lease)
                     renewed = time.monotonic()
             except Exception:
                 log.exception("claiming deliveries failed")

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import atexit
 import json
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, g, request
 
@@ -26,8 +27,13 @@ from framework.events.store import EventStore, Publisher
 from framework.execute import Call, Outcome
 from framework.registry import ServiceSpec
 from framework.runtime import Runtime
+from framework.settings import Settings
+
+if TYPE_CHECKING:
+    from framework.events.store_redis import RedisEventStore
 
 EVENTS_DB = "events.sqlite3"
+DEAD_ID_RE = re.compile(r"[0-9]{1,19}(-[0-9]{1,19})?")  # SQLite row id or Redis entry id
 KEEP_SECONDS = 7 * 24 * 3600  # delivered events are kept a week (then pruned)
 
 
@@ -52,7 +58,7 @@ class Events:
     """The events parts of one worker."""
 
     rt: Runtime
-    store: EventStore
+    store: EventStore | RedisEventStore
     audit: EventAudit
     dispatcher: Dispatcher
 
@@ -94,10 +100,21 @@ class Events:
         self.dispatcher.close()
 
 
-def install(app: Flask, rt: Runtime, background: bool = True) -> Events:
-    """The engine for ``rt`` (embedded, in MTP_DATA_DIR), its routes and ``context.emit``."""
+def open_store(settings: Settings, tenant_id: str) -> EventStore | RedisEventStore:
+    """Embedded (SQLite in MTP_DATA_DIR), or with MTP_REDIS_URL the tenant's Redis stream."""
+    if settings.redis_url:
+        from framework.events.store_redis import RedisEventStore
+        from framework.jobs_redis import connect
+
+        return RedisEventStore(connect(settings.redis_url, pool_size=8), tenant_id)
+    return EventStore(settings.data_dir / EVENTS_DB)
+
+
+def start_delivery(rt: Runtime, background: bool = True) -> Events:
+    """The engine for ``rt`` and, with ``background``, its delivery thread; ``context.emit``
+    on every call of ``rt.executor`` (``mtp worker`` uses this without the routes)."""
     settings = rt.settings
-    store = EventStore(settings.data_dir / EVENTS_DB)
+    store = open_store(settings, rt.tenant.tenant_id)
     audit = EventAudit(settings.audit_file, rt.tenant.tenant_id)
     events = Events(rt, store, audit,
                     Dispatcher(rt, store, audit, capacity=settings.job_workers))
@@ -107,6 +124,12 @@ def install(app: Flask, rt: Runtime, background: bool = True) -> Events:
         events.dispatcher.start()
         # gunicorn workers leave through sys.exit: hand running deliveries back.
         atexit.register(events.close)
+    return events
+
+
+def install(app: Flask, rt: Runtime, background: bool = True) -> Events:
+    """The engine for ``rt``, its routes and ``context.emit``."""
+    events = start_delivery(rt, background)
     _routes(app, events)
     return events
 
@@ -145,10 +168,11 @@ def _routes(app: Flask, events: Events) -> None:
         _admin()
         return _json({"dead": [d.public() for d in events.store.dead()]})
 
-    @app.post("/events/dead/<int:did>/replay")
-    def replay(did: int) -> Response:
+    @app.post("/events/dead/<did>/replay")
+    def replay(did: str) -> Response:
         _admin()
-        if not events.store.replay(did):
+        if not DEAD_ID_RE.fullmatch(did) or not events.store.replay(
+                did if "-" in did else int(did)):
             raise NotFound(f"no dead letter {did}")
         events.dispatcher.wake.set()
         return _json({"id": str(did), "status": "pending"}, 202)

@@ -92,6 +92,7 @@ class DeadLetter:
 class EventStore:
     """SQLite-backed events, deliveries and dead letters of one tenant."""
 
+    lease = 30.0  # seconds; renewed every lease / 3 while the handler runs
     def __init__(self, path: str | Path, busy_timeout_ms: int = 10000) -> None:
         self.path = str(path)
         self.busy_timeout_ms = busy_timeout_ms

@@ -18,9 +18,15 @@ import time
 
 def handle(context):
     started = time.time()
+    event = getattr(context, "event", None)
+    fd = os.open(context.config["out"] + ".started", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, json.dumps({"id": (event or {}).get("id"), "pid": os.getpid()}).encode()
+                 + b"\\n")
+    finally:
+        os.close(fd)
     data = context.payload if isinstance(context.payload, dict) else {}
     time.sleep(float(data.get("sleep", 0)))
-    event = getattr(context, "event", None)
     line = json.dumps({"service": context.service, "event": event, "payload": context.payload,
                        "user": context.user, "request_id": context.request_id,
                        "started": started, "ended": time.time()})
