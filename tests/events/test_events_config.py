@@ -100,3 +100,25 @@ def test_emit_checks_its_attributes(kind: str, subject, attribute: str) -> None:
     with pytest.raises(BadEvent) as info:
         new_event(kind, None, subject, "/acme/services/x")
     assert info.value.attribute == attribute
+
+
+def test_context_emit_in_process_is_checked_and_recorded(tmp_path) -> None:
+    from framework.local import Caller, LocalRunner, outcome_value
+    from framework.settings import Settings
+    from tests.events.stack import EMITTER
+
+    (tmp_path / "services").mkdir()
+    (tmp_path / "tenant.toml").write_text('[tenant]\nid = "acme"\n')
+    (tmp_path / "services" / "emitter.py").write_text(EMITTER)
+    settings = Settings.from_env({"MTP_DATA_DIR": str(tmp_path / "data")}, tenant_dir=tmp_path)
+    runner = LocalRunner(settings, settings.load_tenant())
+    try:
+        out = outcome_value(runner.run("emitter", {"type": "order.x", "data": {"a": 1},
+                                                   "subject": "s"}, caller=Caller("eve")))
+        assert runner.emitted == [{"id": out["id"], "source": "/acme/services/emitter",
+                                   "type": "order.x", "subject": "s",
+                                   "time": runner.emitted[0]["time"], "data": {"a": 1}}]
+        bad = runner.run("emitter", {"type": "has space"})
+        assert bad.status == 500 and not runner.emitted[1:]
+    finally:
+        runner.close()
