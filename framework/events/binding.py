@@ -129,9 +129,24 @@ def parse_http(headers: Mapping[str, str], body: bytes) -> Event:
             raise BadEvent("data", "binary data must be UTF-8 text or JSON") from None
     when = attrs.get("time")
     stamp = when.isoformat().replace("+00:00", "Z") if isinstance(when, datetime) else now_iso()
-    extra = {k: v for k, v in attrs.items()
-             if k in ("traceparent", "tracestate") and isinstance(v, str)}
+    extra = trace_context(attrs)
     return Event(attrs["id"], attrs["source"], attrs["type"], subject, stamp, data, extra)
+
+
+TRACEPARENT_RE = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def trace_context(values: Mapping[str, Any]) -> dict[str, str]:
+    """W3C trace context (``traceparent``, ``tracestate``) from CloudEvents attributes
+    (the Distributed Tracing extension) or HTTP headers; malformed values are dropped."""
+    parent = values.get("traceparent")
+    if not isinstance(parent, str) or not TRACEPARENT_RE.fullmatch(parent):
+        return {}
+    found = {"traceparent": parent}
+    state = values.get("tracestate")
+    if isinstance(state, str) and len(state) <= 512 and state.isprintable():
+        found["tracestate"] = state
+    return found
 
 
 def to_http(event: Event) -> tuple[dict[str, str], bytes]:
@@ -143,5 +158,6 @@ def to_http(event: Event) -> tuple[dict[str, str], bytes]:
         attrs["subject"] = event.subject
     if event.data is not None:
         attrs["datacontenttype"] = "application/json"
+    attrs.update(trace_context(event.extra))  # the trace goes on to the receiving mtp
     message = to_structured_event(CloudEvent(attrs, event.data))
     return dict(message.headers), message.body

@@ -20,7 +20,7 @@ from flask import Flask, Response, g, request
 from framework.authz import decide_event
 from framework.context import Context
 from framework.errors import BadRequest, Forbidden, NotFound
-from framework.events.binding import BadEvent, Event, new_event, parse_http
+from framework.events.binding import BadEvent, Event, new_event, parse_http, trace_context
 from framework.events.dispatch import Dispatcher
 from framework.events.observe import PUBLISHED, EventAudit, type_label
 from framework.events.store import EventStore, Publisher
@@ -157,6 +157,8 @@ def _routes(app: Flask, events: Events) -> None:
         except BadEvent as exc:
             raise BadRequest(f"invalid CloudEvent: {exc.attribute}: {exc.reason}",
                              attribute=exc.attribute) from None
+        if not event.extra:  # no trace in the event: the request's own, if any
+            event.extra = trace_context(headers)
         if not decide_event(events.rt.tenant.authz, ident, event.type).allowed:
             raise Forbidden(f"not allowed to publish events of type {event.type!r}")
         events.publish(event, Publisher(ident.user, tuple(ident.groups), tuple(ident.roles),

@@ -122,3 +122,16 @@ def test_context_emit_in_process_is_checked_and_recorded(tmp_path) -> None:
         assert bad.status == 500 and not runner.emitted[1:]
     finally:
         runner.close()
+
+
+def test_trace_context_travels_through_the_binding() -> None:
+    parent = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    event = Event("1", "/s", "order.x", None, "2026-01-01T00:00:00Z", None,
+                  {"traceparent": parent, "tracestate": "k=v"})
+    headers, body = to_http(event)
+    parsed = parse_http({k.lower(): v for k, v in headers.items()}, body)
+    assert parsed.extra == {"traceparent": parent, "tracestate": "k=v"}
+    # A malformed traceparent is dropped, never stored.
+    bad = parse_http({"ce-id": "1", "ce-source": "/s", "ce-type": "t", "ce-specversion": "1.0",
+                      "ce-traceparent": "nonsense"}, b"")
+    assert bad.extra == {}

@@ -31,9 +31,11 @@ def test_a_sink_route_posts_the_event_to_another_mtp(tmp_path) -> None:
                       MTP_JWT_SECRET=JWT_SECRET, SINK_TOKEN=token(sub="relay"))
         sender = start_run(root, tdir, env)
         eid = uuid.uuid4().hex
+        parent = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
         answer = structured(sender, jwt("alice"), {"id": eid, "source": "/shop",
                                                    "type": "order.shipped", "subject": "p/1",
-                                                   "data": {"parcel": 9}})
+                                                   "data": {"parcel": 9}},
+                            {"traceparent": parent})
         assert answer.status == 202, answer.body
         got = wait_for(lambda: next((r for r in lines(tmp_path / "b" / "record.jsonl")
                                      if r["event"]["id"] == eid), None))
@@ -42,6 +44,12 @@ def test_a_sink_route_posts_the_event_to_another_mtp(tmp_path) -> None:
         assert got["event"]["source"] == "/shop"
         assert got["event"]["subject"] == "p/1"
         assert got["payload"] == {"parcel": 9}
+        # The publish's trace context went along (CloudEvents distributed tracing).
+        import sqlite3
+
+        with sqlite3.connect(tmp_path / "b" / "data" / "events.sqlite3") as db:
+            extra = db.execute("SELECT extra FROM events WHERE id = ?", (eid,)).fetchone()[0]
+        assert json.loads(extra)["traceparent"] == parent
         wait_for(lambda: any(a.get("event_id") == eid and a["outcome"] == "delivered"
                              and a["service"].endswith("/events")
                              for a in lines(root / "audit.log")))
