@@ -1,7 +1,7 @@
 """Events on the embedded engine through the real `mtp run`: publish -> handled.
 
 Usage: .venv/bin/python bench/events_embedded.py [--seconds 60] [--rate 1000]
-       [--publishers 4] [--subjects 0] [--emit 20000]
+       [--publishers 4] [--subjects 0] [--emit 20000] [--redis-url URL]
 
 One tenant, one route to a trivial handler that appends the time it started and
 the time the event was sent (in the data) to a file. Publishers POST binary-mode
@@ -112,7 +112,8 @@ def run_platform(args: argparse.Namespace) -> None:
         env = base_env(MTP_LISTEN=f"127.0.0.1:{port}", MTP_DATA_DIR=str(tmp / "data"),
                        MTP_UPSTREAM=f"unix:{tmp / 'fw.sock'}", MTP_SIDECAR_SECRET=SIDECAR_SECRET,
                        MTP_JWT_SECRET=JWT_SECRET, MTP_LOG_LEVEL="WARNING",
-                       MTP_AUDIT_FILE=str(tmp / "audit.log"))
+                       MTP_AUDIT_FILE=str(tmp / "audit.log"),
+                       **({"MTP_REDIS_URL": args.redis_url} if args.redis_url else {}))
         proc = spawn([sys.executable, "-m", "framework", "run", "--tenant-dir",
                       str(tmp / "tenant")], env, log=tmp / "run.log")
         try:
@@ -203,6 +204,9 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=0)
     parser.add_argument("--emit", type=int, default=20000, help="0: skip the emit measure")
     parser.add_argument("--emit-only", action="store_true")
+    parser.add_argument("--redis-url", default="",
+                        help="use the shared engine on this Redis (a throwaway one: "
+                             "the tenant's stream is not cleaned up)")
     args = parser.parse_args()
     if args.emit:
         run_emit(args.emit)

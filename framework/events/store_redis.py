@@ -118,18 +118,25 @@ class RedisEventStore:
             _, entries, *_ = self.client.xautoclaim(self.stream, GROUP, owner,
                                                     int(self.lease * 1000), "0-0", count=64)
             self._hold(entries)
-        due, now = [], time.time()
-        for entry_id, held in list(self.held.items()):
+        now = time.time()
+        ready = [(entry_id, held) for entry_id, held in self.held.items()
+                 if not held.running and held.entry["not_before"] <= now]
+        keys = [self._order_key(EventRoute.from_snapshot(h.entry["route"]),
+                                h.entry["event"]["subject"]) for _, h in ready]
+        ordered = [key for key in keys if key != self.stream]
+        heads: dict[str, str | None] = {}
+        if ordered:  # one round trip for the heads of every subject in question
+            pipe = self.client.pipeline(transaction=False)
+            for key in ordered:
+                pipe.lindex(key, 0)
+            heads = {key: _text(head) if head is not None else None
+                     for key, head in zip(ordered, pipe.execute(), strict=True)}
+        due = []
+        for (entry_id, held), key in zip(ready, keys, strict=True):
             if len(due) >= limit:
                 break
-            if held.running or held.entry["not_before"] > now:
-                continue
-            key = self._order_key(EventRoute.from_snapshot(held.entry["route"]),
-                                  held.entry["event"]["subject"])
-            if key != self.stream:
-                head = self.client.lindex(key, 0)
-                if head is not None and _text(head) != entry_id:
-                    continue  # an earlier event of the subject is not done yet
+            if key != self.stream and heads.get(key) not in (None, entry_id):
+                continue  # an earlier event of the subject is not done yet
             held.running = True
             due.append(self._delivery(entry_id, held.entry))
         return due
