@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 POLL_SECONDS = 0.05  # idle poll: events published by another worker of the tenant
 SINK_TIMEOUT = 10.0
+PRUNE_SECONDS = 3600.0  # how often delivered events are forgotten
+KEEP_SECONDS = 7 * 24 * 3600  # delivered events are kept a week
 
 log = logging.getLogger("mtp.framework.events")
 
@@ -86,9 +88,12 @@ class Dispatcher:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _loop(self) -> None:
-        renewed = time.monotonic()
+        renewed = pruned = time.monotonic()
         while not self._stop.is_set():
             try:
+                if time.monotonic() - pruned > PRUNE_SECONDS:
+                    self.store.prune(KEEP_SECONDS)
+                    pruned = time.monotonic()
                 free = self.capacity - self._inflight
                 lease = self.store.lease
                 batch = self.store.claim(self.owner, free, lease) if free > 0 else []

@@ -21,7 +21,7 @@ from framework.authz import decide_event
 from framework.context import Context
 from framework.errors import BadRequest, Forbidden, NotFound
 from framework.events.binding import BadEvent, Event, new_event, parse_http, trace_context
-from framework.events.dispatch import Dispatcher
+from framework.events.dispatch import KEEP_SECONDS, Dispatcher
 from framework.events.observe import PUBLISHED, EventAudit, type_label
 from framework.events.store import EventStore, Publisher
 from framework.execute import Call, Outcome
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 EVENTS_DB = "events.sqlite3"
 DEAD_ID_RE = re.compile(r"[0-9]{1,19}(-[0-9]{1,19})?")  # SQLite row id or Redis entry id
-KEEP_SECONDS = 7 * 24 * 3600  # delivered events are kept a week (then pruned)
 
 
 class Emit:

@@ -135,3 +135,25 @@ def test_trace_context_travels_through_the_binding() -> None:
     bad = parse_http({"ce-id": "1", "ce-source": "/s", "ce-type": "t", "ce-specversion": "1.0",
                       "ce-traceparent": "nonsense"}, b"")
     assert bad.extra == {}
+
+
+def test_prune_forgets_delivered_events_and_keeps_dedup_for_a_day(tmp_path) -> None:
+    from framework.events.store import DONE, EventStore, Publisher
+
+    store = EventStore(tmp_path / "events.sqlite3")
+    who = Publisher("u", (), (), "jwt", "rid")
+    route = EventRoute(("a.*",), service="x")
+    event = Event("1", "/s", "a.b", None, "2026-01-01T00:00:00Z", None)
+    assert store.publish(event, who, [route])
+    (delivery,) = store.claim("me", 10, 30.0)
+    store.finish(delivery.did, "me", DONE)
+    store.prune(0.0)
+    assert store.counts() == {}
+    assert not store.publish(event, who, [route])  # still a duplicate after the prune
+    # A graceful stop hands a running delivery back, its attempt not counted.
+    assert store.publish(Event("2", "/s", "a.b", None, "2026-01-01T00:00:00Z", None), who,
+                         [route])
+    (running,) = store.claim("me", 10, 30.0)
+    assert store.release("me") == 1
+    (again,) = store.claim("other", 10, 30.0)
+    assert again.did == running.did and again.attempts == 1
