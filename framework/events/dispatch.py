@@ -168,7 +168,9 @@ class Dispatcher:
             spec = rt.registry.resolve(route.service)
             spec.check_operation(operation)
         except FrameworkError as exc:
-            raise Refused(exc.detail) from None
+            if exc.status in (403, 404):  # gone, disabled, not in the plan: never will run
+                raise Refused(exc.detail) from None
+            return exc.status, exc.detail  # e.g. a module that fails to import: retried
         decision = decide(tenant.authz, who, spec.name, operation)
         if not decision.allowed:
             raise Refused(decision.reason)

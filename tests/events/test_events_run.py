@@ -357,3 +357,21 @@ def _published_to(stack: RunStack, path) -> str | None:
             return eid
         time.sleep(0.05)
     return None
+
+
+def test_a_service_that_fails_to_import_is_retried_not_dead_at_once(tmp_path) -> None:
+    route = ('\n[[events.routes]]\ntypes = ["admin.broken"]\nservice = "broken"\nretries = 2\n'
+             'backoff = 0.05\n')
+    stack = start(tmp_path, route)
+    try:
+        (tmp_path / "tenant" / "services" / "broken.py").write_text("def handle(:\n")
+        eid = uuid.uuid4().hex
+        assert structured(stack, ADMIN, {"id": eid, "source": "/b",
+                                         "type": "admin.broken"}).status == 202
+        letter = wait_for(lambda: next((d for d in dead(stack) if d["event"]["id"] == eid),
+                                       None))
+        assert letter["attempts"] == 3  # retried like any failure (a deploy may fix it)
+        outcomes = [a["outcome"] for a in audit_events(stack) if a["event_id"] == eid]
+        assert outcomes == ["published", "retry", "retry", "dead"]
+    finally:
+        stop(stack.proc)
