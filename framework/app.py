@@ -10,6 +10,7 @@ from flask import Flask
 
 from framework import logs, metrics, tracing
 from framework.controller import register, render_error
+from framework.events.install import install as install_events
 from framework.execute import Executor
 from framework.hooks import install_hooks
 from framework.jobrunner import JobRunner, Reaper, rebuild_call
@@ -87,4 +88,5 @@ def create_app(settings: Settings, tenant: TenantConfig, background: bool = True
     register(app, rt)
     install_openapi(app, rt)
     app.extensions["mtp.operations"] = install_operations(app, rt)
+    app.extensions["mtp.events"] = install_events(app, rt, background)
     return app

@@ -16,6 +16,7 @@ them grants every principal of the tenant; ``"*"`` in a list matches anyone.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Protocol
@@ -76,3 +77,23 @@ def decide(authz: AuthzSettings, subject: Subject, service: str,
         if rule_matches(rule, subject, service, operation):
             return Decision(True, index, f"rule {index}")
     return _NO_RULE
+
+
+_NO_EVENT_RULE = Decision(False, None, "no rule grants publishing this event type")
+
+
+def decide_event(authz: AuthzSettings, subject: Subject, event_type: str) -> Decision:
+    """Allow or refuse ``subject`` publishing an event of ``event_type`` (``events`` globs).
+
+    A rule grants it when one of its ``events`` globs matches the type and the principal
+    is one it names (as for services: naming nobody grants every principal).
+    """
+    if not authz.enabled:
+        return _DISABLED
+    for index, rule in enumerate(authz.rules):
+        if (any(fnmatch.fnmatchcase(event_type, glob) for glob in rule.events)
+                and (not (rule.users or rule.groups or rule.roles)
+                     or _names(rule.users, (subject.user,)) or _names(rule.groups, subject.groups)
+                     or _names(rule.roles, subject.roles))):
+            return Decision(True, index, f"rule {index}")
+    return _NO_EVENT_RULE

@@ -19,6 +19,7 @@ from framework import logs
 from framework.authz import decide
 from framework.context import Context
 from framework.errors import Forbidden, FrameworkError
+from framework.events.binding import new_event
 from framework.execute import Executor, Outcome, call_with_deadline
 from framework.flags import FlagSet
 from framework.inputs import validate
@@ -56,6 +57,8 @@ class LocalRunner:
         self.settings, self.tenant = settings, tenant
         logs.setup(settings.log_level, tenant.tenant_id)
         self.registry = Registry(settings.tenant_dir, tenant, dev=True)
+        # context.emit in-process: checked and kept here (``emitted``), not delivered.
+        self.emitted: list[dict[str, Any]] = []
         self.executor = Executor(settings.max_result)
 
     def close(self) -> None:
@@ -84,7 +87,16 @@ class LocalRunner:
             deadline=time.monotonic() + spec.timeout,
         )
         ctx.call = partial(self.compose, ctx, depth)  # type: ignore[attr-defined]
+        ctx.emit = partial(self.emit, ctx)  # type: ignore[attr-defined]
         return ctx
+
+    def emit(self, ctx: Context, event_type: str, data: Any = None,
+             subject: str | None = None) -> str:
+        """``context.emit`` in-process: the event is checked and recorded, not delivered."""
+        event = new_event(event_type, data, subject, f"/{ctx.tenant_id}/services/{ctx.service}")
+        json.dumps(data)  # TypeError for data no engine could store, as in a worker
+        self.emitted.append(event.public())
+        return event.id
 
     def compose(self, parent: Context, depth: int, service: str, payload: Any = None,
                 operation: str | None = None) -> Any:

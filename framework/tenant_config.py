@@ -22,6 +22,13 @@ from typing import Any
 
 import jsonschema
 
+from framework.events.config import (
+    EVENTS_SCHEMA,
+    EventsConfigError,
+    EventSettings,
+    build_events,
+)
+
 SERVICE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 TENANT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 JWT_ALGORITHMS = (
@@ -84,7 +91,9 @@ _RULE = _table({
     "groups": _strs(),
     "roles": _strs(),
     "users": _strs(),
-}, required=("service",))
+    # Event types (globs) the principals may publish (POST /events, framework/events/).
+    "events": {"type": "array", "items": {"type": "string", "minLength": 1}},
+})
 _AUTHZ = _table({"enabled": {"type": "boolean"}, "rules": {"type": "array", "items": _RULE}})
 
 _BREAKER = _table({
@@ -102,6 +111,7 @@ _SERVICE = _table({
 })
 
 TENANT_SCHEMA: dict[str, Any] = _table({
+    "events": EVENTS_SCHEMA,
     "tenant": _table({
         "id": {"type": "string", "pattern": TENANT_ID_RE.pattern},
         "name": {"type": "string"},
@@ -174,6 +184,7 @@ TENANT_SCHEMA: dict[str, Any] = _table({
 
 # The overlay may only steer what is safe to change live.
 OVERLAY_SCHEMA: dict[str, Any] = _table({
+    "events": EVENTS_SCHEMA,
     "flags": _FLAGS,
     "limits": _LIMITS,
     "authz": _AUTHZ,
@@ -254,11 +265,12 @@ class LdapSettings:
 
 @dataclass(frozen=True)
 class AuthzRule:
-    service: str
+    service: str = ""  # "": a rule for events only, it grants no service
     operations: tuple[str, ...] = ("*",)
     groups: tuple[str, ...] = ()
     roles: tuple[str, ...] = ()
     users: tuple[str, ...] = ()
+    events: tuple[str, ...] = ()  # globs over the event types it lets publish
 
 
 @dataclass(frozen=True)
@@ -317,6 +329,7 @@ class TenantConfig:
     flags: Mapping[str, FlagSettings] = field(default_factory=lambda: MappingProxyType({}))
     billing: BillingSettings = BillingSettings()
     plans: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    events: EventSettings = field(default_factory=EventSettings)
     source: str = ""
     raw: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), repr=False)
     digest: str = ""  # sha256 of the canonical JSON of raw: the config version's hash
@@ -419,7 +432,8 @@ def _build(data: Mapping[str, Any], file: str) -> TenantConfig:
         jwt=jwt,
         api_keys=api_keys,
         ldap=ldap,
-        authz=_authz(data.get("authz", {})),
+        authz=_authz(data.get("authz", {}), file),
+        events=_events(data.get("events", {}), file),
         limits=LimitSettings(**data.get("limits", {})),
         flags=MappingProxyType({
             name: FlagSettings(**{k: tuple(v) if isinstance(v, list) else v
@@ -434,12 +448,23 @@ def _build(data: Mapping[str, Any], file: str) -> TenantConfig:
     )
 
 
-def _authz(raw: Mapping[str, Any]) -> AuthzSettings:
+def _authz(raw: Mapping[str, Any], file: str = "tenant.toml") -> AuthzSettings:
+    for index, rule in enumerate(raw.get("rules", ())):
+        if "service" not in rule and "events" not in rule:
+            raise ConfigError(file, f"authz.rules.{index}.service",
+                              "required key missing (or events)")
     rules = tuple(
         AuthzRule(**{k: tuple(v) if isinstance(v, list) else v for k, v in rule.items()})
         for rule in raw.get("rules", ())
     )
     return AuthzSettings(enabled=raw.get("enabled", False), rules=rules)
+
+
+def _events(raw: Mapping[str, Any], file: str) -> EventSettings:
+    try:
+        return build_events(raw)
+    except EventsConfigError as exc:
+        raise ConfigError(file, exc.key, exc.reason) from None
 
 
 def config_digest(data: Mapping[str, Any]) -> str:

@@ -52,6 +52,11 @@ def check(tenant_dir: str | None) -> None:
             problems.append(str(exc))
         registry = Registry(directory, tenant)
         problems.extend(registry.problems())
+        names = set(registry.names())
+        problems.extend(  # a route may only name a service of this tenant (on disk here)
+            f"{tenant.source}: events.routes.{index}.service: no service {route.service!r}"
+            for index, route in enumerate(tenant.events.routes)
+            if route.service and route.service not in names)
     for reason in problems:
         click.echo(f"mtp check: {reason}", err=True)
     if problems:

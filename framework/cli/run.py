@@ -338,8 +338,10 @@ def sidecar_secrets(tenant: TenantConfig) -> set[str]:
 
 
 def framework_secrets(tenant: TenantConfig) -> set[str]:
-    """Variables holding the framework's own secrets: verifying the sidecar, signing usage."""
-    return {"MTP_SIDECAR_SECRET", tenant.billing.webhook_secret_env}
+    """Variables holding the framework's own secrets: verifying the sidecar, signing usage,
+    the tokens of event sink routes."""
+    return ({"MTP_SIDECAR_SECRET", tenant.billing.webhook_secret_env}
+            | {r.sink_token_env for r in tenant.events.routes if r.sink_token_env})
 
 
 def split_env(env: Mapping[str, str], tenant: TenantConfig, names: list[str]

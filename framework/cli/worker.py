@@ -143,7 +143,16 @@ def build_job_worker(settings: Settings, tenant: TenantConfig) -> Any:
     ops = install_operations(Flask("mtp-worker"), rt)
     for _spec in rt.registry.available():
         pass  # load every service now: the first job does not pay for the import
-    return JobWorker(rt=rt, store=store, close=ops.close)
+    # Event deliveries from the tenant's shared stream, as any replica delivers them.
+    from framework.events.install import start_delivery
+
+    events = start_delivery(rt)
+
+    def close() -> None:
+        events.close()
+        ops.close()
+
+    return JobWorker(rt=rt, store=store, close=close)
 
 
 def run_worker(settings: Settings, tenant: TenantConfig, burst: bool) -> int:
