@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "apikey": ("framework.cli.creds:apikey", "Create API keys."),
     "usage": ("framework.cli.ops:usage", "Usage and cost per tenant/service/operation."),
     "config": ("framework.cli.ops:config", "List and roll back config versions."),
+    "pool": ("framework.cli.pool:pool", "Serve many tenants: one sidecar, a process each."),
     "probe": ("framework.cli.probe:probe", "Ask a process's /healthz: exit 0 on 200 (probes)."),
 }
 
