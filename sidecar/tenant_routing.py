@@ -188,6 +188,17 @@ class TenantUpstream(Upstream):
     async def send(self, method: str, path: str, headers: Iterable[tuple[str, str]],
                    body: bytes | None, *, timeout: float | None = None,
                    deadline: float | None = None) -> UpstreamReply:
+        current = self.owner.states.get(self.bundle.tenant_id)
+        if current is None:
+            # The bundle went away while this request was being checked.
+            raise Unavailable("tenant no longer served here",
+                              detail="the tenant is not served here any more",
+                              headers={"Retry-After": "1"})
+        if current.sidecar.upstream is not self:
+            # Checked against the previous bundle while a new one came in: the current
+            # process answers (same tenant, same derived key), never the replaced one.
+            return await current.sidecar.upstream.send(method, path, headers, body,
+                                                       timeout=timeout, deadline=deadline)
         try:
             proc = await self._ready()
         except PoolFull as exc:
