@@ -1,0 +1,95 @@
+"""`mtp pool`: LRU stop at MTP_POOL_MAX_PROCS; bundles added, replaced, removed live."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.pool.support import DOMAIN, Pool, Tenant, publish, start_pool, stop_pool
+from tests.pool.test_pool import bearer, gone, problem_type
+
+pytestmark = pytest.mark.slow
+
+ACME, GLOBEX, INITECH, HOOLI = Tenant("acme"), Tenant("globex"), Tenant("initech"), \
+    Tenant("hooli")
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> Iterator[Pool]:
+    # hooli's secrets are in the pool's environment, its bundle is not (yet).
+    running = start_pool(tmp_path_factory.mktemp("pool-b"), "beta", [ACME, GLOBEX, INITECH],
+                         MTP_POOL_MAX_PROCS="2", **HOOLI.env())
+    running.tenants["hooli"] = HOOLI
+    try:
+        yield running
+    finally:
+        stop_pool(running)
+
+
+def whoami(pool: Pool, tenant: Tenant) -> dict:
+    r = pool.call("POST", "/services/whoami", bearer(tenant.token()), b"{}")
+    assert r.status == 200, r.body
+    return r.json()
+
+
+def test_at_most_max_procs_run_and_the_least_recently_used_stops(pool: Pool) -> None:
+    acme = whoami(pool, ACME)["master"]
+    globex = whoami(pool, GLOBEX)["master"]
+    whoami(pool, ACME)  # acme is now the more recently used one
+    initech = whoami(pool, INITECH)["master"]
+    assert gone(globex), "the least recently used process is stopped"
+    assert whoami(pool, ACME)["master"] == acme
+    assert whoami(pool, INITECH)["master"] == initech
+    assert whoami(pool, GLOBEX)["master"] != globex  # comes back (stopping acme, the LRU)
+    assert gone(acme)
+
+
+class Loop(threading.Thread):
+    """Calls one tenant's whoami until stopped; counts failures and versions seen."""
+
+    def __init__(self, pool: Pool, tenant: Tenant) -> None:
+        super().__init__(daemon=True)
+        self.pool, self.tenant = pool, tenant
+        self.stop_at = threading.Event()
+        self.ok, self.failed, self.versions = 0, [], []
+
+    def run(self) -> None:
+        while not self.stop_at.is_set():
+            r = self.pool.call("POST", "/services/whoami", {
+                "Host": f"{self.tenant.id}.{DOMAIN}", **bearer(self.tenant.token())}, b"{}")
+            if r.status == 200:
+                self.ok += 1
+                version = r.json()["version"]
+                if not self.versions or self.versions[-1] != version:
+                    self.versions.append(version)
+            else:
+                self.failed.append((r.status, r.body[:200]))
+            time.sleep(0.01)
+
+
+def test_bundles_added_replaced_and_removed_while_serving(pool: Pool) -> None:
+    loop = Loop(pool, ACME)
+    loop.start()
+    try:
+        time.sleep(0.5)
+        r = pool.call("POST", "/services/whoami", bearer(HOOLI.token()), b"{}")
+        assert r.status == 403 and problem_type(r).endswith("unknown-tenant")
+        publish(pool.bundles, HOOLI)  # added
+        assert whoami(pool, HOOLI)["tenant"] == "hooli"
+        publish(pool.bundles, ACME, version="v2")  # replaced by an atomic rename
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and loop.versions[-1:] != ["v2"]:
+            time.sleep(0.1)
+        assert loop.versions == ["v1", "v2"]
+        (pool.bundles / "hooli").unlink()  # removed
+        r = pool.call("POST", "/services/whoami", bearer(HOOLI.token()), b"{}")
+        assert r.status == 403 and problem_type(r).endswith("unknown-tenant")
+        time.sleep(0.5)
+    finally:
+        loop.stop_at.set()
+        loop.join(30)
+    assert loop.failed == []
+    assert loop.ok > 20
