@@ -38,7 +38,7 @@ from sidecar.apikeys import ApiKeys
 from sidecar.app import Sidecar
 from sidecar.audit import AuditLog
 from sidecar.authenticate import Authenticator
-from sidecar.catalog import CatalogWatcher
+from sidecar.catalog import CatalogRefused, CatalogWatcher
 from sidecar.errors import Forbidden, SidecarError, Unavailable, render
 from sidecar.front import Request, Response
 from sidecar.metrics import Metrics, ServiceNames
@@ -131,7 +131,9 @@ def identify(request: Request, domain: str, bundles: BundleDir) -> Identified:
             named["jwt"] = claimed
     keys = request.headers.getall("X-API-Key", ())
     if len(keys) == 1:
-        owner = bundles.tenant_of_key(keys[0])
+        # With the tenant named otherwise, only keys already indexed are compared (a
+        # key of another tenant: 403); an unindexed one is that tenant's to refuse (401).
+        owner = bundles.tenant_of_key(keys[0], refresh=not named)
         if owner is not None:
             named["api_key"] = owner
     tenants = set(named.values())
@@ -175,7 +177,7 @@ class TenantUpstream(Upstream):
             self.process = proc
             Upstream.__init__(self, dataclasses.replace(self.tenant_settings,
                                                         upstream=str(proc.socket)))
-            self.owner.after_start(self)
+            await self.owner.after_start(self)
         return proc
 
     def _retire(self, pool: Any) -> None:
@@ -218,6 +220,19 @@ class TenantUpstream(Upstream):
     async def close(self) -> None:
         if self.pool is not None:
             await self.pool.close()
+
+
+class _Direct:
+    """The tenant's process itself: no start, no in-flight count (the pool's own calls)."""
+
+    def __init__(self, upstream: TenantUpstream) -> None:
+        self.upstream = upstream
+
+    async def send(self, method: str, path: str, headers: Iterable[tuple[str, str]],
+                   body: bytes | None, *, timeout: float | None = None,
+                   deadline: float | None = None) -> UpstreamReply:
+        return await Upstream.send(self.upstream, method, path, headers, body,
+                                   timeout=timeout, deadline=deadline)
 
 
 @dataclass
@@ -344,8 +359,12 @@ class PoolSidecar:
                         await closer()
             self.background(close())
 
-    def after_start(self, upstream: TenantUpstream) -> None:
-        """A tenant process came up: learn its services' deadlines (its catalog)."""
+    async def after_start(self, upstream: TenantUpstream) -> None:
+        """A tenant process came up: learn its services' deadlines (its catalog).
+
+        Part of the start (a few milliseconds on the unix socket), not a background
+        call: a call in flight would keep the process from being the LRU one to stop.
+        """
         state = self.states.get(upstream.bundle.tenant_id)
         if state is None or state.sidecar.upstream is not upstream:
             return
@@ -355,14 +374,14 @@ class PoolSidecar:
         def install(catalog: Any) -> None:
             sidecar.catalog = catalog
 
-        watcher = CatalogWatcher(upstream, sidecar.settings.sidecar_secret,
+        watcher = CatalogWatcher(_Direct(upstream), sidecar.settings.sidecar_secret,  # type: ignore[arg-type]
                                  lambda p: sidecar.internal_headers(p, "catalog"),
                                  install, lambda: sidecar.catalog)
-
-        async def once() -> None:
-            with contextlib.suppress(Exception):
-                await watcher.check()
-        self.background(once())
+        try:
+            await watcher.check()
+        except (SidecarError, CatalogRefused, ValueError, AttributeError) as exc:
+            log.warning("service catalog not loaded: %s", exc,
+                        extra={"tenant": upstream.bundle.tenant_id})
 
     def sweep(self) -> None:
         """Forget tenants whose bundle was removed or replaced (called periodically)."""

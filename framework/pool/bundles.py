@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Protocol
 
 from framework.tenant_config import TENANT_ID_RE, ConfigError, TenantConfig, load_tenant
 
+REFRESH_SECONDS = 1.0  # an unknown API key re-reads changed bundles at most this often
 CACHE_SIZE = 2048  # parsed configs kept (the active tenants); others are re-read on demand
 
 
@@ -70,6 +72,7 @@ class BundleDir:
         # sha256 digest (hex) -> tenant; and per tenant the stamp its keys were read at.
         self._keys: dict[str, str] = {}
         self._key_stamps: dict[str, tuple[object, ...]] = {}
+        self._refreshed = float("-inf")
 
     def names(self) -> list[str]:
         """The tenant ids of the bundles present (one directory listing)."""
@@ -123,16 +126,20 @@ class BundleDir:
                 self._keys[key.digest] = ""
         self._key_stamps[bundle.tenant_id] = bundle.stamp
 
-    def tenant_of_key(self, presented: str) -> str | None:
+    def tenant_of_key(self, presented: str, *, refresh: bool = True) -> str | None:
         """The tenant an API key belongs to, or None.
 
-        The index is filled as bundles are read; a miss reads the bundles not indexed
-        yet (or changed since), once each, so the first key look-up of a large pool
-        costs one pass over the bundles and later ones a dict look-up.
+        The index is filled as bundles are read; with ``refresh``, a miss reads the
+        bundles not indexed yet (or changed since), once each and at most once per
+        REFRESH_SECONDS, so the first key look-up of a large pool costs one pass over
+        the bundles, later ones a dict look-up, and unknown keys cannot make the pool
+        re-read its bundles on every request.
         """
         digest = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).hexdigest()
         found = self._keys.get(digest)
-        if found is None:
+        now = time.monotonic()
+        if found is None and refresh and now - self._refreshed >= REFRESH_SECONDS:
+            self._refreshed = now
             self._refresh_keys()
             found = self._keys.get(digest)
         if not found or self.get(found) is None:

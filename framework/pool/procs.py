@@ -33,7 +33,9 @@ POLL = 0.01
 STOP_MARGIN = 5.0  # after the grace period a process still alive is killed
 # The zygote's environment: nothing secret (a forked child's /proc/self/environ is it).
 SAFE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "PYTHONPATH", "VIRTUAL_ENV",
-            "TMPDIR", "XDG_RUNTIME_DIR", "TZ", "MTP_METRICS_DIR")
+            "TMPDIR", "XDG_RUNTIME_DIR", "TZ", "MTP_METRICS_DIR",
+            # Coverage measurement of the test suite's subprocesses (a config, no secret).
+            "COVERAGE_PROCESS_CONFIG", "COVERAGE_PROCESS_START")
 
 
 class StartFailed(Exception):

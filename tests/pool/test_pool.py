@@ -79,6 +79,18 @@ def test_a_named_tenant_without_credentials_is_401(pool: Pool) -> None:
     r = pool.call("POST", "/tenants/globex/services/whoami", {}, b"{}")
     assert r.status == 401
     assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    # An API key the named tenant does not have (and the pool has not indexed): 401.
+    r = pool.call("POST", "/services/whoami", {"X-Tenant-ID": "globex",
+                                                 "X-API-Key": "not-a-known-key"}, b"{}")
+    assert r.status == 401
+
+
+def test_the_path_prefix_alone_is_the_tenant_root(pool: Pool) -> None:
+    r = pool.call("GET", "/tenants/acme?x=1", bearer(ACME.token()))
+    assert r.status == 404  # "/" of the tenant: no such route, answered by acme's framework
+    r = pool.call("GET", "/tenants/acme/services", bearer(ACME.token()))
+    assert r.status == 200
+    assert "whoami" in {s["name"] for s in r.json()["services"]}
 
 
 DISAGREE = {
@@ -97,6 +109,9 @@ DISAGREE = {
 
 @pytest.mark.parametrize("name", sorted(DISAGREE))
 def test_methods_that_disagree_are_403(pool: Pool, name: str) -> None:
+    # acme's key is indexed once acme's bundle was read (here by a key-only call).
+    assert pool.call("POST", "/services/whoami", {"X-API-Key": ACME.api_key}, b"{}"
+                     ).status == 200
     path, headers = DISAGREE[name]
     given = headers()
     if isinstance(given, list):
@@ -127,6 +142,9 @@ UNKNOWN = {
     "token claim": ("/services/whoami", lambda: bearer(ACME.token(tenant="nobody"))),
     "malformed id": ("/services/whoami", lambda: {"X-Tenant-ID": "../acme"}),
     "unknown api key": ("/services/whoami", lambda: {"X-API-Key": "no-such-key"}),
+    "encoded path prefix": ("/tenants/acm%65/services/whoami", lambda: bearer(ACME.token())),
+    "garbage token": ("/services/whoami", lambda: {"Authorization": "Bearer not.a.jwt"}),
+    "another scheme": ("/services/whoami", lambda: {"Authorization": "Basic Zm9vOmJhcg=="}),
 }
 
 

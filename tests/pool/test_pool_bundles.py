@@ -93,3 +93,19 @@ def test_bundles_added_replaced_and_removed_while_serving(pool: Pool) -> None:
         loop.join(30)
     assert loop.failed == []
     assert loop.ok > 20
+
+
+def test_a_broken_bundle_is_503_and_the_others_keep_serving(pool: Pool) -> None:
+    impostor = pool.bundles / "badco"
+    impostor.mkdir()
+    (impostor / "tenant.toml").write_text('[tenant]\nid = "acme"\nname = "Not badco"\n')
+    r = pool.call("POST", "/services/whoami", {"X-Tenant-ID": "badco"}, b"{}")
+    assert r.status == 503 and problem_type(r)
+    (impostor / "tenant.toml").write_text("[tenant\n")
+    r = pool.call("POST", "/services/whoami", {"X-Tenant-ID": "badco"}, b"{}")
+    assert r.status == 503
+    assert whoami(pool, GLOBEX)["tenant"] == "globex"
+    # A tenant whose secrets the pool lacks (HS256 without MTP_JWT_SECRET__<ID>): 503.
+    publish(pool.bundles, Tenant("umbrella"))
+    r = pool.call("POST", "/services/whoami", {"X-Tenant-ID": "umbrella"}, b"{}")
+    assert r.status == 503
