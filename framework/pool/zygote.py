@@ -47,6 +47,19 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _not_dumpable() -> None:
+    """Other processes of the same user may not read this one's memory or environment.
+
+    PR_SET_DUMPABLE 0 makes /proc/<pid>/mem, environ, maps... owned by root and
+    refuses ptrace to the same user: tenant B's code cannot read A's signing key out
+    of A's process. (Inherited by gunicorn's forked workers; root is not stopped.)
+    """
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(4, 0)  # PR_SET_DUMPABLE
+
+
 def child(spec: dict[str, Any], secrets_fd: int) -> None:  # pragma: no cover - forked child
     """In the forked child: become the tenant's `mtp framework` (gunicorn master)."""
     import shutil
@@ -58,6 +71,7 @@ def child(spec: dict[str, Any], secrets_fd: int) -> None:  # pragma: no cover - 
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     os.setsid()  # its own group: stopping it stops its workers
     _die_with_parent()
+    _not_dumpable()
     env: dict[str, str] = spec["env"]
     secrets = read_handed_secrets(str(secrets_fd))
     os.environ.clear()
