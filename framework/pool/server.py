@@ -21,7 +21,7 @@ from framework.grace import stop_budget
 from framework.pool.bundles import BundleDir, Placement
 from framework.pool.procs import ProcessManager, Zygote
 from framework.settings import ENV, Settings, _int
-from framework.tenant_config import ConfigError
+from framework.tenant_config import TENANT_ID_RE, ConfigError
 
 log = logging.getLogger("mtp.pool")
 
@@ -41,6 +41,8 @@ class PoolSettings:
 
     @classmethod
     def from_env(cls, name: str, bundles: Path, environ: Mapping[str, str]) -> PoolSettings:
+        if not TENANT_ID_RE.match(name):
+            raise ConfigError(ENV, "--name", f"{name!r} must match {TENANT_ID_RE.pattern}")
         if not bundles.is_dir():
             raise ConfigError(ENV, "--bundles", f"{bundles} is not a directory")
         return cls(name=name, bundles=bundles.resolve(),
