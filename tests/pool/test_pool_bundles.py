@@ -109,3 +109,48 @@ def test_a_broken_bundle_is_503_and_the_others_keep_serving(pool: Pool) -> None:
     publish(pool.bundles, Tenant("umbrella"))
     r = pool.call("POST", "/services/whoami", {"X-Tenant-ID": "umbrella"}, b"{}")
     assert r.status == 503
+
+
+def test_all_processes_busy_is_503_saturated(pool: Pool) -> None:
+    results: dict[str, int] = {}
+
+    def slow(tenant: Tenant) -> None:
+        r = pool.call("POST", "/services/slow", bearer(tenant.token()),
+                      b'{"seconds": 3}')
+        results[tenant.id] = r.status
+
+    whoami(pool, ACME)
+    whoami(pool, GLOBEX)  # both processes up: the slow calls below hold them
+    threads = [threading.Thread(target=slow, args=(t,)) for t in (ACME, GLOBEX)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    r = pool.call("POST", "/services/whoami", bearer(INITECH.token()), b"{}")
+    for t in threads:
+        t.join(30)
+    assert r.status == 503, r.body
+    assert problem_type(r) and r.headers["Retry-After"] == "1"
+    assert results == {"acme": 200, "globex": 200}
+    assert whoami(pool, INITECH)["tenant"] == "initech"  # free again: LRU stopped
+
+
+def test_a_tenant_process_that_died_is_started_again(pool: Pool) -> None:
+    import os
+    import signal
+
+    master = whoami(pool, GLOBEX)["master"]
+    os.killpg(master, signal.SIGKILL)
+    assert gone(master)
+    deadline = time.monotonic() + 30
+    while True:
+        r = pool.call("POST", "/services/whoami", bearer(GLOBEX.token()), b"{}")
+        if r.status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)  # a 502 while the killed worker's connection is dropped
+    assert r.status == 200 and r.json()["master"] != master
+
+
+def test_a_host_outside_the_pool_domain_names_no_tenant(pool: Pool) -> None:
+    r = pool.call("POST", "/services/whoami", {"Host": "acme.elsewhere.test",
+                                                **bearer(ACME.token())}, b"{}")
+    assert r.status == 200 and r.json()["tenant"] == "acme"
