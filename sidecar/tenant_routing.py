@@ -42,6 +42,7 @@ from sidecar.catalog import CatalogRefused, CatalogWatcher
 from sidecar.errors import Forbidden, SidecarError, Unavailable, render
 from sidecar.front import Request, Response
 from sidecar.metrics import Metrics, ServiceNames
+from sidecar.overlay import OverlayWatcher
 from sidecar.proxy import Upstream, UpstreamReply
 from sidecar.ratelimit import RateLimiter
 from sidecar.startup import _identity_modules, jwt_secret
@@ -268,10 +269,15 @@ class PoolSidecar:
         own = {n: tenant_secret(self.settings.environ, n, config.tenant_id)
                for n in names if n}
         return dataclasses.replace(
-            self.settings, tenant_dir=bundle.path,
+            self.settings, tenant_dir=bundle.path, config_overlay=self.overlay(config.tenant_id),
             data_dir=self.settings.data_dir / "tenants" / config.tenant_id,
             sidecar_secret=derive_key(self.pool_secret, config.tenant_id),
             environ={k: v for k, v in own.items() if v})
+
+    def overlay(self, tenant_id: str) -> str:
+        """The tenant's overlay file: ``<tenant>.toml`` in the MTP_CONFIG_OVERLAY directory."""
+        root = self.settings.config_overlay
+        return str(Path(root) / f"{tenant_id}.toml") if root else ""
 
     def process_env(self, tenant_id: str, bundle: Path, sock: Path
                     ) -> tuple[dict[str, str], dict[str, str]]:
@@ -289,6 +295,8 @@ class PoolSidecar:
             "MTP_WORKERS": str(self.settings.workers),
             "MTP_THREADS": str(self.settings.threads),
         })
+        if self.overlay(tenant_id):
+            env["MTP_CONFIG_OVERLAY"] = self.overlay(tenant_id)
         state = self.states.get(tenant_id)
         secrets = {"MTP_SIDECAR_SECRET": derive_key(self.pool_secret, tenant_id).decode()}
         if state is not None:
@@ -317,6 +325,12 @@ class PoolSidecar:
             limiter=self.limiter, upstream=upstream, audit=self.audit,
             metrics=Metrics(ServiceNames.from_tenant_dir(bundle.path, config)))
         closers = [upstream.close, tokens.close]
+        if settings.config_overlay:
+            # The tenant's own overlay, applied now and watched while the state lives.
+            watcher = OverlayWatcher(settings.config_overlay, config, sidecar)
+            watcher.check()
+            watcher.start()
+            closers.append(watcher.close)
         if ids["directory"] is not None:
             closers.append(ids["directory"].close)
         return TenantState(bundle, sidecar, closers)

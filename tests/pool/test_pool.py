@@ -20,8 +20,10 @@ ACME, GLOBEX, INITECH = Tenant("acme"), Tenant("globex"), Tenant("initech")
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory) -> Iterator[Pool]:
-    running = start_pool(tmp_path_factory.mktemp("pool"), "alpha", [ACME, GLOBEX, INITECH],
-                         MTP_POOL_IDLE="3", MTP_POOL_MAX_PROCS="3")
+    tmp = tmp_path_factory.mktemp("pool")
+    (tmp / "overlays").mkdir()
+    running = start_pool(tmp, "alpha", [ACME, GLOBEX, INITECH], MTP_POOL_IDLE="3",
+                         MTP_POOL_MAX_PROCS="3", MTP_CONFIG_OVERLAY=str(tmp / "overlays"))
     try:
         yield running
     finally:
@@ -256,3 +258,29 @@ def test_an_idle_tenant_process_is_reaped_and_comes_back(pool: Pool) -> None:
     again = pool.call("POST", "/services/whoami", bearer(INITECH.token()), b"{}")
     assert again.status == 200
     assert again.json()["master"] != master
+
+
+def test_each_tenant_has_its_own_live_overlay(pool: Pool) -> None:
+    overlay = pool.bundles.parent / "overlays" / "acme.toml"
+    assert pool.call("POST", "/services/whoami", bearer(ACME.token()), b"{}").status == 200
+    overlay.write_text('[authz]\nenabled = true\n\n[[authz.rules]]\nservice = "spy"\n'
+                       'operations = ["*"]\n')
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            r = pool.call("POST", "/services/whoami", bearer(ACME.token()), b"{}")
+            if r.status == 403:
+                break
+            time.sleep(0.05)
+        assert r.status == 403  # acme's overlay allows only spy now
+        assert pool.call("POST", "/services/whoami", bearer(GLOBEX.token()), b"{}"
+                         ).status == 200  # globex is not touched
+    finally:
+        overlay.unlink()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        r = pool.call("POST", "/services/whoami", bearer(ACME.token()), b"{}")
+        if r.status == 200:
+            break
+        time.sleep(0.05)
+    assert r.status == 200
