@@ -193,10 +193,14 @@ class TenantUpstream(Upstream):
                    deadline: float | None = None) -> UpstreamReply:
         current = self.owner.states.get(self.bundle.tenant_id)
         if current is None:
-            # The bundle went away while this request was being checked.
-            raise Unavailable("tenant no longer served here",
-                              detail="the tenant is not served here any more",
-                              headers={"Retry-After": "1"})
+            # Its process was reaped (the state with it) while this request was being
+            # checked: the tenant's state now, unless its bundle went away meanwhile.
+            try:
+                current = self.owner.state(self.bundle.tenant_id)
+            except SidecarError:
+                raise Unavailable("tenant no longer served here",
+                                  detail="the tenant is not served here any more",
+                                  headers={"Retry-After": "1"}) from None
         if current.sidecar.upstream is not self:
             # Checked against the previous bundle while a new one came in: the current
             # process answers (same tenant, same derived key), never the replaced one.
@@ -358,6 +362,13 @@ class PoolSidecar:
                               detail="the tenant's configuration is not usable") from None
         self.states[tenant_id] = state
         return state
+
+    def process_stopped(self, proc: TenantProcess) -> None:
+        """A tenant's process is stopping (idle, LRU): its state goes too (memory stays
+        bounded by the live tenants); the next request builds it again."""
+        state = self.states.get(proc.tenant_id)
+        if state is not None and getattr(state.sidecar.upstream, "process", None) is proc:
+            self.forget(proc.tenant_id)
 
     def forget(self, tenant_id: str) -> None:
         """Drop a tenant's state; its process drains and stops."""

@@ -81,7 +81,8 @@ async def serve_pool(pool: PoolSettings, settings: Settings, *,
     budget = stop_budget(settings.grace_seconds)
     procs = ProcessManager(zygote, runtime, lambda t, b, s: handler.process_env(t, b, s),
                            idle=pool.idle, max_procs=pool.max_procs,
-                           grace=float(budget.framework))
+                           grace=float(budget.framework),
+                           on_stop=lambda proc: handler.process_stopped(proc))
     audit = AuditLog(settings.audit_file)
     handler = PoolSidecar(pool.name, settings, BundleDir(pool.bundles, placement), procs,
                           domain=pool.domain, pool_secret=secret,
