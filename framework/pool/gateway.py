@@ -15,6 +15,7 @@ their requests in flight.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 
@@ -102,3 +103,44 @@ def render_nginx(routes: Mapping[str, str], targets: Mapping[str, Sequence[str]]
         "",
     ]
     return "\n".join(lines)
+
+
+def render_gateway_api(routes: Mapping[str, str], services: Mapping[str, tuple[str, int]], *,
+                       domain: str, gateway: str = "mtp-gateway",
+                       namespace: str = "") -> str:
+    """The same table as Gateway API HTTPRoutes (YAML documents, written as JSON).
+
+    Per tenant two routes to its target's Service: one by hostname
+    (``<tenant>.<domain>``), one on any host by path prefix ``/tenants/<tenant>`` or
+    header ``X-Tenant-ID`` (hostnames apply to every rule of a route, hence two).
+    ``services`` maps target name -> (Service name, port). Switching a tenant is
+    re-applying its two routes with the new backend.
+    """
+    docs: list[str] = []
+    for tenant, target in sorted(routes.items()):
+        if not TENANT_ID_RE.match(tenant):
+            raise ValueError(f"bad tenant id {tenant!r}")
+        if target not in services:
+            raise ValueError(f"tenant {tenant!r} routed to unknown target {target!r}")
+        name, port = services[target]
+        backend = [{"name": name, "port": port}]
+        parent: dict[str, str] = {"name": gateway}
+        meta: dict[str, object] = {"labels": {"app.kubernetes.io/name": "mtp",
+                                              "mtp.dev/tenant": tenant}}
+        if namespace:
+            meta["namespace"] = namespace
+        by_host = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                   "metadata": {"name": f"mtp-tenant-{tenant}-host", **meta},
+                   "spec": {"parentRefs": [parent],
+                            "hostnames": [f"{tenant}.{domain.strip('.').lower()}"],
+                            "rules": [{"backendRefs": backend}]}}
+        by_path = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                   "metadata": {"name": f"mtp-tenant-{tenant}", **meta},
+                   "spec": {"parentRefs": [parent], "rules": [{
+                       "matches": [
+                           {"path": {"type": "PathPrefix", "value": f"/tenants/{tenant}"}},
+                           {"headers": [{"type": "Exact", "name": "X-Tenant-ID",
+                                         "value": tenant}]}],
+                       "backendRefs": backend}]}}
+        docs += [json.dumps(by_host, indent=2), json.dumps(by_path, indent=2)]
+    return "---\n".join(d + "\n" for d in docs)

@@ -226,3 +226,25 @@ def test_a_tenant_moves_between_pools_with_no_failed_request(pools, nginx: Nginx
     # While old and new gateway workers overlap both pools answer; after it, only beta.
     assert set(loop.masters) == {source, target}
     assert loop.masters[-1] == target and set(loop.masters[switched:]) <= {target}
+
+
+def test_the_table_renders_as_gateway_api_routes() -> None:
+    import yaml
+
+    from framework.pool.gateway import render_gateway_api
+
+    text = render_gateway_api({"acme": "alpha", "globex": "beta"},
+                              {"alpha": ("mtp-pool-alpha", 80), "beta": ("mtp-pool-beta", 80)},
+                              domain=DOMAIN, namespace="mtp")
+    docs = list(yaml.safe_load_all(text))
+    assert [d["metadata"]["name"] for d in docs] == [
+        "mtp-tenant-acme-host", "mtp-tenant-acme", "mtp-tenant-globex-host",
+        "mtp-tenant-globex"]
+    assert docs[0]["spec"]["hostnames"] == [f"acme.{DOMAIN}"]
+    assert docs[1]["spec"]["rules"][0]["matches"][0]["path"]["value"] == "/tenants/acme"
+    assert docs[3]["spec"]["rules"][0]["backendRefs"] == [{"name": "mtp-pool-beta",
+                                                           "port": 80}]
+    with pytest.raises(ValueError, match="tenant id"):
+        render_gateway_api({"A": "alpha"}, {"alpha": ("s", 80)}, domain=DOMAIN)
+    with pytest.raises(ValueError, match="unknown target"):
+        render_gateway_api({"acme": "x"}, {"alpha": ("s", 80)}, domain=DOMAIN)
