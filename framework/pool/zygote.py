@@ -85,10 +85,41 @@ def child(spec: dict[str, Any], secrets_fd: int) -> None:  # pragma: no cover - 
     sys.argv = ["mtp-pool-tenant", tenant.tenant_id]
     me = os.getpid()
     try:
-        FrameworkServer(settings, tenant).run()
+        if settings.workers == 1:
+            serve_alone(FrameworkServer(settings, tenant))
+        else:
+            FrameworkServer(settings, tenant).run()
     finally:
         if os.getpid() == me:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def serve_alone(server: Any) -> None:  # pragma: no cover - forked child
+    """One gunicorn worker and no master (MTP_WORKERS=1, a pool's default).
+
+    A gunicorn master per tenant cost 9 MiB PSS for nothing a single worker needs:
+    the pool already starts, watches and stops the process. The worker is built as the
+    master would build it, with the same hooks (post_worker_init in the worker,
+    worker_exit here), and stops gracefully on SIGTERM.
+    """
+    from gunicorn import sock
+
+    import framework.metrics
+
+    cfg = server.cfg
+    log = cfg.logger_class(cfg)
+    listeners = sock.create_sockets(cfg, log)
+    worker = cfg.worker_class(1, os.getppid(), listeners, server, cfg.timeout / 2.0, cfg,
+                              log)
+    worker.pid = os.getpid()
+    # Process metrics name this process alone: its parent is the warm parent, whose
+    # other children are other tenants' processes.
+    framework.metrics.gunicorn_processes = lambda: [("framework-worker", os.getpid())]
+    try:
+        worker.init_process()
+    finally:
+        cfg.worker_exit(None, worker)
+        sock.close_sockets(listeners, True)
 
 
 def serve(sock: socket.socket) -> None:

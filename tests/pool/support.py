@@ -59,7 +59,7 @@ VERSION = "{version}"
 
 def handle(context):
     return {{"tenant": context.tenant_id, "user": context.user, "version": VERSION,
-            "pid": os.getpid(), "master": os.getppid(), "method": context.auth_method}}
+            "pid": os.getpid(), "method": context.auth_method}}
 '''
 
 SLOW = '''"""Sleeps a little: a call in flight."""

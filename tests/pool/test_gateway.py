@@ -173,7 +173,7 @@ class Loop(threading.Thread):
                 continue
             if r.status == 200:
                 self.ok += 1
-                master = r.json()["master"]
+                master = r.json()["pid"]
                 if not self.masters or self.masters[-1] != master:
                     self.masters.append(master)
             else:
@@ -194,7 +194,7 @@ def test_a_tenant_moves_between_pools_with_no_failed_request(pools, nginx: Nginx
         r = beta.call("GET", "/readyz", {"Host": f"acme.{DOMAIN}"})
         assert r.status == 200 and r.json()["tenant"] == "acme"
         target = beta.call("POST", "/services/whoami", bearer(ACME.token()), b"{}"
-                           ).json()["master"]
+                           ).json()["pid"]
         assert target != source
         # 2. The gateway switches.
         nginx.write(render_nginx({"acme": "beta", "globex": "alpha"},

@@ -253,11 +253,11 @@ def test_jobs_and_usage_stay_with_their_tenant(pool: Pool) -> None:
 def test_an_idle_tenant_process_is_reaped_and_comes_back(pool: Pool) -> None:
     first = pool.call("POST", "/services/whoami", bearer(INITECH.token()), b"{}")
     assert first.status == 200
-    master = first.json()["master"]
+    master = first.json()["pid"]
     assert gone(master), "MTP_POOL_IDLE=3: the idle process stops"
     again = pool.call("POST", "/services/whoami", bearer(INITECH.token()), b"{}")
     assert again.status == 200
-    assert again.json()["master"] != master
+    assert again.json()["pid"] != master
 
 
 def test_each_tenant_has_its_own_live_overlay(pool: Pool) -> None:

@@ -36,14 +36,14 @@ def whoami(pool: Pool, tenant: Tenant) -> dict:
 
 
 def test_at_most_max_procs_run_and_the_least_recently_used_stops(pool: Pool) -> None:
-    acme = whoami(pool, ACME)["master"]
-    globex = whoami(pool, GLOBEX)["master"]
+    acme = whoami(pool, ACME)["pid"]
+    globex = whoami(pool, GLOBEX)["pid"]
     whoami(pool, ACME)  # acme is now the more recently used one
-    initech = whoami(pool, INITECH)["master"]
+    initech = whoami(pool, INITECH)["pid"]
     assert gone(globex), "the least recently used process is stopped"
-    assert whoami(pool, ACME)["master"] == acme
-    assert whoami(pool, INITECH)["master"] == initech
-    assert whoami(pool, GLOBEX)["master"] != globex  # comes back (stopping acme, the LRU)
+    assert whoami(pool, ACME)["pid"] == acme
+    assert whoami(pool, INITECH)["pid"] == initech
+    assert whoami(pool, GLOBEX)["pid"] != globex  # comes back (stopping acme, the LRU)
     assert gone(acme)
 
 
@@ -138,7 +138,7 @@ def test_a_tenant_process_that_died_is_started_again(pool: Pool) -> None:
     import os
     import signal
 
-    master = whoami(pool, GLOBEX)["master"]
+    master = whoami(pool, GLOBEX)["pid"]
     os.killpg(master, signal.SIGKILL)
     assert gone(master)
     deadline = time.monotonic() + 30
@@ -147,7 +147,7 @@ def test_a_tenant_process_that_died_is_started_again(pool: Pool) -> None:
         if r.status == 200 or time.monotonic() > deadline:
             break
         time.sleep(0.1)  # a 502 while the killed worker's connection is dropped
-    assert r.status == 200 and r.json()["master"] != master
+    assert r.status == 200 and r.json()["pid"] != master
 
 
 def test_a_host_outside_the_pool_domain_names_no_tenant(pool: Pool) -> None:
