@@ -284,3 +284,12 @@ def test_each_tenant_has_its_own_live_overlay(pool: Pool) -> None:
             break
         time.sleep(0.05)
     assert r.status == 200
+
+
+def test_metrics_of_a_tenant_name_that_tenant_only(pool: Pool) -> None:
+    assert pool.call("POST", "/services/whoami", bearer(GLOBEX.token()), b"{}").status == 200
+    r = pool.call("GET", "/metrics", bearer(ACME.token()))
+    assert r.status == 200, r.body
+    text = r.body.decode()
+    assert 'tenant="acme"' in text and 'tenant="globex"' not in text
+    assert "process_resident_memory_bytes" in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -154,3 +155,21 @@ def test_a_host_outside_the_pool_domain_names_no_tenant(pool: Pool) -> None:
     r = pool.call("POST", "/services/whoami", {"Host": "acme.elsewhere.test",
                                                 **bearer(ACME.token())}, b"{}")
     assert r.status == 200 and r.json()["tenant"] == "acme"
+
+
+def ppid(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("PPid:")[1].split()[0])
+
+
+def test_one_worker_has_no_master_and_several_have_one(pool: Pool, tmp_path) -> None:
+    # The pool default (MTP_WORKERS=1): the worker's parent is the warm parent.
+    alone = whoami(pool, ACME)["pid"]
+    assert ppid(ppid(alone)) == pool.proc.pid
+    running = start_pool(tmp_path, "gamma", [ACME], MTP_WORKERS="2")
+    try:
+        pids = {whoami(running, ACME)["pid"] for _ in range(10)}
+        # With a master: worker -> gunicorn master -> warm parent -> pool.
+        assert {ppid(ppid(ppid(p))) for p in pids} == {running.proc.pid}
+    finally:
+        stop_pool(running)
