@@ -173,3 +173,24 @@ def test_one_worker_has_no_master_and_several_have_one(pool: Pool, tmp_path) -> 
         assert {ppid(ppid(ppid(p))) for p in pids} == {running.proc.pid}
     finally:
         stop_pool(running)
+
+
+def test_admission_is_per_tenant_process(tmp_path) -> None:
+    # One thread per tenant process: acme's second call waits, then 503; globex's runs.
+    running = start_pool(tmp_path, "delta", [ACME, GLOBEX], MTP_THREADS="1")
+    try:
+        whoami(running, ACME)
+        whoami(running, GLOBEX)
+        held: list[int] = []
+        slow = threading.Thread(target=lambda: held.append(running.call(
+            "POST", "/services/slow", bearer(ACME.token()), b'{"seconds": 3}').status))
+        slow.start()
+        time.sleep(0.5)
+        r = running.call("POST", "/services/whoami", bearer(ACME.token()), b"{}")
+        assert r.status == 503 and problem_type(r).endswith("saturated")
+        assert whoami(running, GLOBEX)["tenant"] == "globex"
+        slow.join(30)
+        assert held == [200]
+        assert whoami(running, ACME)["tenant"] == "acme"
+    finally:
+        stop_pool(running)
