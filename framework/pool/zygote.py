@@ -65,6 +65,7 @@ def child(spec: dict[str, Any], secrets_fd: int) -> None:  # pragma: no cover - 
     import shutil
 
     from framework import logs
+    from framework.cli import check_version_pin
     from framework.cli.serve import FrameworkServer, prepare
     from framework.settings import Settings, read_handed_secrets
 
@@ -79,6 +80,7 @@ def child(spec: dict[str, Any], secrets_fd: int) -> None:  # pragma: no cover - 
     settings = Settings.from_env(environ={**env, **secrets}, tenant_dir=spec["tenant_dir"])
     del secrets
     tenant = settings.load_tenant()
+    check_version_pin(tenant.framework_version, tenant.source)  # as `mtp framework` does
     metrics_dir = prepare(settings)
     logs.setup(settings.log_level, tenant.tenant_id).info(
         "starting pool tenant process", extra={"tenant_dir": str(settings.tenant_dir)})

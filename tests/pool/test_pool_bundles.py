@@ -106,6 +106,18 @@ def test_a_broken_bundle_is_503_and_the_others_keep_serving(pool: Pool) -> None:
     r = pool.call("POST", "/services/whoami", {"X-Tenant-ID": "badco"}, b"{}")
     assert r.status == 503
     assert whoami(pool, GLOBEX)["tenant"] == "globex"
+    # A bundle pinned to another framework version: its process refuses to start, 503.
+    pinned = publish(pool.bundles, HOOLI, version="pinned")
+    toml = pinned / "tenant.toml"
+    toml.write_text(toml.read_text().replace('name = "Tenant hooli"',
+                                             'name = "Tenant hooli"\nframework_version = "9.9.9"'))
+    r = pool.call("POST", "/services/whoami", bearer(HOOLI.token()), b"{}")
+    assert r.status == 503 and problem_type(r)
+    (pool.bundles / "hooli").unlink()
+    # An IPv6 literal Host names no tenant.
+    r = pool.call("POST", "/services/whoami", {"Host": "[::1]:8080", **bearer(GLOBEX.token())},
+                  b"{}")
+    assert r.status == 200
     # A tenant whose secrets the pool lacks (HS256 without MTP_JWT_SECRET__<ID>): 503.
     publish(pool.bundles, Tenant("umbrella"))
     r = pool.call("POST", "/services/whoami", {"X-Tenant-ID": "umbrella"}, b"{}")
