@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the real servers the tests start (slapd, redis-server) and the load
+# Install the real servers the tests start (slapd, redis-server, nginx) and the load
 # generator. With CI=true a server that cannot be installed is a failure.
 set -uo pipefail
 need=()
@@ -7,6 +7,8 @@ command -v slapd >/dev/null 2>&1 || [ -x /usr/sbin/slapd ] || need+=(slapd)
 command -v ldapadd >/dev/null 2>&1 || need+=(ldap-utils)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
+# The gateway in front of pools (tests/pool/test_gateway.py).
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 echo "install-servers: installing ${need[*]}" >&2

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "control": ("framework.cli.control:control", "Serve the fleet's admin API (control plane)."),
     "tenants": ("framework.cli.control:tenants", "Manage fleet tenants through the admin API."),
     "events": ("framework.cli.events:events", "Publish events; list and replay dead letters."),
+    "pool": ("framework.cli.pool:pool", "Serve many tenants: one sidecar, a process each."),
     "probe": ("framework.cli.probe:probe", "Ask a process's /healthz: exit 0 on 200 (probes)."),
 }
 

@@ -1,0 +1,154 @@
+"""Pool benchmark: memory of a pool with many registered tenants, PSS per live tenant
+process, and cold-start latency (the first call of a tenant with no process yet).
+
+Writes ``--tenants`` small bundles (Ed25519 JWT key file shared, one API key each),
+starts ``mtp pool`` on them, then calls ``--active`` tenants once each (each call is a
+cold start: the tenant's process is forked from the warm parent) and a few more warm
+calls. Reports: the pool process's RSS with every tenant registered and none active,
+and again with ``--active`` active; the PSS (proportional set size, shared pages
+divided among sharers) of each live tenant process (gunicorn master + worker); cold
+and warm call latency p50/p99.
+
+Usage: .venv/bin/python bench/pool_bench.py [--tenants 10000] [--active 200]
+The machine is shared: a short run is e.g. --tenants 1000 --active 10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from tests.helpers import base_env, free_port, stop, wait_for_port
+
+SERVICE = '''"""Answers with its process id."""
+import os
+
+
+def handle(context):
+    return {"tenant": context.tenant_id, "pid": os.getpid()}
+'''
+
+
+def write_bundles(root: Path, count: int) -> None:
+    """``count`` bundles ``t00000``...; each its own API key ``key-<id>``."""
+    pem = Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    key_file = root / "jwt.pem"
+    key_file.write_bytes(pem)
+    bundles = root / "bundles"
+    bundles.mkdir()
+    for i in range(count):
+        tid = f"t{i:05d}"
+        d = bundles / tid
+        (d / "services").mkdir(parents=True)
+        digest = hashlib.sha256(f"key-{tid}".encode()).hexdigest()
+        (d / "tenant.toml").write_text(
+            f'[tenant]\nid = "{tid}"\nname = "{tid}"\n\n[auth.jwt]\nalgorithms = ["EdDSA"]\n'
+            f'public_key_file = "{key_file}"\n\n[auth.api_keys.bench]\n'
+            f'hash = "sha256:{digest}"\n\n[limits]\nrate = 1000\nburst = 1000\n')
+        (d / "services" / "hello.py").write_text(SERVICE)
+
+
+def call(port: int, tid: str) -> tuple[float, dict]:
+    started = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/services/hello", body=b"{}",
+                 headers={"X-Tenant-ID": tid, "X-API-Key": f"key-{tid}"})
+    r = conn.getresponse()
+    body = r.read()
+    conn.close()
+    elapsed = time.perf_counter() - started
+    if r.status != 200:
+        raise RuntimeError(f"{tid}: HTTP {r.status} {body[:200]!r}")
+    return elapsed, json.loads(body)
+
+
+def kib(pid: int, field: str, name: str = "status") -> int:
+    """A ``field:`` line of /proc/<pid>/<name>, in KiB."""
+    for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def family(pid: int) -> list[int]:
+    """``pid`` and its descendants."""
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids = (task / "children").read_text().split()
+        for kid in kids:
+            found += family(int(kid))
+    return found
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tenants", type=int, default=10000)
+    ap.add_argument("--active", type=int, default=200)
+    ap.add_argument("--warm", type=int, default=200, help="warm calls after the cold ones")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="mtp-pool-bench-"))
+    t0 = time.perf_counter()
+    write_bundles(tmp, args.tenants)
+    print(f"{args.tenants} bundles written in {time.perf_counter() - t0:.1f}s")
+    port = free_port()
+    env = base_env(MTP_SIDECAR_SECRET="bench-pool-secret-0123456789abcdef",
+                   MTP_LISTEN=f"127.0.0.1:{port}", MTP_DATA_DIR=str(tmp / "data"),
+                   MTP_POOL_RUN_DIR=str(tmp / "run"), MTP_POOL_IDLE="3600",
+                   MTP_POOL_MAX_PROCS=str(args.active + 1), MTP_LOG_LEVEL="WARNING",
+                   MTP_AUDIT_FILE=str(tmp / "audit.log"))
+    proc = subprocess.Popen([sys.executable, "-m", "framework", "pool", "--name", "bench",
+                             "--bundles", str(tmp / "bundles")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        wait_for_port(port, proc, timeout=60)
+        time.sleep(0.5)
+        rss_idle = kib(proc.pid, "VmRSS")
+        ids = [f"t{i * max(1, args.tenants // args.active):05d}" for i in range(args.active)]
+        cold, masters = [], []
+        for tid in ids:
+            elapsed, body = call(port, tid)
+            cold.append(elapsed)
+            masters.append(body["pid"])
+        warm = [call(port, ids[i % len(ids)])[0] for i in range(args.warm)]
+        rss_active = kib(proc.pid, "VmRSS")
+        pss = [sum(kib(p, "Pss", "smaps_rollup") for p in family(m)) for m in masters]
+        report = {
+            "tenants_registered": args.tenants, "tenants_active": args.active,
+            "pool_rss_mib_registered": round(rss_idle / 1024, 1),
+            "pool_rss_mib_active": round(rss_active / 1024, 1),
+            "tenant_process_pss_mib_mean": round(statistics.mean(pss) / 1024, 1),
+            "tenant_process_pss_mib_max": round(max(pss) / 1024, 1),
+            "cold_ms_p50": round(pct(cold, 0.5) * 1000, 1),
+            "cold_ms_p99": round(pct(cold, 0.99) * 1000, 1),
+            "warm_ms_p50": round(pct(warm, 0.5) * 1000, 2),
+            "warm_ms_p99": round(pct(warm, 0.99) * 1000, 2),
+        }
+        print(json.dumps(report, indent=2))
+    finally:
+        stop(proc, timeout=60)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,10 @@
+"""Pools: one sidecar and the worker processes of many tenants (`mtp pool`).
+
+- bundles.py: the bundle directory, tenant configs loaded lazily, the placement hook;
+- keys.py: per-tenant signing keys derived from the pool secret, per-tenant secrets;
+- zygote.py: the warm parent that forks a tenant's framework process;
+- procs.py: starting, idle reaping and LRU stopping of tenant processes;
+- gateway.py: the gateway's routing table rendered as an nginx config.
+
+The sidecar side (identifying the tenant of a request) is sidecar/tenant_routing.py.
+"""

@@ -1,0 +1,117 @@
+"""Running a pool: the warm parent, the process manager and the pool's sidecar.
+
+Pool settings come from the environment once (:class:`PoolSettings`); everything
+else is the ordinary :class:`~framework.settings.Settings`, whose
+``MTP_SIDECAR_SECRET`` is the pool secret each tenant's signing key is derived from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from framework.grace import stop_budget
+from framework.pool.bundles import BundleDir, Placement
+from framework.pool.procs import ProcessManager, Zygote
+from framework.settings import ENV, Settings, _int
+from framework.tenant_config import TENANT_ID_RE, ConfigError
+
+log = logging.getLogger("mtp.pool")
+
+SWEEP_SECONDS = 1.0  # bundles replaced or removed are noticed within this
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """The MTP_POOL_* variables."""
+
+    name: str
+    bundles: Path
+    domain: str = ""
+    idle: int = 300
+    max_procs: int = 100
+    run_dir: Path | None = None  # the tenant processes' sockets (MTP_POOL_RUN_DIR)
+
+    @classmethod
+    def from_env(cls, name: str, bundles: Path, environ: Mapping[str, str]) -> PoolSettings:
+        if not TENANT_ID_RE.match(name):
+            raise ConfigError(ENV, "--name", f"{name!r} must match {TENANT_ID_RE.pattern}")
+        if not bundles.is_dir():
+            raise ConfigError(ENV, "--bundles", f"{bundles} is not a directory")
+        return cls(name=name, bundles=bundles.resolve(),
+                   domain=environ.get("MTP_POOL_DOMAIN", "").strip().strip(".").lower(),
+                   idle=_int(environ, "MTP_POOL_IDLE", 300, minimum=1),
+                   max_procs=_int(environ, "MTP_POOL_MAX_PROCS", 100, minimum=1),
+                   run_dir=Path(environ["MTP_POOL_RUN_DIR"]) if environ.get(
+                       "MTP_POOL_RUN_DIR") else None)
+
+
+def pool_process_settings(settings: Settings) -> Settings:
+    """A tenant process in a pool: one gunicorn worker, four threads, unless set."""
+    env = settings.environ
+    return dataclasses.replace(
+        settings, workers=settings.workers if env.get("MTP_WORKERS") else 1,
+        threads=settings.threads if env.get("MTP_THREADS") else 4)
+
+
+async def serve_pool(pool: PoolSettings, settings: Settings, *,
+                     placement: Placement | None = None,
+                     stop: asyncio.Event | None = None) -> None:
+    """Serve the pool until ``stop`` is set (SIGTERM/SIGINT without one)."""
+    from sidecar.audit import AuditLog
+    from sidecar.front import install_stop_signals, serve
+    from sidecar.ratelimit import RateLimiter
+    from sidecar.startup import limiter_backend
+    from sidecar.tenant_routing import PoolSidecar
+
+    secret = settings.require_sidecar_secret()
+    settings = pool_process_settings(settings)
+    # Unix socket paths are short (108 bytes): a private directory under /tmp or the
+    # runtime dir, not the data dir.
+    runtime = pool.run_dir or Path(tempfile.mkdtemp(prefix=f"mtp-pool-{pool.name[:20]}-"))
+    zygote = Zygote(settings.environ)
+    await asyncio.to_thread(zygote.start)
+    budget = stop_budget(settings.grace_seconds)
+    procs = ProcessManager(zygote, runtime, lambda t, b, s: handler.process_env(t, b, s),
+                           idle=pool.idle, max_procs=pool.max_procs,
+                           grace=float(budget.framework),
+                           on_stop=lambda proc: handler.process_stopped(proc))
+    audit = AuditLog(settings.audit_file)
+    handler = PoolSidecar(pool.name, settings, BundleDir(pool.bundles, placement), procs,
+                          domain=pool.domain, pool_secret=secret,
+                          limiter=RateLimiter(limiter_backend(settings)), audit=audit)
+    if stop is None:
+        stop = asyncio.Event()
+        install_stop_signals(asyncio.get_running_loop(), stop)
+    procs.start()
+    audit.start()
+
+    async def sweep() -> None:
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            handler.sweep()
+
+    sweeper = asyncio.get_running_loop().create_task(sweep())
+    where = settings.listen
+    target = {"path": where} if isinstance(where, str) else {"host": where[0],
+                                                              "port": where[1]}
+    log.info("mtp pool %s: bundles %s on %s", pool.name, pool.bundles, where)
+    try:
+        await serve(handler.handle, shutdown_timeout=budget.sidecar, stop=stop,
+                    **target)  # type: ignore[arg-type]
+    finally:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+        await handler.close()
+        await handler.limiter.backend.close()
+        await audit.close()
+        await asyncio.to_thread(zygote.close)
+        shutil.rmtree(runtime, ignore_errors=True)

@@ -1,0 +1,455 @@
+"""A pool's sidecar: which tenant a request is for, then that tenant's own stages.
+
+A request names its tenant by any of: the credential (the JWT's ``tenant_id`` claim,
+read before verification only to choose the tenant; an API key, found in the pool's
+key index), ``Host: <tenant>.<MTP_POOL_DOMAIN>``, a path prefix ``/tenants/<tenant>``
+(removed before routing) and ``X-Tenant-ID``. Every method present must name the same
+tenant (else 403 ``tenant-mismatch``); none, or a tenant this pool does not serve, is
+403 ``unknown-tenant``. The request then goes through that tenant's own
+:class:`~sidecar.app.Sidecar` (authenticate with the tenant's own keys, bind, authorize,
+limit, sign with the tenant's derived key, proxy), built on its first request. Its
+framework process starts when the first call reaches the upstream, so a request that
+fails authentication or authorization never starts a process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from framework.pool.bundles import Bundle, BundleDir
+from framework.pool.keys import derive_key, tenant_secret
+from framework.pool.procs import PoolFull, ProcessManager, StartFailed, TenantProcess
+from framework.problem import request_id as make_request_id
+from framework.settings import Settings
+from framework.tenant_config import TENANT_ID_RE, ConfigError, TenantConfig
+from sidecar.admission import Admission
+from sidecar.apikeys import ApiKeys
+from sidecar.app import Sidecar
+from sidecar.audit import AuditLog
+from sidecar.authenticate import Authenticator
+from sidecar.catalog import CatalogRefused, CatalogWatcher
+from sidecar.errors import Forbidden, SidecarError, Unavailable, render
+from sidecar.front import Request, Response
+from sidecar.metrics import Metrics, ServiceNames
+from sidecar.overlay import OverlayWatcher
+from sidecar.proxy import Upstream, UpstreamReply
+from sidecar.ratelimit import RateLimiter
+from sidecar.startup import _identity_modules, jwt_secret
+from sidecar.tokens import TokenVerifier
+
+log = logging.getLogger("mtp.pool")
+
+PATH_PREFIX = "/tenants/"
+POOL_ROUTES = frozenset(("/healthz", "/readyz"))
+CLAIM = "tenant_id"  # the claim read to choose the tenant (tenants may name another)
+
+
+class UnknownTenant(Forbidden):
+    """403: no tenant named, or one this pool does not serve."""
+
+    kind = "unknown-tenant"
+    detail = "unknown tenant"
+
+
+class TenantMismatch(Forbidden):
+    """403: two identification methods name different tenants."""
+
+    kind = "tenant-mismatch"
+    detail = "the request names more than one tenant"
+
+
+@dataclass(frozen=True)
+class Identified:
+    """The tenant a request is for, and its path with any ``/tenants/<id>`` removed."""
+
+    tenant_id: str
+    path: str
+    raw_path: str
+    methods: tuple[str, ...]
+
+
+def _host_tenant(host: str, domain: str) -> str | None:
+    if not domain or not host:
+        return None
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.lower().rstrip(".")
+    suffix = "." + domain.lower().strip(".")
+    if not name.endswith(suffix):
+        return None
+    return name[: -len(suffix)]
+
+
+def _token_tenant(authorization: str) -> str | None:
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    try:
+        claims = jwt.decode(token.strip(), options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None  # the tenant's authenticator answers 401 for it
+    value = claims.get(CLAIM) if isinstance(claims, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def identify(request: Request, domain: str, bundles: BundleDir) -> Identified:
+    """The request's tenant by every method present; 403 when they disagree or name none."""
+    named: dict[str, str] = {}
+    path, raw = request.path, request.raw_path
+    if path.startswith(PATH_PREFIX):
+        tenant, _, rest = path[len(PATH_PREFIX):].partition("/")
+        prefix = PATH_PREFIX + tenant
+        if not raw.startswith(prefix) or raw[len(prefix):len(prefix) + 1] not in ("/", "?", ""):
+            # Percent-encoding inside the prefix: the raw and decoded paths disagree.
+            raise UnknownTenant("tenant path prefix is encoded")
+        named["path"] = tenant
+        path = "/" + rest
+        raw = raw[len(prefix):] or "/"
+        if raw.startswith("?"):
+            raw = "/" + raw
+    host = _host_tenant(request.headers.get("Host", ""), domain)
+    if host is not None:
+        named["host"] = host
+    headers = request.headers.getall("X-Tenant-ID", ())
+    if len(headers) > 1 and len(set(headers)) > 1:
+        raise TenantMismatch("two X-Tenant-ID headers")
+    if headers:
+        named["header"] = headers[0].strip()
+    authorization = request.headers.getall("Authorization", ())
+    if len(authorization) == 1:
+        claimed = _token_tenant(authorization[0])
+        if claimed is not None:
+            named["jwt"] = claimed
+    keys = request.headers.getall("X-API-Key", ())
+    if len(keys) == 1:
+        # With the tenant named otherwise, only keys already indexed are compared (a
+        # key of another tenant: 403); an unindexed one is that tenant's to refuse (401).
+        owner = bundles.tenant_of_key(keys[0], refresh=not named)
+        if owner is not None:
+            named["api_key"] = owner
+    tenants = set(named.values())
+    if len(tenants) > 1:
+        raise TenantMismatch("methods disagree: " + ", ".join(
+            f"{m}={t[:64]!r}" for m, t in sorted(named.items())))
+    if not tenants:
+        raise UnknownTenant("no tenant named")
+    tenant = tenants.pop()
+    if not TENANT_ID_RE.match(tenant):
+        raise UnknownTenant("malformed tenant id")
+    return Identified(tenant, path, raw, tuple(sorted(named)))
+
+
+def rerouted(request: Request, path: str, raw_path: str) -> Request:
+    """The same request with the tenant prefix removed from its path."""
+    if path == request.path and raw_path == request.raw_path:
+        return request
+    copy = object.__new__(Request)
+    for name in Request.__slots__:
+        setattr(copy, name, getattr(request, name))
+    copy.path, copy.raw_path = path, raw_path
+    return copy
+
+
+class TenantUpstream(Upstream):
+    """One tenant's framework as its Sidecar sees it: the process starts on first use."""
+
+    def __init__(self, pool: PoolSidecar, bundle: Bundle, settings: Settings) -> None:
+        self.owner, self.bundle, self.tenant_settings = pool, bundle, settings
+        self.process: TenantProcess | None = None
+        self.pool: Any = None
+        self._old: list[Any] = []
+
+    async def _ready(self) -> TenantProcess:
+        proc = await self.owner.procs.ensure(self.bundle.tenant_id, self.bundle.path,
+                                             self.bundle.stamp)
+        if proc is not self.process:
+            if self.pool is not None:
+                self._retire(self.pool)
+            self.process = proc
+            Upstream.__init__(self, dataclasses.replace(self.tenant_settings,
+                                                        upstream=str(proc.socket)))
+            await self.owner.after_start(self)
+        return proc
+
+    def _retire(self, pool: Any) -> None:
+        # Its last calls may still be on it: closed once the old process has drained.
+        async def later() -> None:
+            await asyncio.sleep(self.tenant_settings.grace_seconds + 5)
+            await pool.close()
+        self.owner.background(later())
+
+    async def send(self, method: str, path: str, headers: Iterable[tuple[str, str]],
+                   body: bytes | None, *, timeout: float | None = None,
+                   deadline: float | None = None) -> UpstreamReply:
+        current = self.owner.states.get(self.bundle.tenant_id)
+        if current is None:
+            # Its process was reaped (the state with it) while this request was being
+            # checked: the tenant's state now, unless its bundle went away meanwhile.
+            try:
+                current = self.owner.state(self.bundle.tenant_id)
+            except SidecarError:
+                raise Unavailable("tenant no longer served here",
+                                  detail="the tenant is not served here any more",
+                                  headers={"Retry-After": "1"}) from None
+        if current.sidecar.upstream is not self:
+            # Checked against the previous bundle while a new one came in: the current
+            # process answers (same tenant, same derived key), never the replaced one.
+            return await current.sidecar.upstream.send(method, path, headers, body,
+                                                       timeout=timeout, deadline=deadline)
+        try:
+            proc = await self._ready()
+        except PoolFull as exc:
+            raise Unavailable(str(exc), detail="the pool is saturated; retry shortly",
+                              headers={"Retry-After": "1"}) from None
+        except (StartFailed, ConfigError, OSError) as exc:
+            raise Unavailable(f"tenant process: {exc}",
+                              detail="the tenant's runtime is not available") from None
+        proc.inflight += 1
+        try:
+            return await super().send(method, path, headers, body, timeout=timeout,
+                                      deadline=deadline)
+        finally:
+            proc.inflight -= 1
+            proc.last_used = time.monotonic()
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+
+
+class _Direct:
+    """The tenant's process itself: no start, no in-flight count (the pool's own calls)."""
+
+    def __init__(self, upstream: TenantUpstream) -> None:
+        self.upstream = upstream
+
+    async def send(self, method: str, path: str, headers: Iterable[tuple[str, str]],
+                   body: bytes | None, *, timeout: float | None = None,
+                   deadline: float | None = None) -> UpstreamReply:
+        return await Upstream.send(self.upstream, method, path, headers, body,
+                                   timeout=timeout, deadline=deadline)
+
+
+@dataclass
+class TenantState:
+    """What the pool's sidecar holds for one tenant it has served."""
+
+    bundle: Bundle
+    sidecar: Sidecar
+    closers: list[Any]
+
+
+class PoolSidecar:
+    """The request handler of `mtp pool`: identify the tenant, then its own Sidecar."""
+
+    def __init__(self, name: str, settings: Settings, bundles: BundleDir, procs: ProcessManager,
+                 *, domain: str, pool_secret: bytes, limiter: RateLimiter,
+                 audit: AuditLog) -> None:
+        self.name, self.settings, self.bundles, self.procs = name, settings, bundles, procs
+        self.domain, self.pool_secret = domain, pool_secret
+        self.limiter, self.audit = limiter, audit
+        self.states: dict[str, TenantState] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def tenant_settings(self, bundle: Bundle) -> Settings:
+        """The pool's settings as one tenant's Sidecar sees them (its key, its secrets)."""
+        config = bundle.config
+        names = {config.jwt.secret_env, config.ldap.bind_password_env}
+        own = {n: tenant_secret(self.settings.environ, n, config.tenant_id)
+               for n in names if n}
+        return dataclasses.replace(
+            self.settings, tenant_dir=bundle.path, config_overlay=self.overlay(config.tenant_id),
+            data_dir=self.settings.data_dir / "tenants" / config.tenant_id,
+            sidecar_secret=derive_key(self.pool_secret, config.tenant_id),
+            environ={k: v for k, v in own.items() if v})
+
+    def overlay(self, tenant_id: str) -> str:
+        """The tenant's overlay file: ``<tenant>.toml`` in the MTP_CONFIG_OVERLAY directory."""
+        root = self.settings.config_overlay
+        return str(Path(root) / f"{tenant_id}.toml") if root else ""
+
+    def process_env(self, tenant_id: str, bundle: Path, sock: Path
+                    ) -> tuple[dict[str, str], dict[str, str]]:
+        """A tenant process's environment (nothing secret) and its own secrets."""
+        pool_env = self.settings.environ
+        env = {k: v for k, v in self.procs.zygote.environ.items()}
+        for name in ("MTP_LOG_LEVEL", "MTP_GRACE_SECONDS", "MTP_MAX_BODY", "MTP_MAX_RESULT",
+                     "MTP_JOB_RETENTION", "MTP_JOB_WORKERS", "MTP_JOB_QUEUE"):
+            if pool_env.get(name):
+                env[name] = pool_env[name]
+        env.update({
+            "MTP_TENANT_DIR": str(bundle),
+            "MTP_DATA_DIR": str(self.settings.data_dir / "tenants" / tenant_id),
+            "MTP_UPSTREAM": f"unix:{sock}",
+            "MTP_WORKERS": str(self.settings.workers),
+            "MTP_THREADS": str(self.settings.threads),
+        })
+        if self.overlay(tenant_id):
+            env["MTP_CONFIG_OVERLAY"] = self.overlay(tenant_id)
+        state = self.states.get(tenant_id)
+        secrets = {"MTP_SIDECAR_SECRET": derive_key(self.pool_secret, tenant_id).decode()}
+        if state is not None:
+            webhook = state.bundle.config.billing.webhook_secret_env
+            value = tenant_secret(pool_env, webhook, tenant_id)
+            if value:
+                secrets[webhook] = value
+        return env, secrets
+
+    def _build(self, bundle: Bundle) -> TenantState:
+        config: TenantConfig = bundle.config
+        settings = self.tenant_settings(bundle)
+        from framework.jwt_keys import load_public_key
+
+        secret = jwt_secret(config, settings)  # ConfigError: the tenant has no secret here
+        public_key = load_public_key(config)
+        ids = _identity_modules(config, settings)
+        tokens = TokenVerifier(config.jwt, secret=secret, public_key=public_key,
+                               keys=ids["keys"])
+        upstream = TenantUpstream(self, bundle, settings)
+        sidecar = Sidecar(
+            settings=settings, tenant=config,
+            authenticator=Authenticator(config.tenant_id, tokens, ApiKeys(config.api_keys),
+                                        ids["directory"], ids["unavailable"],
+                                        ids["unknown_key"]),
+            limiter=self.limiter, upstream=upstream, audit=self.audit,
+            metrics=Metrics(ServiceNames.from_tenant_dir(bundle.path, config)))
+        closers = [upstream.close, tokens.close]
+        if settings.config_overlay:
+            # The tenant's own overlay, applied now and watched while the state lives.
+            watcher = OverlayWatcher(settings.config_overlay, config, sidecar)
+            watcher.check()
+            watcher.start()
+            closers.append(watcher.close)
+        if ids["directory"] is not None:
+            closers.append(ids["directory"].close)
+        return TenantState(bundle, sidecar, closers)
+
+    def state(self, tenant_id: str) -> TenantState:
+        """The tenant's state, built on first use and rebuilt when its bundle changed."""
+        try:
+            bundle = self.bundles.get(tenant_id)
+        except ConfigError as exc:
+            raise Unavailable(f"bundle refused: {exc}",
+                              detail="the tenant's configuration is not usable") from None
+        current = self.states.get(tenant_id)
+        if bundle is None:
+            if current is not None:
+                self.forget(tenant_id)
+            raise UnknownTenant(f"no bundle for {tenant_id!r} in this pool")
+        if current is not None and current.bundle.stamp == bundle.stamp:
+            return current
+        if current is not None:
+            self.forget(tenant_id)
+        try:
+            state = self._build(bundle)
+        except ConfigError as exc:
+            raise Unavailable(f"tenant config: {exc}",
+                              detail="the tenant's configuration is not usable") from None
+        self.states[tenant_id] = state
+        return state
+
+    def process_stopped(self, proc: TenantProcess) -> None:
+        """A tenant's process is stopping (idle, LRU): its state goes too (memory stays
+        bounded by the live tenants); the next request builds it again."""
+        state = self.states.get(proc.tenant_id)
+        if state is not None and getattr(state.sidecar.upstream, "process", None) is proc:
+            self.forget(proc.tenant_id)
+
+    def forget(self, tenant_id: str) -> None:
+        """Drop a tenant's state; its process drains and stops."""
+        state = self.states.pop(tenant_id, None)
+        proc = self.procs.live.get(tenant_id)
+        if proc is not None:
+            self.procs.stop(proc)
+        if state is not None:
+            async def close() -> None:
+                await asyncio.sleep(self.settings.grace_seconds + 5)
+                for closer in state.closers:
+                    with contextlib.suppress(Exception):
+                        await closer()
+            self.background(close())
+
+    async def after_start(self, upstream: TenantUpstream) -> None:
+        """A tenant process came up: learn its services' deadlines (its catalog).
+
+        Part of the start (a few milliseconds on the unix socket), not a background
+        call: a call in flight would keep the process from being the LRU one to stop.
+        """
+        state = self.states.get(upstream.bundle.tenant_id)
+        if state is None or state.sidecar.upstream is not upstream:
+            return
+        sidecar = state.sidecar
+        sidecar.admission = Admission.for_settings(sidecar.settings)
+
+        def install(catalog: Any) -> None:
+            sidecar.catalog = catalog
+
+        watcher = CatalogWatcher(_Direct(upstream), sidecar.settings.sidecar_secret,  # type: ignore[arg-type]
+                                 lambda p: sidecar.internal_headers(p, "catalog"),
+                                 install, lambda: sidecar.catalog)
+        try:
+            await watcher.check()
+        except (SidecarError, CatalogRefused, ValueError, AttributeError) as exc:
+            log.warning("service catalog not loaded: %s", exc,
+                        extra={"tenant": upstream.bundle.tenant_id})
+
+    def sweep(self) -> None:
+        """Forget tenants whose bundle was removed or replaced (called periodically)."""
+        for tenant_id, state in list(self.states.items()):
+            try:
+                bundle = self.bundles.get(tenant_id)
+            except ConfigError:
+                bundle = None
+            if bundle is None or bundle.stamp != state.bundle.stamp:
+                log.info("bundle changed", extra={"tenant": tenant_id})
+                self.forget(tenant_id)
+
+    async def handle(self, request: Request) -> Response:
+        """Answer one request (never raises)."""
+        path = request.path
+        try:
+            if path in POOL_ROUTES and not self._names_tenant(request):
+                return self._own(path, make_request_id(request.headers.get("X-Request-ID")))
+            found = identify(request, self.domain, self.bundles)
+            state = self.state(found.tenant_id)
+        except SidecarError as exc:
+            rid = make_request_id(request.headers.get("X-Request-ID"))
+            self.audit.write(request_id=rid, method=request.method, outcome=exc.outcome,
+                             status=exc.status, tenant="", user="", auth_method="",
+                             service="", operation=None, reason=exc.reason, rule=None)
+            return render(exc, rid)
+        return await state.sidecar.handle(rerouted(request, found.path, found.raw_path))
+
+    def _names_tenant(self, request: Request) -> bool:
+        return ("X-Tenant-ID" in request.headers
+                or _host_tenant(request.headers.get("Host", ""), self.domain) is not None)
+
+    def _own(self, path: str, rid: str) -> Response:
+        body = {"status": "ok", "pool": self.name, "live": len(self.procs.live)}
+        return Response(200, [("Content-Type", "application/json"), ("X-Request-ID", rid)],
+                        json.dumps(body).encode())
+
+    async def close(self) -> None:
+        await self.procs.close()
+        for state in self.states.values():
+            for closer in state.closers:
+                with contextlib.suppress(Exception):
+                    await closer()
+        self.states.clear()
+        for task in list(self._tasks):
+            task.cancel()
