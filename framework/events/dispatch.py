@@ -22,11 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from framework import logs
+from framework import logs, tracing
 from framework.authz import decide
 from framework.context import Context
 from framework.errors import FrameworkError
-from framework.events.binding import to_http
+from framework.events.binding import to_http, trace_context
 from framework.events.observe import DEAD, DELIVERED, LAG, RETRIED, EventAudit, type_label
 from framework.events.store import DEAD as DEAD_STATUS
 from framework.events.store import DONE, PENDING, Delivery, EventStore
@@ -185,7 +185,11 @@ class Dispatcher:
         ctx.event = d.event.public()  # type: ignore[attr-defined]
         token = logs.REQUEST_ID.set(who.request_id)
         try:
-            outcome = rt.executor.call(spec, ctx)
+            # Linked to the publish's span (when tracing is on), as a job's is to its request.
+            with tracing.link_span("mtp.event.deliver", trace_context(d.event.extra),
+                                   {"mtp.tenant": tenant.tenant_id, "mtp.service": spec.name,
+                                    "mtp.event.type": d.event.type}):
+                outcome = rt.executor.call(spec, ctx)
         finally:
             logs.REQUEST_ID.reset(token)
         error = ""
