@@ -22,15 +22,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from framework import logs
+from redis.exceptions import RedisError
+
+from framework import logs, tracing
 from framework.authz import decide
 from framework.context import Context
 from framework.errors import FrameworkError
-from framework.events.binding import to_http
+from framework.events.binding import to_http, trace_context
 from framework.events.observe import DEAD, DELIVERED, LAG, RETRIED, EventAudit, type_label
 from framework.events.store import DEAD as DEAD_STATUS
 from framework.events.store import DONE, PENDING, Delivery, EventStore
 from framework.flags import FlagSet
+from framework.redis_wait import Outage
 from framework.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -64,6 +67,7 @@ class Dispatcher:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _thread: threading.Thread | None = None
     _pool: ThreadPoolExecutor | None = None
+    _outage: Outage = field(default_factory=lambda: Outage(log, "event delivery"))
 
     def start(self) -> None:
         self._pool = ThreadPoolExecutor(self.capacity, thread_name_prefix="mtp-event")
@@ -100,6 +104,12 @@ class Dispatcher:
                 if time.monotonic() - renewed > lease / 3:
                     self.store.renew(self.owner, lease)
                     renewed = time.monotonic()
+                self._outage.answered()
+            except RedisError as exc:
+                # Redis away: one line when it goes and one when it is back, not a
+                # traceback per poll; the entries wait in Redis meanwhile.
+                self._outage.failed(exc)
+                batch = []
             except Exception:
                 log.exception("claiming deliveries failed")
                 batch = []
@@ -185,7 +195,11 @@ class Dispatcher:
         ctx.event = d.event.public()  # type: ignore[attr-defined]
         token = logs.REQUEST_ID.set(who.request_id)
         try:
-            outcome = rt.executor.call(spec, ctx)
+            # Linked to the publish's span (when tracing is on), as a job's is to its request.
+            with tracing.link_span("mtp.event.deliver", trace_context(d.event.extra),
+                                   {"mtp.tenant": tenant.tenant_id, "mtp.service": spec.name,
+                                    "mtp.event.type": d.event.type}):
+                outcome = rt.executor.call(spec, ctx)
         finally:
             logs.REQUEST_ID.reset(token)
         error = ""

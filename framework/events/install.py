@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, g, request
 
+from framework import tracing
 from framework.authz import decide_event
 from framework.context import Context
 from framework.errors import BadRequest, Forbidden, NotFound
@@ -81,6 +82,7 @@ class Events:
         """``context.emit``: publish as the caller of the running service; the event id."""
         event = new_event(event_type, data, subject,
                           f"/{ctx.tenant_id}/services/{ctx.service}")
+        event.extra = tracing.carrier()  # the running span's trace goes with the event ({} off)
         json.dumps(data)  # TypeError now, in the handler, for data that cannot be stored
         self.publish(event, Publisher(ctx.user, tuple(ctx.groups), tuple(ctx.roles),
                                       ctx.auth_method, ctx.request_id))
@@ -156,8 +158,8 @@ def _routes(app: Flask, events: Events) -> None:
         except BadEvent as exc:
             raise BadRequest(f"invalid CloudEvent: {exc.attribute}: {exc.reason}",
                              attribute=exc.attribute) from None
-        if not event.extra:  # no trace in the event: the request's own, if any
-            event.extra = trace_context(headers)
+        if not event.extra:  # no trace in the event: this request's span, else its header
+            event.extra = tracing.carrier() or trace_context(headers)
         if not decide_event(events.rt.tenant.authz, ident, event.type).allowed:
             raise Forbidden(f"not allowed to publish events of type {event.type!r}")
         events.publish(event, Publisher(ident.user, tuple(ident.groups), tuple(ident.roles),

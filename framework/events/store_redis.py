@@ -1,7 +1,8 @@
 """The shared engine (MTP_REDIS_URL): a Redis stream per tenant with one consumer group.
 
 Every replica's framework workers and every ``mtp worker`` are consumers of the group
-``deliver`` on ``mtp:events:{tenant}``; each stream entry is one delivery (an event and
+``deliver`` on ``mtp:{tenant}:events`` (under the tenant's own key prefix, which its
+Redis ACL user and the offboarding purge cover); each stream entry is one delivery (an event and
 one route). ``XREADGROUP`` hands an entry to one consumer; while it runs, the consumer
 keeps it fresh (``XCLAIM`` to itself, which resets its idle time); a consumer that died
 stops doing so, and ``XAUTOCLAIM`` moves its entries to a live consumer once idle
@@ -82,13 +83,9 @@ class RedisEventStore:
     lease: float = LEASE
 
     def __post_init__(self) -> None:
-        base = f"mtp:events:{self.tenant}"
+        base = f"mtp:{self.tenant}:events"
         self.stream, self.dead_key, self.base = base, f"{base}:dead", base
-        try:
-            self.client.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        self._grouped = False  # made on first use: a process may start while Redis is away
         self._publish = self.client.register_script(PUBLISH)
         self._finish = self.client.register_script(FINISH)
         self._replay = self.client.register_script(REPLAY)
@@ -109,14 +106,32 @@ class RedisEventStore:
                 "not_before": 0}))
         return bool(self._publish(keys=keys, args=args))
 
+    def _group(self) -> None:
+        """The consumer group, created once Redis answers (XREADGROUP needs it)."""
+        if self._grouped:
+            return
+        try:
+            self.client.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._grouped = True
+
     def claim(self, owner: str, limit: int, lease: float) -> list[Delivery]:
         """Read new entries and those of dead consumers; the due ones, now running."""
         if len(self.held) < MAX_HELD:
-            for _, entries in self.client.xreadgroup(GROUP, owner, {self.stream: ">"},
-                                                     count=max(limit, 16)) or []:
-                self._hold(entries)
-            _, entries, *_ = self.client.xautoclaim(self.stream, GROUP, owner,
-                                                    int(self.lease * 1000), "0-0", count=64)
+            self._group()
+            try:
+                for _, entries in self.client.xreadgroup(GROUP, owner, {self.stream: ">"},
+                                                         count=max(limit, 16)) or []:
+                    self._hold(entries)
+                _, entries, *_ = self.client.xautoclaim(self.stream, GROUP, owner,
+                                                        int(self.lease * 1000), "0-0",
+                                                        count=64)
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):  # a Redis that lost its data: made again next time
+                    self._grouped = False
+                raise
             self._hold(entries)
         now = time.time()
         ready = [(entry_id, held) for entry_id, held in self.held.items()

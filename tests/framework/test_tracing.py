@@ -8,6 +8,7 @@ the traceparent header the sidecar sends, exactly as between two processes.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -115,6 +116,24 @@ def test_job_span_links_to_the_request_that_queued_it(stack: Stack) -> None:
     lines = [line for line in stack.log_lines() if line["msg"] == "inner called"
              and line["request_id"] == reply.headers["X-Request-ID"]]
     assert [line["trace_id"] for line in lines] == [job_trace]
+
+
+def test_event_delivery_span_links_to_the_span_that_emitted_it(stack: Stack) -> None:
+    reply = stack.call("POST", "/services/emitter", {**auth(), "traceparent": TRACEPARENT}, {})
+    assert reply.status == 200, reply.body
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not [
+            s for s in stack.spans(0) if s.name == "mtp.event.deliver"]:
+        time.sleep(0.05)
+    spans = stack.spans(0)
+    emitted = one(spans, "framework POST /services/emitter")
+    delivery = one(spans, "mtp.event.deliver")
+    # A delivery is a trace of its own (it may run much later), linked to the emitter's span.
+    assert hexid(emitted.context.trace_id, 32) == TRACE_ID
+    assert delivery.parent is None and delivery.context.trace_id != emitted.context.trace_id
+    assert [link.context.span_id for link in delivery.links] == [emitted.context.span_id]
+    assert delivery.attributes["mtp.service"] == "inner"
+    assert delivery.attributes["mtp.event.type"] == "order.created"
 
 
 def test_refused_request_has_a_span_with_the_decision(stack: Stack) -> None:

@@ -43,6 +43,11 @@ leeway = 0
 [services.front]
 [services.inner]
 [services.boom]
+[services.emitter]
+
+[[events.routes]]
+types = ["order.*"]
+service = "inner"
 """
 
 SERVICES = {
@@ -61,6 +66,12 @@ SERVICES = {
 
         def handle(context):
             raise RuntimeError("boom")
+    ''',
+    "emitter": '''
+        """Publishes an event that the route above delivers to inner."""
+
+        def handle(context):
+            return {"id": context.emit("order.created", {"n": 1}, subject="eu/1")}
     ''',
     "inner": '''
         """Logs and answers."""
@@ -121,6 +132,7 @@ def traced_stack(tmp: Path, traced: bool = True) -> Iterator[Stack]:
                                    "MTP_DATA_DIR": str(tmp / "data"),
                                    "MTP_TENANT_DIR": str(root)})
     app = create_framework(fsettings, fsettings.load_tenant(), background=False)
+    app.extensions["mtp.events"].dispatcher.start()  # deliveries, without the reaper
     log = io.StringIO()
     logs.setup("INFO", "acme", stream=log)
     server = make_server("127.0.0.1", fport, app, threaded=True)
@@ -150,6 +162,7 @@ def traced_stack(tmp: Path, traced: bool = True) -> Iterator[Stack]:
         loop.close()
         server.shutdown()
         fthread.join(10)
+        app.extensions["mtp.events"].close()
         app.extensions["mtp.operations"].close()
         app.extensions["mtp"].close()
         logs.setup("INFO", "acme")  # back to stderr: the StringIO goes with this stack

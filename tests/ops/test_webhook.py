@@ -40,9 +40,11 @@ def prices(url: str) -> BillingSettings:
 
 @pytest.fixture
 def store(tmp_path: Path) -> UsageStore:
-    """Usage in three finished hours and in the current one."""
+    """Usage in three finished hours and in one not finished yet."""
     store = UsageStore(tmp_path / "usage.db")
-    for i, hour in enumerate([*HOURS, hour_of(NOW)]):
+    # The unfinished hour is the next one, not the current: a long suite may cross the
+    # hour between collection (NOW) and this test.
+    for i, hour in enumerate([*HOURS, hour_of(NOW) + HOUR]):
         meter = UsageMeter(store, "acme", clock=lambda h=hour: h + 5)
         for _ in range(i + 1):
             meter.record("orders", "create", "alice", 200, 0.1, 0.25, 10, 20)

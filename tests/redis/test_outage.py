@@ -64,9 +64,11 @@ def test_jobs_finished_during_an_outage_keep_their_results(durable_redis, tmp_pa
     finally:
         replica.stop()
     log = replica.log.read_text(errors="replace")
-    # One line per transition and process (three job workers, the sidecar's limiter),
-    # not one per retry, and no crash loop.
-    assert log.count("Redis unreachable") <= 4, log[-3000:]
+    # One line per transition and part (per job worker process: its jobs and its event
+    # deliveries; the sidecar's limiter; ...), each matched by its line when Redis is
+    # back: not one per retry (a 4 s outage would then log dozens), and no crash loop.
+    down, up = log.count("Redis unreachable"), log.count("Redis reachable again")
+    assert down <= 12 and up <= down, log[-3000:]
     assert "could not connect to Redis" not in log
     assert "exited with" not in log
 
@@ -104,8 +106,8 @@ def test_a_worker_started_while_redis_is_away_waits_instead_of_crash_looping(
         stop(proc)
     text = log.read_text(errors="replace")
     assert "exited with" not in text and "could not connect to Redis" not in text, text
-    assert text.count("Redis unreachable") == 1, text
-    assert text.count("Redis reachable again") == 1, text
+    # One worker process: its job loop and its event deliveries, one line each way.
+    assert text.count("Redis unreachable") == text.count("Redis reachable again") <= 2, text
 
 
 def test_a_redis_without_appendonly_is_named_once_at_start(redis_server, tmp_path) -> None:
