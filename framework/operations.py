@@ -289,13 +289,15 @@ def install(app: Flask, rt: Runtime) -> Operations:
     return ops
 
 
-def _admin() -> None:
+def require_admin() -> None:
+    """403 unless the signed caller has role admin (the ops and events routes)."""
     ident = g.get("identity")
     if ident is None or not ident.is_admin:
         raise Forbidden("this route needs role admin")
 
 
-def _json(body: Any, status: int = 200) -> Response:
+def json_response(body: Any, status: int = 200) -> Response:
+    """Compact JSON with ``status``."""
     return Response(json.dumps(body, separators=(",", ":")), status=status,
                     content_type="application/json")
 
@@ -309,7 +311,7 @@ def _routes(app: Flask, ops: Operations) -> None:
 
     @app.get("/usage")
     def usage() -> Response:
-        _admin()
+        require_admin()
         try:
             start = parse_time(request.args["from"], "from") if request.args.get("from") else None
             end = parse_time(request.args["to"], "to") if request.args.get("to") else None
@@ -322,23 +324,23 @@ def _routes(app: Flask, ops: Operations) -> None:
         prices = plan_prices(settings.redis_url, settings.data_dir, tenant)  # a fleet's plan
         rows = ops.store.query(tenant.tenant_id, prices, start, end, group_by)
         series = ops.store.hourly(tenant.tenant_id, prices, start, end)
-        return _json({"currency": prices.currency, "rows": rows,
+        return json_response({"currency": prices.currency, "rows": rows,
                       "anomalies": [a.as_dict() for a in anomalies(series)],
                       "forecast": forecasts(series)})
 
     @app.get("/config/versions")
     def config_versions() -> Response:
-        _admin()
+        require_admin()
         diff = request.args.get("diff") in ("1", "true")
-        return _json({"versions": [v.as_dict(with_diff=diff) for v in ops.versions.list()]})
+        return json_response({"versions": [v.as_dict(with_diff=diff) for v in ops.versions.list()]})
 
     @app.post("/config/versions/<int:version_id>/rollback")
     def config_rollback(version_id: int) -> Response:
-        _admin()
+        require_admin()
         if ops.versions.get(version_id) is None:
             raise NotFound(f"no config version {version_id}")
         try:
             version = rollback(ops.versions, version_id, ops.rt.settings.config_overlay)
         except RollbackError as exc:
             raise Conflict(str(exc)) from None
-        return _json({"rolled_back_to": version.as_dict()})
+        return json_response({"rolled_back_to": version.as_dict()})

@@ -104,7 +104,8 @@ class RegistryView:
                 self._stop.wait(RETRY)
 
     def _watch(self) -> None:
-        raise NotImplementedError
+        """Follow the store's changes until stopped; a view with no store has none."""
+        self._stop.wait()
 
 
 class RedisView(RegistryView):

@@ -26,6 +26,7 @@ from framework.events.dispatch import KEEP_SECONDS, Dispatcher
 from framework.events.observe import PUBLISHED, EventAudit, type_label
 from framework.events.store import EventStore, Publisher
 from framework.execute import Call, Outcome
+from framework.operations import json_response, require_admin
 from framework.registry import ServiceSpec
 from framework.runtime import Runtime
 from framework.settings import Settings
@@ -135,17 +136,6 @@ def install(app: Flask, rt: Runtime, background: bool = True) -> Events:
     return events
 
 
-def _admin() -> None:
-    ident = g.get("identity")
-    if ident is None or not ident.is_admin:
-        raise Forbidden("this route needs role admin")
-
-
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(json.dumps(body, separators=(",", ":")), status=status,
-                    content_type="application/json")
-
-
 def _routes(app: Flask, events: Events) -> None:
 
     @app.post("/events")
@@ -164,18 +154,18 @@ def _routes(app: Flask, events: Events) -> None:
             raise Forbidden(f"not allowed to publish events of type {event.type!r}")
         events.publish(event, Publisher(ident.user, tuple(ident.groups), tuple(ident.roles),
                                         ident.auth_method, state.request_id))
-        return _json({"id": event.id}, 202)
+        return json_response({"id": event.id}, 202)
 
     @app.get("/events/dead")
     def dead() -> Response:
-        _admin()
-        return _json({"dead": [d.public() for d in events.store.dead()]})
+        require_admin()
+        return json_response({"dead": [d.public() for d in events.store.dead()]})
 
     @app.post("/events/dead/<did>/replay")
     def replay(did: str) -> Response:
-        _admin()
+        require_admin()
         if not DEAD_ID_RE.fullmatch(did) or not events.store.replay(
                 did if "-" in did else int(did)):
             raise NotFound(f"no dead letter {did}")
         events.dispatcher.wake.set()
-        return _json({"id": str(did), "status": "pending"}, 202)
+        return json_response({"id": str(did), "status": "pending"}, 202)
