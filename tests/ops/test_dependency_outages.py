@@ -211,10 +211,13 @@ def test_redis_outage_is_two_lines_per_dependency_and_counted(redis_run) -> None
     assert limiter_down["error"] == "ConnectionError" and "Redis unreachable" in limiter_down["msg"]
     # Counted as lines: the sidecar's limiter says "Redis unreachable" once; every other
     # process that uses Redis (framework workers and job workers, for their event
-    # deliveries) once too, never once per request or poll.
+    # deliveries) once per transition, never once per request or poll. A process may see
+    # Redis come back and go again while it restarts (one more down/up pair each: a CI
+    # run found 9 down lines from 8 processes), so the bound is two transitions per
+    # process, still well under the 2 * REFUSED calls of the outage.
     output = run.output()
     assert output.count("dependency redis_limiter is down") == 1
-    assert output.count("Redis unreachable") <= 1 + 8
+    assert output.count("Redis unreachable") <= 1 + 2 * 8 < 2 * REFUSED
     assert output.count("event delivery keeps what it has") == output.count(
         "event delivery goes on")
     assert "could not enqueue" not in run.output()
