@@ -38,9 +38,14 @@ def free_port() -> int:
     framework that had "started" then refused every connection.
     """
     low = _ephemeral_low()
+    # Under pytest-xdist each worker takes its own residue class, so two workers never
+    # pick the same port between the pick and the bind.
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     for _ in range(200):
         port = random.randrange(10000, max(low, 10001))
-        if port in _issued:  # two picks before either server binds must differ
+        port -= (port - worker) % workers
+        if port < 10000 or port in _issued:  # two picks before either bind must differ
             continue
         with socket.socket() as s:
             try:

@@ -22,7 +22,7 @@ def auth() -> OperatorAuth:
 
 
 def bearer(secret: bytes = SECRET, **claims: object) -> CIMultiDict:
-    body = {"sub": "ops", "exp": int(time.time()) + 60, "roles": ["platform-admin"], **claims}
+    body = {"sub": "ops", "exp": int(time.time()) + 3600, "roles": ["platform-admin"], **claims}
     return CIMultiDict({"Authorization": f"Bearer {jwt.encode(body, secret, 'HS256')}"})
 
 
@@ -58,7 +58,7 @@ def test_tokens_need_a_configured_secret() -> None:
 
 
 def test_algorithms_come_from_config_never_from_the_token() -> None:
-    body = {"sub": "ops", "exp": int(time.time()) + 60, "roles": ["platform-admin"]}
+    body = {"sub": "ops", "exp": int(time.time()) + 3600, "roles": ["platform-admin"]}
     unsigned = jwt.encode(body, None, algorithm="none")
     with pytest.raises(Unauthenticated):
         auth().authenticate(CIMultiDict({"Authorization": f"Bearer {unsigned}"}))

@@ -213,6 +213,16 @@ def test_same_subject_one_at_a_time_in_publish_order_under_concurrency(run: RunS
     assert any(b[0] < a[1] for a, b in itertools.pairwise(spans))
 
 
+def in_order(outcomes: list[str]) -> list[str]:
+    """The one "published" first, then the delivery outcomes in their order.
+
+    The publisher's audit line and the deliverer's come from two processes: "published"
+    may land after the first "retry" (seen with two test workers on two cores).
+    """
+    return ["published"] * outcomes.count("published") + [
+        o for o in outcomes if o != "published"]
+
+
 def test_failures_are_retried_then_dead_then_replayed_by_an_admin(run: RunStack) -> None:
     marker = run.root / "failing"
     marker.write_text("1")
@@ -223,7 +233,7 @@ def test_failures_are_retried_then_dead_then_replayed_by_an_admin(run: RunStack)
     assert letter["attempts"] == 3  # the first try and retries = 2
     assert letter["target"] == "flaky"
     outcomes = [a["outcome"] for a in audit_events(run) if a["event_id"] == eid]
-    assert outcomes == ["published", "retry", "retry", "dead"]
+    assert in_order(outcomes) == ["published", "retry", "retry", "dead"]
     # Only admins see and replay dead letters.
     assert run.call("GET", "/events/dead", jwt()).status == 403
     replay = f"/events/dead/{letter['id']}/replay"
@@ -372,6 +382,6 @@ def test_a_service_that_fails_to_import_is_retried_not_dead_at_once(tmp_path) ->
                                        None))
         assert letter["attempts"] == 3  # retried like any failure (a deploy may fix it)
         outcomes = [a["outcome"] for a in audit_events(stack) if a["event_id"] == eid]
-        assert outcomes == ["published", "retry", "retry", "dead"]
+        assert in_order(outcomes) == ["published", "retry", "retry", "dead"]
     finally:
         stop(stack.proc)
