@@ -1,4 +1,5 @@
-"""What `mtp check` says about a tenant.toml that runs in a fleet (the store holds a registry)."""
+"""A tenant.toml in a fleet (the store holds a registry): what `mtp check` says about it,
+and the prices its usage is charged at (the plan's, failing closed)."""
 
 from __future__ import annotations
 
