@@ -32,7 +32,7 @@ from framework import tracing
 from framework.authz import decide
 from framework.breaker import Breakers, CircuitBreaker
 from framework.context import Context
-from framework.control.tenant_check import plan_prices
+from framework.control.tenant_check import PlanPrices
 from framework.errors import (
     BadRequest,
     Conflict,
@@ -100,6 +100,7 @@ class Operations:
     store: UsageStore | RedisUsageStore
     meter: UsageMeter
     versions: VersionStore
+    prices: PlanPrices  # the fleet's plan's prices (else tenant.toml's), read per report
     breakers: Breakers = field(default_factory=Breakers)
     exporter: WebhookExporter | None = None
 
@@ -272,13 +273,17 @@ def install(app: Flask, rt: Runtime) -> Operations:
     store = open_store(settings)  # shared by every replica when MTP_REDIS_URL is set
     ops = Operations(rt=rt, holder=holder, watcher=watcher, store=store,
                      meter=UsageMeter(store, rt.tenant.tenant_id),  # type: ignore[arg-type]
-                     versions=versions)
+                     versions=versions,
+                     prices=PlanPrices(settings.redis_url, settings.data_dir))
     rt.set_tenant(holder.current)
     if watcher is not None:
         watcher.on_change(ops.apply)
+    # Each exported hour is priced at the fleet's plan (else tenant.toml's); the
+    # webhook's URL and secret stay the tenant's own.
     billing = rt.tenant.billing
     ops.exporter = start_exporter(store, rt.tenant.tenant_id, billing,
-                                  settings.secret(billing.webhook_secret_env))
+                                  settings.secret(billing.webhook_secret_env),
+                                  pricing=lambda: ops.prices(ops.rt.tenant))
     # gunicorn workers leave through sys.exit: flush usage, hand the export lease over.
     atexit.register(ops.close)
     executor = rt.executor
@@ -320,8 +325,7 @@ def _routes(app: Flask, ops: Operations) -> None:
             raise BadRequest(str(exc)) from None
         ops.meter.flush()  # this worker's latest calls; others flush within a second
         tenant = ops.rt.tenant
-        settings = ops.rt.settings
-        prices = plan_prices(settings.redis_url, settings.data_dir, tenant)  # a fleet's plan
+        prices = ops.prices(tenant)  # a fleet's plan; 503 when it cannot be known
         rows = ops.store.query(tenant.tenant_id, prices, start, end, group_by)
         series = ops.store.hourly(tenant.tenant_id, prices, start, end)
         return json_response({"currency": prices.currency, "rows": rows,

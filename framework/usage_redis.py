@@ -123,10 +123,13 @@ def open_store(settings: Settings) -> UsageStore | RedisUsageStore:
 
 
 def start_exporter(store: UsageStore | RedisUsageStore, tenant: str, prices: BillingSettings,
-                   secret: str, policy: ExportPolicy | None = None) -> WebhookExporter | None:
+                   secret: str, policy: ExportPolicy | None = None,
+                   pricing: Callable[[], BillingSettings] | None = None
+                   ) -> WebhookExporter | None:
     """:func:`framework.webhook.start_exporter` with the exporter that fits the store."""
     cls = RedisWebhookExporter if isinstance(store, RedisUsageStore) else WebhookExporter
-    return _start_exporter(store, tenant, prices, secret, policy, cls=cls)  # type: ignore[arg-type]
+    return _start_exporter(store, tenant, prices, secret, policy, cls=cls,  # type: ignore[arg-type]
+                           pricing=pricing)
 
 
 def prefix(tenant: str) -> str:
@@ -393,8 +396,9 @@ class RedisWebhookExporter(WebhookExporter):
                                 "last_error": error})
         pipe.expireat(key, hour + HOUR + self.store.retention)
         pipe.execute()
-        log.warning("billing webhook: hour %s not delivered (%s), attempt %d, retry in %.1fs",
-                    iso_hour(hour), error, attempts, delay)
+        # Per attempt: debug only, as in SQLite mode (the outage itself is one line).
+        log.debug("billing webhook: hour %s not delivered (%s), attempt %d, retry in %.1fs",
+                  iso_hour(hour), error, attempts, delay)
 
     def status(self) -> list[dict[str, Any]]:
         """Export state per hour, newest first (for operators)."""

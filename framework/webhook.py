@@ -19,6 +19,14 @@ own key (the receiver adds them up), never one replica's share under another's. 
 at-least-once: an hour is marked sent in SQLite only after a 2xx, failures are
 retried with exponential backoff and jitter, and a restart resumes from the table.
 
+Each hour is priced when its payload is built, by ``pricing`` (in a fleet the
+plan in force, read from the registry: see framework/control/tenant_check.py;
+else the tenant's own ``[billing]``). When the prices cannot be known (the
+registry unreachable or unreadable), the hour is not sent: it is retried with
+the same backoff, and the outage is one log line (dependency ``fleet_registry``),
+never a payload at prices the tenant set for itself. The URL and secret are
+always the tenant's own.
+
 It runs in a daemon thread of the framework (the process that owns the usage
 database; the sidecar may not even share the data dir), never on a request
 path. Every gunicorn worker may start one; a lease row lets exactly one export
@@ -48,6 +56,7 @@ from typing import Any
 from standardwebhooks import Webhook
 
 from framework import __version__, depstate
+from framework.errors import Unavailable
 from framework.tenant_config import BillingSettings
 from framework.usage import HOUR, UsageStore, cost, iso_hour
 
@@ -141,12 +150,19 @@ class WebhookExporter:
 
     def __init__(self, store: UsageStore, tenant: str, prices: BillingSettings,
                  secret: bytes, policy: ExportPolicy | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 pricing: Callable[[], BillingSettings] | None = None) -> None:
+        """``prices``: the tenant's own [billing] (its webhook URL; its prices unless
+        ``pricing`` says otherwise). ``pricing``: the prices in effect, called once per
+        hour sent; it raises :class:`~framework.errors.Unavailable` when they cannot
+        be known, and the hour waits."""
         if not prices.webhook_url.startswith(("http://", "https://")):
             raise ValueError("billing.webhook_url must be an http(s) URL")
         self.store = store
         self.tenant = tenant
         self.prices = prices
+        self.pricing = pricing or (lambda: prices)
+        self._registry: depstate.Dependency | None = None  # made at the first outage
         self._secret = secret
         self.policy = policy or ExportPolicy()
         self._clock = clock
@@ -221,8 +237,10 @@ class WebhookExporter:
                 (self.tenant, HOUR + self.policy.grace, now, now, self.policy.batch)).fetchall()
         return [r[0] for r in rows]
 
-    def payload(self, hour: int) -> dict[str, Any]:
-        """The JSON document of one hour."""
+    def payload(self, hour: int, prices: BillingSettings | None = None) -> dict[str, Any]:
+        """The JSON document of one hour, at ``prices`` (default: the prices in effect,
+        Unavailable when they cannot be known)."""
+        prices = prices or self.pricing()
         rows, totals = [], {"calls": 0, "errors": 0, "cpu_seconds": 0.0,
                             "bytes_in": 0, "bytes_out": 0}
         for svc, op, user, calls, errors, wall, cpu, b_in, b_out, queue in \
@@ -231,7 +249,7 @@ class WebhookExporter:
                 "service": svc, "operation": op or None, "user": user, "calls": calls,
                 "errors": errors, "wall_seconds": round(wall, 6), "cpu_seconds": round(cpu, 6),
                 "bytes_in": b_in, "bytes_out": b_out, "queue_seconds": round(queue, 6),
-                "cost": cost(self.prices, calls, cpu, b_in + b_out),
+                "cost": cost(prices, calls, cpu, b_in + b_out),
             })
             totals["calls"] += calls
             totals["errors"] += errors
@@ -239,7 +257,7 @@ class WebhookExporter:
             totals["bytes_in"] += b_in
             totals["bytes_out"] += b_out
         totals["cpu_seconds"] = round(totals["cpu_seconds"], 6)
-        totals["cost"] = cost(self.prices, totals["calls"], totals["cpu_seconds"],
+        totals["cost"] = cost(prices, totals["calls"], totals["cpu_seconds"],
                               totals["bytes_in"] + totals["bytes_out"])
         return {
             "type": "mtp.usage.hourly",
@@ -247,14 +265,27 @@ class WebhookExporter:
             "tenant": self.tenant,
             "source": self.source,
             "hour": iso_hour(hour),
-            "currency": self.prices.currency,
+            "currency": prices.currency,
             "rows": rows,
             "totals": totals,
         }
 
     def deliver(self, hour: int) -> int:
         """POST one hour; record success, or schedule the retry. Returns 1 when sent."""
-        body = json.dumps(self.payload(hour), sort_keys=True, separators=(",", ":")).encode()
+        try:
+            prices = self.pricing()  # apart from payload(): a usage store error is not this
+        except Unavailable as exc:
+            # No prices, no payload: the hour waits for the registry with the usual backoff.
+            if self._registry is None:
+                self._registry = depstate.dependency("fleet_registry", log)
+            self._registry.failed(exc.detail)  # one line per outage, not per attempt
+            self._registry.refused()
+            self._schedule_retry(hour, f"prices unavailable: {exc.detail}")
+            return 0
+        if self._registry is not None:
+            self._registry.ok()
+        body = json.dumps(self.payload(hour, prices), sort_keys=True,
+                          separators=(",", ":")).encode()
         msg_id = idempotency_key(self.tenant, hour, self.source)
         # Signed at send time: each retry carries a fresh timestamp (and the same id), so
         # a receiver's replay window never refuses a late but genuine retry.
@@ -338,9 +369,11 @@ class WebhookExporter:
 
 def start_exporter(store: UsageStore, tenant: str, prices: BillingSettings,
                    secret: str, policy: ExportPolicy | None = None,
-                   cls: type[WebhookExporter] | None = None) -> WebhookExporter | None:
+                   cls: type[WebhookExporter] | None = None,
+                   pricing: Callable[[], BillingSettings] | None = None
+                   ) -> WebhookExporter | None:
     """The running exporter (``cls``, default :class:`WebhookExporter`), or None when
-    no webhook is configured (or no secret)."""
+    no webhook is configured (or no secret). ``pricing``: see :class:`WebhookExporter`."""
     if not prices.webhook_url:
         return None
     if not secret:
@@ -352,4 +385,5 @@ def start_exporter(store: UsageStore, tenant: str, prices: BillingSettings,
     except ValueError as exc:
         log.error("billing webhook disabled: %s: %s", prices.webhook_secret_env, exc)
         return None
-    return (cls or WebhookExporter)(store, tenant, prices, key, policy).start()
+    return (cls or WebhookExporter)(store, tenant, prices, key, policy,
+                                    pricing=pricing).start()

@@ -41,9 +41,9 @@ def usage_report(settings: Settings, start: float | None, end: float | None,
     from framework.control.tenant_check import plan_prices
 
     cfg = settings.load_tenant()
-    prices = plan_prices(settings.redis_url, settings.data_dir, cfg)  # a fleet's plan
     store = open_store(settings)  # Redis when MTP_REDIS_URL is set: every replica's usage
     try:
+        prices = plan_prices(settings.redis_url, settings.data_dir, cfg)  # a fleet's plan
         rows = store.query(cfg.tenant_id, prices, start, end, group_by)
         series = store.hourly(cfg.tenant_id, prices, start, end)
     except Unavailable as exc:

@@ -4,18 +4,32 @@ On Redis (the fleet's shared store) and on one machine's SQLite (the same
 MTP_DATA_DIR): unknown tenant 403 unknown-tenant, suspended and offboarding 403
 tenant-suspended, resumed served again, entitlements and limits from the plan.
 Without a registry in the store the tenant image behaves as it always did.
+Usage (GET /usage and the hourly billing webhook) is priced at the plan only, and
+waits (503, retried hours) while the registry cannot be read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from framework.control.store import DB_NAME
+from framework.control.store import PLANS as PLANS_KEY
+from framework.usage import HOUR, UsageMeter, UsageStore, hour_of, iso_hour
+from framework.usage_redis import RedisUsageStore, prefix
+from framework.usage_redis import connect as connect_usage
 from tests.control.fleet import ControlPlane
+from tests.ops.receiver import Receiver
 from tests.redis.stack import Replica, Reply, auth, write_tenant
+from tests.servers import RedisServer
 
 PLANS = """
 [plans.std]
@@ -230,3 +244,153 @@ def test_two_tenant_stacks_one_suspended_the_other_untouched(redis_server,
         acme.stop()
         beta.stop()
         cp.stop()
+
+
+# -- prices from the plan only: GET /usage and the hourly billing webhook ----------------
+
+BILLING_SECRET = "billing-secret-for-fleet-webhook-tests"
+OWN_BILLING = """
+[billing]
+currency = "XYZ"
+per_call = 1000.0
+per_cpu_second = 1000.0
+per_gb = 1000.0
+webhook_url = "{url}"
+"""
+
+
+def bill_itself(replica: Replica, receiver: Receiver) -> None:
+    """acme's tenant.toml would charge 1000 XYZ per call, sent to its own receiver."""
+    toml = replica.tenant_dir / "tenant.toml"
+    toml.write_text(toml.read_text() + OWN_BILLING.format(url=receiver.url))
+    replica.extra_env = {**(replica.extra_env or {}), "MTP_BILLING_SECRET": BILLING_SECRET}
+
+
+def seed_finished_hours(store: Any) -> list[int]:
+    """acme's usage in three finished hours (2, 3, 4 calls): the exporter's first work."""
+    hours = [hour_of(time.time()) - k * HOUR for k in (7, 6, 5)]
+    for i, hour in enumerate(hours):
+        meter = UsageMeter(store, "acme", clock=lambda h=hour: h + 5)
+        for _ in range(i + 2):
+            meter.record("echo", None, "alice", 200, 0.1, 0.25, 10, 20)
+        assert meter.flush() == 1
+        meter.close()
+    return hours
+
+
+def assert_std_prices(receiver: Receiver, hours: list[int]) -> None:
+    """Each hour arrived, verified by standardwebhooks, at std's USD 0.5 per call."""
+    docs = {d["hour"]: d for d in receiver.accepted.values()}
+    assert sorted(docs) == [iso_hour(h) for h in hours] and receiver.bad_signatures == 0
+    for doc in docs.values():
+        assert doc["currency"] == "USD" and "XYZ" not in json.dumps(doc)
+        for row in [*doc["rows"], doc["totals"]]:
+            assert row["cost"] == pytest.approx(0.5 * row["calls"])
+    assert [docs[iso_hour(h)]["totals"]["calls"] for h in hours] == [2, 3, 4]
+
+
+def assert_unavailable(reply: Reply) -> None:
+    assert reply.status == 503 and reply.headers["Content-Type"] == "application/problem+json"
+    doc = reply.json()
+    assert doc["type"].endswith("registry-unavailable") and doc["request_id"]
+    assert "XYZ" not in reply.body.decode() and "Traceback" not in reply.body.decode()
+
+
+def export_attempts(replica: Replica, hours: list[int]) -> list[tuple[str, int, str]]:
+    """(state, attempts, last_error) of each hour, from the usage store the exporter uses."""
+    if replica.redis_url:
+        from redis import Redis
+
+        with Redis.from_url(replica.redis_url, decode_responses=True) as r:
+            found = [r.hmget(f"{prefix('acme')}:export:{h}", "state", "attempts", "last_error")
+                     for h in hours]
+        return [(s or "", int(a or 0), e or "") for s, a, e in found]
+    db = replica.root / "acme-data" / "usage.db"
+    with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
+        rows = dict((h, (s, a, e)) for h, s, a, e in conn.execute(
+            "SELECT hour, state, attempts, last_error FROM webhook_exports"))
+    return [rows.get(h, ("", 0, "")) for h in hours]
+
+
+def test_the_webhook_and_usage_are_priced_by_the_plan_and_wait_for_the_registry(
+        fleet: tuple[Replica, ControlPlane]) -> None:
+    replica, cp = fleet
+    receiver = Receiver(BILLING_SECRET.encode()).start()
+    try:
+        bill_itself(replica, receiver)
+        cp.start()
+        assert cp.call("POST", "/admin/tenants", {"id": "acme", "name": "Acme",
+                                                  "plan": "std"}).status == 201
+        cp.stop()  # the registry stays in the store; data planes need no control plane
+        if replica.redis_url:
+            from redis import Redis
+
+            store: Any = RedisUsageStore(connect_usage(replica.redis_url))
+            registry = Redis.from_url(replica.redis_url)
+            good = registry.get(PLANS_KEY)
+            registry.set(PLANS_KEY, b"{not json")  # the registry unreadable, the store up
+
+            def repair() -> None:
+                registry.set(PLANS_KEY, good)
+        else:
+            (replica.root / "acme-data").mkdir(exist_ok=True)
+            store = UsageStore(replica.root / "acme-data" / "usage.db")
+            fleet_db = replica.root / "acme-data" / DB_NAME  # the control plane's too
+            with contextlib.closing(sqlite3.connect(fleet_db)) as conn:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page in the file
+            aside = fleet_db.with_name("fleet.db.aside")
+            os.replace(fleet_db, aside)
+            fleet_db.write_bytes(b"not an SQLite database " * 200)  # unreadable
+
+            def repair() -> None:
+                os.replace(aside, fleet_db)
+        hours = seed_finished_hours(store)
+        start_replica(replica)
+        assert_unavailable(replica.call("GET", "/usage", auth(roles=("admin",))))
+        # The exporter tries, has no prices, sends nothing and retries with its backoff.
+        wait_until(lambda: any(a >= 2 for _, a, _ in export_attempts(replica, hours)),
+                   timeout=30)
+        states = export_attempts(replica, hours)
+        assert all(s == "retry" and e.startswith("prices unavailable") for s, _, e in states
+                   if s), states
+        assert receiver.requests == 0
+        repair()
+        wait_until(lambda: len(receiver.accepted) == len(hours), timeout=40)
+        assert_std_prices(receiver, hours)
+        report = replica.call("GET", "/usage", auth(roles=("admin",)))
+        assert report.status == 200 and report.json()["currency"] == "USD"
+        # One line per process and outage, not one per attempt (a worker and `mtp worker`).
+        log = replica.log.read_text(errors="replace")
+        assert 1 <= log.count("dependency fleet_registry is down") <= 2, log[-3000:]
+    finally:
+        receiver.stop()
+
+
+def test_the_webhook_waits_out_a_stopped_redis_and_sends_at_the_plans_prices(
+        tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path / "redis", persist=True)  # the registry survives a restart
+    redis.start()
+    receiver = Receiver(BILLING_SECRET.encode(), fail_first=10**6).start()  # refuses until told
+    replica = Replica("acme", tmp_path, write_tenant(tmp_path, "rate = 1000\nburst = 1000"),
+                      redis.url)
+    cp = ControlPlane(tmp_path / "control", redis_url=redis.url, plans=PLANS)
+    try:
+        bill_itself(replica, receiver)
+        cp.start()
+        assert cp.call("POST", "/admin/tenants", {"id": "acme", "name": "Acme",
+                                                  "plan": "std"}).status == 201
+        cp.stop()
+        hours = seed_finished_hours(RedisUsageStore(connect_usage(redis.url)))
+        start_replica(replica)
+        wait_until(lambda: receiver.requests >= 1, timeout=30)  # hours pending, not sent
+        redis.stop()  # the fleet's Redis (registry and usage) is gone
+        assert_unavailable(replica.call("GET", "/usage", auth(roles=("admin",))))
+        receiver.fail_first = 0
+        redis.start()
+        wait_until(lambda: len(receiver.accepted) == len(hours), timeout=60)
+        assert_std_prices(receiver, hours)
+    finally:
+        replica.stop()
+        cp.stop()
+        redis.stop()
+        receiver.stop()

@@ -162,8 +162,8 @@ def test_fleet_present_looks_at_the_store(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_plan_prices_fall_back_to_the_tenants_own(tmp_path: Path) -> None:
-    from framework.control.tenant_check import plan_prices
+def test_plan_prices_are_the_tenants_own_only_without_a_fleet(tmp_path: Path) -> None:
+    from framework.control.tenant_check import PricesUnavailable, plan_prices
     from framework.tenant_config import parse_tenant
 
     own = parse_tenant({"tenant": {"id": "acme"},
@@ -171,15 +171,18 @@ def test_plan_prices_fall_back_to_the_tenants_own(tmp_path: Path) -> None:
     assert plan_prices("", tmp_path, own) is own.billing  # no registry
     reg = open_registry("", tmp_path)
     reg.put_plans(PLANS)
-    assert plan_prices("", tmp_path, own) is own.billing  # not registered
+    with pytest.raises(PricesUnavailable):  # a fleet, acme not registered: never GBP
+        plan_prices("", tmp_path, own)
     reg.create(record("acme"))
     got = plan_prices("", tmp_path, own)
     assert (got.currency, got.per_call, got.per_gb) == ("EUR", 0.1, 0.0)
     reg.update("acme", {"plan": "gone"})
-    assert plan_prices("", tmp_path, own) is own.billing  # a plan no longer published
+    with pytest.raises(PricesUnavailable):  # a plan no longer published
+        plan_prices("", tmp_path, own)
     reg.close()
     (tmp_path / "fleet.db").write_bytes(b"garbage")
-    assert plan_prices("", tmp_path, own) is own.billing
+    with pytest.raises(PricesUnavailable):  # unreadable: fail closed
+        plan_prices("", tmp_path, own)
 
 
 def test_the_limits_cache_stays_small() -> None:
