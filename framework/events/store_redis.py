@@ -31,6 +31,11 @@ from framework.events.store import DEAD, DEDUP_SECONDS, DONE, DeadLetter, Delive
 GROUP = "deliver"
 LEASE = 10.0  # seconds an entry may go unrefreshed before another consumer takes it
 MAX_HELD = 1000  # entries this consumer holds waiting (order, backoff) before reading more
+# A consumer with nothing in hand waits this long inside XREADGROUP for a new entry
+# (every worker of every tenant is a consumer: polling cost CPU with nothing to do);
+# short, so a graceful stop is not held up for long.
+IDLE_BLOCK = 0.5
+AUTOCLAIM_SECONDS = 1.0  # how often entries of dead consumers are looked for (LEASE is 10)
 
 PUBLISH = """
 if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) == false then return 0 end
@@ -86,6 +91,7 @@ class RedisEventStore:
         base = f"mtp:{self.tenant}:events"
         self.stream, self.dead_key, self.base = base, f"{base}:dead", base
         self._grouped = False  # made on first use: a process may start while Redis is away
+        self._autoclaimed = 0.0  # time.monotonic() of the last XAUTOCLAIM
         self._publish = self.client.register_script(PUBLISH)
         self._finish = self.client.register_script(FINISH)
         self._replay = self.client.register_script(REPLAY)
@@ -121,18 +127,24 @@ class RedisEventStore:
         """Read new entries and those of dead consumers; the due ones, now running."""
         if len(self.held) < MAX_HELD:
             self._group()
+            # Nothing in hand (running or waiting its turn): nothing here can become due
+            # but a new entry, and Redis hands that to a blocked reader at once.
+            block = None if self.held else int(IDLE_BLOCK * 1000)
             try:
                 for _, entries in self.client.xreadgroup(GROUP, owner, {self.stream: ">"},
-                                                         count=max(limit, 16)) or []:
+                                                         count=max(limit, 16),
+                                                         block=block) or []:
                     self._hold(entries)
-                _, entries, *_ = self.client.xautoclaim(self.stream, GROUP, owner,
-                                                        int(self.lease * 1000), "0-0",
-                                                        count=64)
+                if time.monotonic() - self._autoclaimed >= AUTOCLAIM_SECONDS:
+                    _, entries, *_ = self.client.xautoclaim(self.stream, GROUP, owner,
+                                                            int(self.lease * 1000), "0-0",
+                                                            count=64)
+                    self._autoclaimed = time.monotonic()
+                    self._hold(entries)
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):  # a Redis that lost its data: made again next time
                     self._grouped = False
                 raise
-            self._hold(entries)
         now = time.time()
         ready = [(entry_id, held) for entry_id, held in self.held.items()
                  if not held.running and held.entry["not_before"] <= now]
