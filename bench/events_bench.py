@@ -113,17 +113,18 @@ import time
 def handle(context):
     d = context.payload
     p, rate, start, subjects = d["p"], d["rate"], d["start"], d["subjects"]
-    took = []
+    took, late = [], []
     for n in range(d["first"], d["first"] + d["count"]):
         delay = start + n / rate - time.time()
         if delay > 0:
             time.sleep(delay)
         t = time.time()
+        late.append(round((t - start - n / rate) * 1e6))
         began = time.perf_counter()
         context.emit("bench.tick", {"p": p, "n": n, "t": t},
                      subject=f"s{n % subjects}" if subjects else None)
         took.append(round((time.perf_counter() - began) * 1e6))
-    return {"us": took}
+    return {"us": took, "late_us": late}
 '''
 
 
@@ -147,6 +148,7 @@ class Tenant:
     proc: subprocess.Popen | None = None
     accepted: set[tuple[int, int]] = field(default_factory=set)
     publish_times: list[float] = field(default_factory=list)  # 202 latency (s) or emit (µs)
+    late: list[float] = field(default_factory=list)  # send time - scheduled time (s)
     errors: Counter = field(default_factory=Counter)
     last_publish: float = 0.0
 
@@ -258,11 +260,16 @@ def warm_up(tenants: list[Tenant], drain: float) -> None:
 
 # ---------------------------------------------------------------------------- load: http
 
+def share(total: int, parts: int, i: int) -> int:
+    """Part ``i`` of ``total`` events split over ``parts`` (they add up to ``total``)."""
+    return total // parts + (1 if i < total % parts else 0)
+
+
 def http_stream(port: int, auth: str, p: int, rate: float, count: int, start: float,
                 give_up: float, subjects: int) -> dict[str, Any]:
     """One kept-alive connection: events 0..count-1 at start + n / rate (late: at once)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    accepted, latencies, errors = [], [], Counter()
+    accepted, latencies, late, errors = [], [], [], Counter()
     last = start
     for n in range(count):
         delay = start + n / rate - time.time()
@@ -272,6 +279,7 @@ def http_stream(port: int, auth: str, p: int, rate: float, count: int, start: fl
             errors["not sent (run too slow)"] += count - n
             break
         sent = time.time()
+        late.append(sent - start - n / rate)
         try:
             status = post_event(conn, auth, p, n, subjects)
         except (OSError, http.client.HTTPException) as exc:
@@ -286,8 +294,8 @@ def http_stream(port: int, auth: str, p: int, rate: float, count: int, start: fl
         else:
             errors[str(status)] += 1
     conn.close()
-    return {"p": p, "accepted": accepted, "latencies": latencies, "errors": dict(errors),
-            "last": last}
+    return {"p": p, "accepted": accepted, "latencies": latencies, "late": late,
+            "errors": dict(errors), "last": last}
 
 
 def http_process(streams: list[tuple[int, int, str, int, float, int, float]],
@@ -307,15 +315,17 @@ def http_process(streams: list[tuple[int, int, str, int, float, int, float]],
         th.start()
     for th in threads:
         th.join()
-    results.put(out)
+    used = os.times()
+    results.put((out, used.user + used.system))
 
 
 def load_http(tenants: list[Tenant], args: argparse.Namespace, start: float,
-              give_up: float) -> None:
-    per_stream = args.rate / args.connections
-    count = round(per_stream * args.seconds)
-    # The streams of a tenant interleave: stream p starts p / rate later.
-    streams = [(t.index, t.port, token(t.tenant_id), p, per_stream, count, start + p / args.rate)
+              give_up: float) -> float:
+    """Publish through POST /events; the CPU seconds the publisher processes used."""
+    per_stream, total = args.rate / args.connections, round(args.rate * args.seconds)
+    # Stream p of a tenant sends its events p, p + S, p + 2S, ... of the tenant's schedule.
+    streams = [(t.index, t.port, token(t.tenant_id), p, per_stream,
+                share(total, args.connections, p), start + p / args.rate)
                for t in tenants for p in range(args.connections)]
     ctx = mp.get_context("fork")
     results = ctx.Queue()
@@ -324,15 +334,20 @@ def load_http(tenants: list[Tenant], args: argparse.Namespace, start: float,
              for i in range(min(args.publishers, len(streams)))]
     for proc in procs:
         proc.start()
+    cpu = 0.0
     for _ in procs:
-        for result in results.get():
+        out, used = results.get()
+        cpu += used
+        for result in out:
             t = tenants[result["tenant"]]
             t.accepted.update((result["p"], n) for n in result["accepted"])
             t.publish_times.extend(result["latencies"])
+            t.late.extend(result["late"])
             t.errors.update(result["errors"])
             t.last_publish = max(t.last_publish, result["last"])
     for proc in procs:
         proc.join()
+    return cpu
 
 
 # ---------------------------------------------------------------------------- load: emit
@@ -367,23 +382,29 @@ def pump_caller(t: Tenant, p: int, rate: float, count: int, start: float, give_u
                 t.errors[f"pump {reply.status}"] += n  # some may have been emitted: "extra"
                 continue
             t.accepted.update((p, k) for k in range(first, first + n))
-            t.publish_times.extend(json.loads(raw)["us"])
+            answer = json.loads(raw)
+            t.publish_times.extend(answer["us"])
+            t.late.extend(x / 1e6 for x in answer["late_us"])
             t.last_publish = max(t.last_publish, time.time())
     conn.close()
 
 
 def load_emit(tenants: list[Tenant], args: argparse.Namespace, start: float,
-              give_up: float) -> None:
-    per_caller = args.rate / args.publishers
-    count = round(per_caller * args.seconds)
+              give_up: float) -> float:
+    """Publish with context.emit in the ``pump`` service; the CPU seconds of the callers
+    here (the emits themselves run in the stacks)."""
+    used = os.times()
+    per_caller, total = args.rate / args.publishers, round(args.rate * args.seconds)
     lock = threading.Lock()
     threads = [threading.Thread(target=pump_caller, args=(
-        t, p, per_caller, count, start + p / (args.rate + 1), give_up, args.subjects, lock))
-        for t in tenants for p in range(args.publishers)]
+        t, p, per_caller, share(total, args.publishers, p), start + p / args.rate, give_up,
+        args.subjects, lock)) for t in tenants for p in range(args.publishers)]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
+    now = os.times()
+    return now.user + now.system - used.user - used.system
 
 
 # ---------------------------------------------------------------------------- report
@@ -402,6 +423,7 @@ class Row:
     extra: int
     publish: list[float]
     errors: Counter
+    late: list[float]
 
 
 def analyse(t: Tenant, start: float) -> Row:
@@ -417,9 +439,10 @@ def analyse(t: Tenant, start: float) -> Row:
     end = t.last_publish or start
     return Row(t.tenant_id, len(t.accepted), len(t.accepted) / max(1e-9, end - start),
                len(unique), len(unique) / max(1e-9, last_start - start),
-               len(t.accepted) - sum(1 for _, b in first.values() if b <= end),
+               len(t.accepted) - sum(1 for key, (_, b) in first.items()
+                                     if b <= end and key in t.accepted),
                lags, len(t.accepted - unique), sum(seen.values()) - len(seen),
-               len(unique - t.accepted), t.publish_times, t.errors)
+               len(unique - t.accepted), t.publish_times, t.errors, t.late)
 
 
 def total(rows: list[Row], start: float, tenants: list[Tenant]) -> Row:
@@ -435,11 +458,22 @@ def total(rows: list[Row], start: float, tenants: list[Tenant]) -> Row:
                handled / max(1e-9, last_start - start), sum(r.backlog for r in rows),
                [x for r in rows for x in r.lags], sum(r.lost for r in rows),
                sum(r.duplicates for r in rows), sum(r.extra for r in rows),
-               [x for r in rows for x in r.publish], errors)
+               [x for r in rows for x in r.publish], errors, [x for r in rows for x in r.late])
 
 
-def report(shown: list[Row], args: argparse.Namespace, load_before: str, load_after: str,
-           drained: float) -> None:
+@dataclass
+class Usage:
+    """The machine while the load ran: load averages, CPU of the platform and publishers."""
+
+    load_before: str
+    load_after: str
+    drained: float  # seconds from the last publish until all were handled (or gave up)
+    wall: float  # seconds from the first publish until drained
+    platform_cpu: float  # CPU seconds of every `mtp run` process tree (and redis-server)
+    publisher_cpu: float  # CPU seconds of the publishers of this script
+
+
+def report(shown: list[Row], args: argparse.Namespace, usage: Usage) -> None:
     via = ("POST /events (binary mode), "
            f"{args.publishers} publisher processes, {args.connections} kept-alive "
            "connections per tenant" if args.via == "http" else
@@ -460,13 +494,16 @@ def report(shown: list[Row], args: argparse.Namespace, load_before: str, load_af
           f"MTP_JOB_WORKERS={args.job_workers or 'default'}; publish path: {via}; "
           f"{args.rate:.0f} events/s per tenant offered for {args.seconds:.0f} s, "
           f"{args.subjects or 'no'} subjects; {os.cpu_count()} CPUs, load average "
-          f"{load_before} before, {load_after} after; drained {drained:.1f} s after the "
-          "last publish.")
+          f"{usage.load_before} before, {usage.load_after} after; drained "
+          f"{usage.drained:.1f} s after the last publish; CPU over the "
+          f"{usage.wall:.1f} s of load and drain: platform {usage.platform_cpu / usage.wall:.2f}"
+          f" cores{' (redis-server included)' if args.engine == 'redis' else ''}, "
+          f"this script's publishers {usage.publisher_cpu / usage.wall:.2f} cores.")
     print()
     print(f"| tenant | published | published/s | handled/s | backlog at end of publishing "
           f"| publish → handler start p50 / p99 / max ms | lost | duplicated | {pub_col} "
-          "| errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| sent behind schedule p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in shown:
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(r.errors.items())) or "0"
         extra = f" (+{r.extra} unconfirmed)" if r.extra else ""
@@ -476,12 +513,35 @@ def report(shown: list[Row], args: argparse.Namespace, load_before: str, load_af
         print(f"| {name} | {r.accepted} | {r.published_rate:.0f} | {r.handled_rate:.0f} "
               f"| {r.backlog} | {ms(r.lags, 0.5)} / {ms(r.lags, 0.99)} / "
               f"{max(r.lags, default=0) * 1000:.1f} | {r.lost} | {r.duplicates}{extra} "
-              f"| {pub} | {errors} |")
+              f"| {pub} | {ms(r.late, 0.99)} | {errors} |")
     print()
 
 
 def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def tree_cpu(roots: list[int]) -> float:
+    """CPU seconds (user + system) of the live processes under ``roots``, roots included."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    inside = set(roots)
+    grew = True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in inside} - inside
+        inside |= more
+        grew = bool(more)
+    return sum(times.get(pid, 0.0) for pid in inside)
 
 
 def run_platform(args: argparse.Namespace) -> None:
@@ -494,13 +554,16 @@ def run_platform(args: argparse.Namespace) -> None:
                 start_tenant(t, redis_url, args)
             for t in tenants:
                 wait_ready(t)
-            if args.emit:
-                run_emit(args.emit, redis_url)
+            emitted = run_emit(args.emit, redis_url) if args.emit else ""
             warm_up(tenants, args.drain)
+            roots = [t.proc.pid for t in tenants if t.proc is not None]
+            roots += [redis_proc.pid] if redis_proc is not None else []
             load_before = load_average()
             start = time.time() + 0.5
             give_up = start + args.seconds * 3 + 10
-            (load_http if args.via == "http" else load_emit)(tenants, args, start, give_up)
+            cpu_before = tree_cpu(roots)
+            publisher_cpu = (load_http if args.via == "http" else load_emit)(
+                tenants, args, start, give_up)
             published = time.monotonic()
             # Drain: until every accepted event is handled, or nothing moves for 10 s.
             deadline, moved, last_count = published + args.drain, published, -1
@@ -513,11 +576,15 @@ def run_platform(args: argparse.Namespace) -> None:
                     last_count, moved = sum(counts), time.monotonic()
                 time.sleep(0.25)
             drained = time.monotonic() - published
+            usage = Usage(load_before, load_average(), drained, time.time() - start,
+                          tree_cpu(roots) - cpu_before, publisher_cpu)
             time.sleep(0.5)  # a duplicate delivery shortly after the last one counts too
-            load_after = load_average()
             rows = [analyse(t, start) for t in tenants]
             shown = rows if len(rows) == 1 else [*rows, total(rows, start, tenants)]
-            report(shown, args, load_before, load_after, drained)
+            report(shown, args, usage)
+            if emitted:
+                print(emitted)
+                print()
         finally:
             for t in tenants:
                 if t.proc is not None:
@@ -526,9 +593,10 @@ def run_platform(args: argparse.Namespace) -> None:
                 stop(redis_proc)
 
 
-def run_emit(count: int, redis_url: str = "") -> None:
+def run_emit(count: int, redis_url: str = "") -> str:
     """``context.emit`` in-process against the real engine objects: one route, nothing
-    delivering (SQLite in a temp dir, or the tenant's stream on ``redis_url``)."""
+    delivering (SQLite in a temp dir, or the tenant's stream on ``redis_url``), the
+    audit line written to a file as in production. The line to print."""
     from flask import Flask
 
     from framework.context import Context
@@ -537,7 +605,8 @@ def run_emit(count: int, redis_url: str = "") -> None:
     from framework.tenant_config import parse_tenant
 
     with tempfile.TemporaryDirectory() as tmp:
-        env = {"MTP_DATA_DIR": tmp, "MTP_TENANT_DIR": tmp, "MTP_AUDIT_FILE": os.devnull}
+        env = {"MTP_DATA_DIR": tmp, "MTP_TENANT_DIR": tmp,
+               "MTP_AUDIT_FILE": str(Path(tmp) / "audit.log")}
         if redis_url:
             env["MTP_REDIS_URL"] = redis_url
         settings = Settings.from_env(env)
@@ -560,9 +629,10 @@ def run_emit(count: int, redis_url: str = "") -> None:
             events.emit(ctx, "bench.tick", {"n": n, "t": time.time()})
             took.append((time.perf_counter() - began) * 1e6)
         engine = "Redis" if redis_url else "embedded"
-        print(f"context.emit in-process, {engine} engine: mean {sum(took) / count:.1f} µs, "
-              f"p50 {pct(took, 0.5):.1f} µs, p99 {pct(took, 0.99):.1f} µs per event "
-              f"({count} events, one matching route, nothing delivering)")
+        return (f"context.emit in-process against the real {engine} engine objects: mean "
+                f"{sum(took) / count:.1f} µs, p50 {pct(took, 0.5):.1f} µs, p99 "
+                f"{pct(took, 0.99):.1f} µs per event ({count} events, one matching route, "
+                "nothing delivering, audit to a file).")
 
 
 def main() -> None:
@@ -575,7 +645,7 @@ def main() -> None:
                         help="publish with POST /events, or context.emit in a service")
     parser.add_argument("--publishers", type=int, default=4,
                         help="http: publisher processes in all; emit: pump callers per tenant")
-    parser.add_argument("--connections", type=int, default=8,
+    parser.add_argument("--connections", type=int, default=16,
                         help="http: kept-alive connections per tenant")
     parser.add_argument("--subjects", type=int, default=0,
                         help="spread events over N subjects (0: none, no order constraint)")
@@ -597,7 +667,8 @@ def main() -> None:
             try:
                 print(f"Command: `.venv/bin/python "
                       f"{shlex.join(['bench/events_bench.py', *sys.argv[1:]])}`")
-                run_emit(args.emit or 20000, redis_url)
+                print()
+                print(run_emit(args.emit or 20000, redis_url))
             finally:
                 if redis_proc is not None:
                     stop(redis_proc)
