@@ -1,8 +1,9 @@
 """Events through the real `mtp run`: publish -> handled, one command per row of issue 17.
 
 Usage: .venv/bin/python bench/events_bench.py [--engine embedded|redis] [--tenants 1]
-       [--seconds 60] [--rate 1000] [--via http|emit] [--publishers 4] [--connections 8]
-       [--subjects 0] [--workers N] [--job-workers N] [--emit 0] [--emit-only]
+       [--seconds 60] [--rate 1000] [--via http|emit] [--publishers 4] [--connections 16]
+       [--subjects 0] [--workers N] [--job-workers N] [--settle 6] [--drain 60]
+       [--emit 0] [--emit-only]
 
 Each tenant is its own `mtp run` (sidecar, gunicorn framework; with ``--engine redis``
 also the `mtp worker` that `mtp run` starts then), as one container per tenant runs
@@ -32,7 +33,16 @@ real engine objects (SQLite in a temp dir, or the throwaway Redis), one matching
 route, nothing delivering: µs per call.
 
 Output: a markdown block (the command, the settings, the load average, a table with
-one line per tenant and the total) ready to paste into docs/benchmarks.md.
+one line per tenant and the total) ready to paste into docs/benchmarks.md. Columns:
+*published/s* accepted events (202, or confirmed by ``pump``) over first scheduled
+publish -> last accepted; *handled/s* distinct events handled over first scheduled
+publish -> last handler start; *backlog* accepted events not started when publishing
+ended; *lost* accepted and never handled (the drain waits up to ``--drain`` s, and
+gives up after 10 s without progress); *duplicated* handler runs past the first of an
+event (at-least-once), "+N unconfirmed" events handled whose publish had no 202;
+*sent behind schedule* how late the publishers were (large: the publishers or the
+server they wait on set the rate, not the engine). The platform's CPU (every `mtp
+run` process tree, and redis-server) and the publishers' CPU are given in cores.
 """
 
 from __future__ import annotations
@@ -471,6 +481,7 @@ class Usage:
     wall: float  # seconds from the first publish until drained
     platform_cpu: float  # CPU seconds of every `mtp run` process tree (and redis-server)
     publisher_cpu: float  # CPU seconds of the publishers of this script
+    idle_cores: float  # the platform's CPU with nothing published, just before the load
 
 
 def report(shown: list[Row], args: argparse.Namespace, usage: Usage) -> None:
@@ -497,8 +508,9 @@ def report(shown: list[Row], args: argparse.Namespace, usage: Usage) -> None:
           f"{usage.load_before} before, {usage.load_after} after; drained "
           f"{usage.drained:.1f} s after the last publish; CPU over the "
           f"{usage.wall:.1f} s of load and drain: platform {usage.platform_cpu / usage.wall:.2f}"
-          f" cores{' (redis-server included)' if args.engine == 'redis' else ''}, "
-          f"this script's publishers {usage.publisher_cpu / usage.wall:.2f} cores.")
+          f" cores{' (redis-server included)' if args.engine == 'redis' else ''} (idle "
+          f"just before: {usage.idle_cores:.2f}), this script's publishers "
+          f"{usage.publisher_cpu / usage.wall:.2f} cores.")
     print()
     print(f"| tenant | published | published/s | handled/s | backlog at end of publishing "
           f"| publish → handler start p50 / p99 / max ms | lost | duplicated | {pub_col} "
@@ -558,6 +570,12 @@ def run_platform(args: argparse.Namespace) -> None:
             warm_up(tenants, args.drain)
             roots = [t.proc.pid for t in tenants if t.proc is not None]
             roots += [redis_proc.pid] if redis_proc is not None else []
+            # Start-up work (imports, workers registering) out of the measure, then the
+            # platform's idle CPU: what every process costs with nothing to deliver.
+            time.sleep(args.settle / 2)
+            idle_before = tree_cpu(roots)
+            time.sleep(args.settle / 2)
+            idle_cores = (tree_cpu(roots) - idle_before) / max(1e-9, args.settle / 2)
             load_before = load_average()
             start = time.time() + 0.5
             give_up = start + args.seconds * 3 + 10
@@ -577,7 +595,7 @@ def run_platform(args: argparse.Namespace) -> None:
                 time.sleep(0.25)
             drained = time.monotonic() - published
             usage = Usage(load_before, load_average(), drained, time.time() - start,
-                          tree_cpu(roots) - cpu_before, publisher_cpu)
+                          tree_cpu(roots) - cpu_before, publisher_cpu, idle_cores)
             time.sleep(0.5)  # a duplicate delivery shortly after the last one counts too
             rows = [analyse(t, start) for t in tenants]
             shown = rows if len(rows) == 1 else [*rows, total(rows, start, tenants)]
@@ -653,6 +671,9 @@ def main() -> None:
     parser.add_argument("--job-workers", type=int, default=0,
                         help="MTP_JOB_WORKERS (0: default): delivery threads per process "
                              "and, with Redis, `mtp worker` processes")
+    parser.add_argument("--settle", type=float, default=6,
+                        help="seconds between warm-up and load (the second half measures "
+                             "the idle CPU)")
     parser.add_argument("--drain", type=float, default=60,
                         help="seconds to wait for the last deliveries")
     parser.add_argument("--emit", type=int, default=0,
