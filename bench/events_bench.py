@@ -53,6 +53,7 @@ import json
 import multiprocessing as mp
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -217,6 +218,20 @@ def start_tenant(t: Tenant, redis_url: str, args: argparse.Namespace) -> None:
                    MTP_AUDIT_FILE=str(t.root / "audit.log"), **extra)
     t.proc = spawn([sys.executable, "-m", "framework", "run", "--tenant-dir",
                     str(t.root / "tenant")], env, log=t.root / "run.log")
+
+
+def stop_all(procs: list[subprocess.Popen], timeout: float = 30) -> None:
+    """SIGTERM to every stack at once (each drains in parallel); killed if not gone."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
 
 
 def wait_ready(t: Tenant, timeout: float = 60) -> None:
@@ -604,9 +619,7 @@ def run_platform(args: argparse.Namespace) -> None:
                 print(emitted)
                 print()
         finally:
-            for t in tenants:
-                if t.proc is not None:
-                    stop(t.proc, timeout=30)
+            stop_all([t.proc for t in tenants if t.proc is not None])
             if redis_proc is not None:
                 stop(redis_proc)
 
