@@ -75,6 +75,7 @@ return 1
 @dataclass
 class _Held:
     entry: dict[str, Any]
+    key: str  # its order list (the stream: none), worked out once, not on every poll
     running: bool = False
 
 
@@ -131,8 +132,10 @@ class RedisEventStore:
             # but a new entry, and Redis hands that to a blocked reader at once.
             block = None if self.held else int(IDLE_BLOCK * 1000)
             try:
+                # Only as many as it can run: entries left in the stream go to whichever
+                # consumer is free (entries waiting for their turn are read on past).
                 for _, entries in self.client.xreadgroup(GROUP, owner, {self.stream: ">"},
-                                                         count=max(limit, 16),
+                                                         count=max(limit, 1),
                                                          block=block) or []:
                     self._hold(entries)
                 if time.monotonic() - self._autoclaimed >= AUTOCLAIM_SECONDS:
@@ -148,9 +151,7 @@ class RedisEventStore:
         now = time.time()
         ready = [(entry_id, held) for entry_id, held in self.held.items()
                  if not held.running and held.entry["not_before"] <= now]
-        keys = [self._order_key(EventRoute.from_snapshot(h.entry["route"]),
-                                h.entry["event"]["subject"]) for _, h in ready]
-        ordered = [key for key in keys if key != self.stream]
+        ordered = list(dict.fromkeys(h.key for _, h in ready if h.key != self.stream))
         heads: dict[str, str | None] = {}
         if ordered:  # one round trip for the heads of every subject in question
             pipe = self.client.pipeline(transaction=False)
@@ -159,10 +160,10 @@ class RedisEventStore:
             heads = {key: _text(head) if head is not None else None
                      for key, head in zip(ordered, pipe.execute(), strict=True)}
         due = []
-        for (entry_id, held), key in zip(ready, keys, strict=True):
+        for entry_id, held in ready:
             if len(due) >= limit:
                 break
-            if key != self.stream and heads.get(key) not in (None, entry_id):
+            if held.key != self.stream and heads.get(held.key) not in (None, entry_id):
                 continue  # an earlier event of the subject is not done yet
             held.running = True
             due.append(self._delivery(entry_id, held.entry))
@@ -175,7 +176,9 @@ class RedisEventStore:
                 continue
             eid = _text(entry_id)
             if eid not in self.held:
-                self.held[eid] = _Held(json.loads(fields[b"d"]))
+                entry = json.loads(fields[b"d"])
+                self.held[eid] = _Held(entry, self._order_key(
+                    EventRoute.from_snapshot(entry["route"]), entry["event"]["subject"]))
 
     def _delivery(self, entry_id: str, entry: dict[str, Any]) -> Delivery:
         ev, who = entry["event"], entry["publisher"]
@@ -193,9 +196,7 @@ class RedisEventStore:
         held = self.held.pop(str(did), None)
         if held is None:
             return
-        entry = held.entry
-        key = self._order_key(EventRoute.from_snapshot(entry["route"]),
-                              entry["event"]["subject"])
+        entry, key = held.entry, held.key
         attempts = entry["attempts"] + 1
         following = json.dumps({**entry, "attempts": attempts, "not_before": next_at})
         record = json.dumps({**entry, "attempts": attempts, "error": error[:500],

@@ -65,3 +65,23 @@ def test_a_consumer_with_entries_in_hand_does_not_block(redis_server) -> None:
     store.finish(first[0].did, "c1", "done")
     second = store.claim("c1", 4, store.lease)
     assert [d.event.data for d in second] == [{"n": 1}]
+
+
+def test_a_consumer_takes_only_what_it_can_run_and_leaves_the_rest_to_others(
+        redis_server) -> None:
+    """Entries without a subject need no order: a busy consumer does not hoard them."""
+    tenant = f"spread-{uuid.uuid4().hex[:8]}"
+    one = RedisEventStore(connect(redis_server.url, pool_size=2), tenant)
+    two = RedisEventStore(connect(redis_server.url, pool_size=2), tenant)
+    route = EventRoute(types=("t.*",), service="sink")
+    for n in range(8):
+        assert one.publish(new_event("t.tick", {"n": n}, None, "/bench"), WHO, [route])
+    first = one.claim("c1", 4, one.lease)
+    second = two.claim("c2", 4, two.lease)
+    assert sorted(d.event.data["n"] for d in first + second) == list(range(8))
+    assert len(first) == len(second) == 4
+    for d in first:
+        one.finish(d.did, "c1", "done")
+    for d in second:
+        two.finish(d.did, "c2", "done")
+    assert one.client.xpending(one.stream, "deliver")["pending"] == 0
