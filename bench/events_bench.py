@@ -183,10 +183,14 @@ class Tenant:
 
 # ---------------------------------------------------------------------------- stacks
 
-def start_redis(tmp: Path) -> tuple[subprocess.Popen, str]:
+def start_redis(tmp: Path, appendfsync: str = "off") -> tuple[subprocess.Popen, str]:
+    """A throwaway redis-server: no persistence, or an append-only file fsynced
+    ``everysec`` or ``always`` (what production runs)."""
     port = free_port()
+    aof = (["--appendonly", "no"] if appendfsync == "off" else
+           ["--appendonly", "yes", "--appendfsync", appendfsync])
     proc = spawn(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                  "--appendonly", "no", "--dir", str(tmp)], base_env(), log=tmp / "redis.log")
+                  *aof, "--dir", str(tmp)], base_env(), log=tmp / "redis.log")
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -266,17 +270,27 @@ def post_event(conn: http.client.HTTPConnection, auth: str, p: int, n: int,
 
 
 def warm_up(tenants: list[Tenant], drain: float) -> None:
-    """A few events per tenant, handled before the clock starts (imports, connections)."""
+    """A few events per tenant by each path, handled before the clock starts (imports,
+    connections); stream -1, left out of the results."""
     for t in tenants:
         conn = http.client.HTTPConnection("127.0.0.1", t.port, timeout=30)
         for n in range(WARMUP_EVENTS):
             status = post_event(conn, token(t.tenant_id), -1, n, 0)
             if status != 202:
                 raise SystemExit(f"{t.tenant_id}: warm-up publish answered {status}")
+        body = json.dumps({"p": -1, "rate": 1000, "start": time.time(),
+                           "first": WARMUP_EVENTS, "count": WARMUP_EVENTS, "subjects": 0})
+        conn.request("POST", "/services/pump", body=body, headers={
+            "Authorization": token(t.tenant_id), "Content-Type": "application/json"})
+        reply = conn.getresponse()
+        if reply.status != 200:
+            raise SystemExit(f"{t.tenant_id}: warm-up pump answered {reply.status}: "
+                             f"{reply.read()[:500]!r}")
+        reply.read()
         conn.close()
     deadline = time.monotonic() + drain
     for t in tenants:
-        while len(t.handled()) < WARMUP_EVENTS:
+        while len(t.handled()) < 2 * WARMUP_EVENTS:
             if time.monotonic() > deadline:
                 raise SystemExit(f"{t.tenant_id}: warm-up events not handled in {drain:.0f}s:\n"
                                  + (t.root / "run.log").read_text()[-3000:])
@@ -511,6 +525,8 @@ def report(shown: list[Row], args: argparse.Namespace, usage: Usage) -> None:
     def ms(values: list[float], q: float) -> str:
         return f"{pct(values, q) * 1000:.1f}"
 
+    aof = (f"Redis append-only file fsync {args.redis_appendfsync}; "
+           if args.engine == "redis" else "")
     print()
     print(f"Command: `.venv/bin/python {shlex.join(['bench/events_bench.py', *sys.argv[1:]])}`")
     print()
@@ -518,6 +534,7 @@ def report(shown: list[Row], args: argparse.Namespace, usage: Usage) -> None:
           f"{', each with its `mtp worker`' if args.engine == 'redis' else ''}), "
           f"MTP_WORKERS={args.workers or 'default'}, "
           f"MTP_JOB_WORKERS={args.job_workers or 'default'}; publish path: {via}; "
+          f"{aof}"
           f"{args.rate:.0f} events/s per tenant offered for {args.seconds:.0f} s, "
           f"{args.subjects or 'no'} subjects; {os.cpu_count()} CPUs, load average "
           f"{usage.load_before} before, {usage.load_after} after; drained "
@@ -574,7 +591,8 @@ def tree_cpu(roots: list[int]) -> float:
 def run_platform(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="mtp-evbench-") as tmp_name:
         tmp = Path(tmp_name)
-        redis_proc, redis_url = start_redis(tmp) if args.engine == "redis" else (None, "")
+        redis_proc, redis_url = (start_redis(tmp, args.redis_appendfsync)
+                                 if args.engine == "redis" else (None, ""))
         tenants = [Tenant(i, tmp / f"t{i}") for i in range(args.tenants)]
         try:
             for t in tenants:
@@ -669,6 +687,9 @@ def run_emit(count: int, redis_url: str = "") -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", choices=("embedded", "redis"), default="embedded")
+    parser.add_argument("--redis-appendfsync", choices=("off", "everysec", "always"),
+                        default="off", help="the throwaway Redis: no persistence (off), or "
+                                            "an append-only file fsynced so")
     parser.add_argument("--tenants", type=int, default=1, help="one `mtp run` per tenant")
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--rate", type=float, default=1000, help="events/s per tenant")
@@ -696,8 +717,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.emit_only:
         with tempfile.TemporaryDirectory(prefix="mtp-evbench-") as tmp:
-            redis_proc, redis_url = (start_redis(Path(tmp)) if args.engine == "redis"
-                                     else (None, ""))
+            redis_proc, redis_url = (start_redis(Path(tmp), args.redis_appendfsync)
+                                     if args.engine == "redis" else (None, ""))
             try:
                 print(f"Command: `.venv/bin/python "
                       f"{shlex.join(['bench/events_bench.py', *sys.argv[1:]])}`")
