@@ -31,6 +31,11 @@ from framework.events.store import DEAD, DEDUP_SECONDS, DONE, DeadLetter, Delive
 GROUP = "deliver"
 LEASE = 10.0  # seconds an entry may go unrefreshed before another consumer takes it
 MAX_HELD = 1000  # entries this consumer holds waiting (order, backoff) before reading more
+# A consumer with nothing in hand waits this long inside XREADGROUP for a new entry
+# (every worker of every tenant is a consumer: polling cost CPU with nothing to do);
+# short, so a graceful stop is not held up for long.
+IDLE_BLOCK = 0.5
+AUTOCLAIM_SECONDS = 1.0  # how often entries of dead consumers are looked for (LEASE is 10)
 
 PUBLISH = """
 if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) == false then return 0 end
@@ -70,6 +75,7 @@ return 1
 @dataclass
 class _Held:
     entry: dict[str, Any]
+    key: str  # its order list (the stream: none), worked out once, not on every poll
     running: bool = False
 
 
@@ -86,6 +92,7 @@ class RedisEventStore:
         base = f"mtp:{self.tenant}:events"
         self.stream, self.dead_key, self.base = base, f"{base}:dead", base
         self._grouped = False  # made on first use: a process may start while Redis is away
+        self._autoclaimed = 0.0  # time.monotonic() of the last XAUTOCLAIM
         self._publish = self.client.register_script(PUBLISH)
         self._finish = self.client.register_script(FINISH)
         self._replay = self.client.register_script(REPLAY)
@@ -121,24 +128,30 @@ class RedisEventStore:
         """Read new entries and those of dead consumers; the due ones, now running."""
         if len(self.held) < MAX_HELD:
             self._group()
+            # Nothing in hand (running or waiting its turn): nothing here can become due
+            # but a new entry, and Redis hands that to a blocked reader at once.
+            block = None if self.held else int(IDLE_BLOCK * 1000)
             try:
+                # Only as many as it can run: entries left in the stream go to whichever
+                # consumer is free (entries waiting for their turn are read on past).
                 for _, entries in self.client.xreadgroup(GROUP, owner, {self.stream: ">"},
-                                                         count=max(limit, 16)) or []:
+                                                         count=max(limit, 1),
+                                                         block=block) or []:
                     self._hold(entries)
-                _, entries, *_ = self.client.xautoclaim(self.stream, GROUP, owner,
-                                                        int(self.lease * 1000), "0-0",
-                                                        count=64)
+                if time.monotonic() - self._autoclaimed >= AUTOCLAIM_SECONDS:
+                    _, entries, *_ = self.client.xautoclaim(self.stream, GROUP, owner,
+                                                            int(self.lease * 1000), "0-0",
+                                                            count=64)
+                    self._autoclaimed = time.monotonic()
+                    self._hold(entries)
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):  # a Redis that lost its data: made again next time
                     self._grouped = False
                 raise
-            self._hold(entries)
         now = time.time()
         ready = [(entry_id, held) for entry_id, held in self.held.items()
                  if not held.running and held.entry["not_before"] <= now]
-        keys = [self._order_key(EventRoute.from_snapshot(h.entry["route"]),
-                                h.entry["event"]["subject"]) for _, h in ready]
-        ordered = [key for key in keys if key != self.stream]
+        ordered = list(dict.fromkeys(h.key for _, h in ready if h.key != self.stream))
         heads: dict[str, str | None] = {}
         if ordered:  # one round trip for the heads of every subject in question
             pipe = self.client.pipeline(transaction=False)
@@ -147,10 +160,10 @@ class RedisEventStore:
             heads = {key: _text(head) if head is not None else None
                      for key, head in zip(ordered, pipe.execute(), strict=True)}
         due = []
-        for (entry_id, held), key in zip(ready, keys, strict=True):
+        for entry_id, held in ready:
             if len(due) >= limit:
                 break
-            if key != self.stream and heads.get(key) not in (None, entry_id):
+            if held.key != self.stream and heads.get(held.key) not in (None, entry_id):
                 continue  # an earlier event of the subject is not done yet
             held.running = True
             due.append(self._delivery(entry_id, held.entry))
@@ -163,7 +176,9 @@ class RedisEventStore:
                 continue
             eid = _text(entry_id)
             if eid not in self.held:
-                self.held[eid] = _Held(json.loads(fields[b"d"]))
+                entry = json.loads(fields[b"d"])
+                self.held[eid] = _Held(entry, self._order_key(
+                    EventRoute.from_snapshot(entry["route"]), entry["event"]["subject"]))
 
     def _delivery(self, entry_id: str, entry: dict[str, Any]) -> Delivery:
         ev, who = entry["event"], entry["publisher"]
@@ -181,9 +196,7 @@ class RedisEventStore:
         held = self.held.pop(str(did), None)
         if held is None:
             return
-        entry = held.entry
-        key = self._order_key(EventRoute.from_snapshot(entry["route"]),
-                              entry["event"]["subject"])
+        entry, key = held.entry, held.key
         attempts = entry["attempts"] + 1
         following = json.dumps({**entry, "attempts": attempts, "not_before": next_at})
         record = json.dumps({**entry, "attempts": attempts, "error": error[:500],
