@@ -335,6 +335,13 @@ async def healthz(request: web.Request) -> web.Response:
 async def _plans_publisher(app: web.Application) -> AsyncIterator[None]:
     """Keep the store's copy of the plans in step with the file (live reload)."""
     control = app[CONTROL]
+    # Records made before each had its own key get it, before the plans (which tell data
+    # planes "this is a fleet") are published: a data plane never misses its own record.
+    if await control.run(control.registry.backfill):
+        log.info("registry: records copied into their per-tenant keys")
+    if control.data.redis is not None:
+        # Made here, once per database: a tenant's ACL user may only read it.
+        await control.run(lambda: control.data.usage_store().store_id)
     published = await control.run(control.registry.get_plans)
     if published:
         control.plans.continue_from(int(published.get("version", 0)),

@@ -6,7 +6,7 @@ import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
-from framework.control.store import DB_NAME, PLANS, TENANTS
+from framework.control.store import DB_NAME, PLANS, tenant_key
 from framework.tenant_config import BillingSettings, TenantConfig
 
 PRICE_KEYS = ("currency", "per_call", "per_cpu_second", "per_gb")
@@ -68,7 +68,8 @@ def plan_prices(redis_url: str, data_dir: Path, tenant: TenantConfig) -> Billing
 
             with Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2,
                                 decode_responses=True) as r:
-                raw, rec = r.get(PLANS), r.hget(TENANTS, tenant.tenant_id)
+                # Its own record's key: all the tenant's ACL user may read of the registry.
+                raw, rec = r.get(PLANS), r.get(tenant_key(tenant.tenant_id))
             doc = json.loads(raw) if raw else None
             plan = json.loads(rec)["plan"] if rec else ""
         elif (data_dir / DB_NAME).is_file():
