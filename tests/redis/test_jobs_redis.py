@@ -98,6 +98,24 @@ def test_fail_and_requeue(client) -> None:
     assert store.fail([first.id], "interrupted", "again") == 0
 
 
+def test_the_reaper_runs_as_the_tenants_acl_user(client, redis_server) -> None:
+    """A tenant's ACL user may not run INFO: the reaper takes its connection's age as the
+    least Redis has been up (a fresh one may follow a restart: hold, as after an outage)."""
+    from framework.control.acl import set_user
+
+    user = set_user(client, "acme")
+    assert user is not None
+    acl = connect(user.url(redis_server.url))
+    try:
+        store = RedisJobStore(acl, "acme", 60)
+        assert store.reap() == 0
+        assert store._hold_until > time.monotonic()  # not reaped while Redis may be new
+        assert store.reap() == 0  # and again: no INFO round trip that fails each pass
+    finally:
+        acl.close()
+        client.acl_deluser("t-acme")
+
+
 def test_cancel_takes_the_job_off_the_rq_queue_in_the_same_step(client, settings) -> None:
     from framework.registry import Registry
     from framework.tenant_config import load_tenant
