@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,12 +53,34 @@ def rules(tenant: str, password: str) -> list[str]:
             # for it (mtp:rl:acme-eu stays out of acme's reach).
             f"~mtp:{tenant}:*", f"~{LIMITER_PREFIX}{tenant}",
             f"~{LIMITER_PREFIX}{tenant}[^a-z0-9-]*",
-            f"&mtp:{tenant}:*",
-            # Read-only: its record, the plans, the usage store id; its record's channel.
-            f"%R~{tenant_key(tenant)}", f"%R~{PLANS}", f"%R~{STORE_ID}",
+            f"&mtp:{tenant}:*", "+@all", "-@dangerous", *fleet_rules(tenant)]
+
+
+def fleet_rules(tenant: str) -> list[str]:
+    """What a tenant's user may read of the fleet, and the listings it may not run."""
+    # Read-only: its record, the plans, the usage store id; its record's channel.
+    return [f"%R~{tenant_key(tenant)}", f"%R~{PLANS}", f"%R~{STORE_ID}",
             f"&{tenant_channel(tenant)}",
             # Key and channel names of every tenant: not this tenant's to list.
-            "+@all", "-@dangerous", "-scan", "-randomkey", "-pubsub"]
+            "-scan", "-randomkey", "-pubsub"]
+
+
+def upgrade_users(client: Any, tenants: Iterable[str]) -> int:
+    """Give the users an older control plane made the :func:`fleet_rules` (passwords
+    kept; adding a rule again changes nothing); how many users were given them."""
+    from redis.exceptions import ResponseError
+
+    done = 0
+    for tenant in tenants:
+        try:
+            if client.acl_getuser(user_name(tenant)) is None:
+                continue  # no user (offboarded, or made without ACLs)
+            client.execute_command("ACL", "SETUSER", user_name(tenant), *fleet_rules(tenant))
+        except ResponseError as exc:
+            log.warning("Redis ACL user of tenant %s not upgraded: %s", tenant, exc)
+            return done
+        done += 1
+    return done
 
 
 def set_user(client: Any, tenant: str) -> AclUser | None:

@@ -186,9 +186,21 @@ class RedisView(RegistryView):
 
     def _follow_own(self, client: Any, pubsub: Any) -> None:
         """One tenant: its channel says when to read again; every RESYNC s it reads anyway."""
-        pubsub.subscribe(tenant_channel(self.tenant))  # before the read: nothing missed
-        self._seen = None  # a new connection (maybe a new, empty store): apply what is read
-        self._reload_own(client)
+        from redis.exceptions import NoPermissionError
+
+        try:
+            pubsub.subscribe(tenant_channel(self.tenant))  # before the read: nothing missed
+            self._seen = None  # a new connection (maybe a new, empty store): apply it all
+            self._reload_own(client)
+        except NoPermissionError:
+            # A fleet's ACL user that may not read its record (made by an older control
+            # plane): refuse every call rather than serve one the registry may refuse.
+            if not (self.fleet and not self.tenants):
+                log.error("registry view: this Redis user may not read tenant %s's registry "
+                          "record; every call is refused until it may", self.tenant)
+            self.fleet, self.tenants, self._seen = True, {}, None
+            self.changed.set()
+            raise
         next_sync = time.monotonic() + RESYNC
         while not self._stop.is_set():
             msg = pubsub.get_message(timeout=0.2)

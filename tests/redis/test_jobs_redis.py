@@ -116,6 +116,21 @@ def test_the_reaper_runs_as_the_tenants_acl_user(client, redis_server) -> None:
         client.acl_deluser("t-acme")
 
 
+def test_rq_keeps_the_tenants_keys_and_a_late_prefix_is_refused(client, monkeypatch) -> None:
+    """RQ fixes its prefix at import: this process's is acme's (tests/conftest.py); setting
+    another tenant's after RQ is loaded would leave RQ on keys that are not that tenant's."""
+    import os
+
+    from framework.rq_keys import ENV, prefix, use_tenant_prefix
+
+    monkeypatch.setitem(os.environ, ENV, os.environ[ENV])  # restored afterwards
+    store = RedisJobStore(client, "acme", 60)
+    assert store.queue.key == "mtp:acme:rq:queue:mtp-acme" == f"{prefix('acme')}:queue:mtp-acme"
+    use_tenant_prefix("acme")  # the prefix RQ has: fine
+    with pytest.raises(RuntimeError, match="imported with key prefix 'mtp:acme:rq'"):
+        use_tenant_prefix("beta")
+
+
 def test_cancel_takes_the_job_off_the_rq_queue_in_the_same_step(client, settings) -> None:
     from framework.registry import Registry
     from framework.tenant_config import load_tenant
