@@ -195,6 +195,8 @@ def test_a_view_its_user_may_not_read_refuses_every_call(tmp_path: Path) -> None
         assert view.refusal("acme") == "unknown-tenant"
         from framework.control.acl import upgrade_users
 
+        # A connection that may not run ACL (a managed Redis without it): logged, no change.
+        assert upgrade_users(Redis.from_url(url), ["acme"]) == 0
         assert upgrade_users(admin, ["acme", "gone"]) == 1  # "gone" has no user
         wait(view, lambda v: v.refusal("acme") is None)  # same password, now it may read
     finally:
