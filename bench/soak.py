@@ -107,9 +107,11 @@ def cmdline(pid: int) -> str:
 def queue_empty(redis_url: str) -> bool:
     import redis
 
+    from framework.rq_keys import prefix as rq_prefix
+
     client = redis.Redis.from_url(redis_url)
     try:
-        return client.llen("rq:queue:mtp-soak") == 0
+        return client.llen(f"{rq_prefix('soak')}:queue:mtp-soak") == 0
     finally:
         client.close()
 

@@ -33,7 +33,7 @@ from typing import Any
 import redis
 from redis import BlockingConnectionPool, Redis
 from redis.driver_info import DriverInfo
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError
 from rq import Callback, Queue, Retry
 from rq.exceptions import AbandonedJobError
 from rq.job import Job as RqJob
@@ -170,6 +170,7 @@ class RedisJobStore:
         self._transition = client.register_script(TRANSITION_LUA)
         self._outage_seen = False
         self._hold_until = 0.0
+        self._info_refused = False  # a tenant's ACL user may not run INFO
 
     def key(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}"
@@ -243,7 +244,7 @@ class RedisJobStore:
         registry = StartedJobRegistry(queue=self.queue, death_penalty_class=TimerDeathPenalty)
         try:
             expired = registry.get_expired_job_ids()
-            uptime = int(self.client.info("server").get("uptime_in_seconds", OUTAGE_GRACE))
+            uptime = self._uptime()
         except RedisError:
             self._outage_seen = True
             raise
@@ -258,6 +259,16 @@ class RedisJobStore:
         if expired:
             registry.cleanup()
         return len(expired)
+
+    def _uptime(self) -> int:
+        """Seconds Redis has been up; for a tenant's ACL user, which may not run INFO, the
+        age of the connection asked (a lower bound: a restarted Redis has only new ones)."""
+        if not self._info_refused:
+            try:
+                return int(self.client.info("server").get("uptime_in_seconds", OUTAGE_GRACE))
+            except NoPermissionError:
+                self._info_refused = True
+        return int(self.client.client_info().get("age", OUTAGE_GRACE))
 
     def purge(self, older_than: float) -> int:
         # The job hashes expire by themselves; only the count indexes need trimming.

@@ -20,9 +20,11 @@ Keys (``P`` is ``mtp:<tenant>:usage``):
 - ``P:unexported``: hours the billing webhook has not delivered yet.
 - ``P:export:<hour>``: hash with the webhook state of one hour; ``P:lease``: the
   exporter lease (owner id, Redis-side expiry).
-- ``mtp:usage:store_id``: the id made once per Redis database (the webhook's
-  ``source``, shared by every replica); ``mtp:usage:flush:<id>``: marker of an
-  applied flush, kept a day.
+- ``P:flush:<id>``: marker of an applied flush (under the batch's first tenant),
+  kept a day.
+- ``mtp:usage:store_id`` (:data:`STORE_ID`): the id made once per Redis database (the
+  webhook's ``source``, shared by every replica); the control plane makes it, as a
+  tenant's ACL user may only read it.
 
 One hash per hour rather than one per bucket: a range is read with one HGETALL
 per hour (pipelined), a flush adds one EXPIREAT per hour rather than per bucket,
@@ -80,6 +82,7 @@ log = logging.getLogger("mtp.usage")
 # 7-day forecast and a monthly bill; longer history is the webhook receiver's job.
 RETENTION = 35 * 24 * HOUR
 MARKER_TTL = 24 * HOUR
+STORE_ID = "mtp:usage:store_id"
 SOCKET_TIMEOUT = 2.0
 POOL_SIZE = 8
 METRICS = "cewpioq"  # the order of UsageStore rows' values
@@ -155,8 +158,11 @@ class RedisUsageStore:
     @property
     def store_id(self) -> str:
         """A random id made once per Redis database: the same on every replica."""
-        self.client.set("mtp:usage:store_id", uuid.uuid4().hex, nx=True)
-        return str(self.client.get("mtp:usage:store_id"))
+        found = self.client.get(STORE_ID)  # a tenant's ACL user may read it, not make it
+        if found is None:
+            self.client.set(STORE_ID, uuid.uuid4().hex, nx=True)
+            found = self.client.get(STORE_ID)
+        return str(found)
 
     # -- writing --------------------------------------------------------------------
 
@@ -164,7 +170,10 @@ class RedisUsageStore:
         """Add bucket deltas (UsageStore's UPSERT rows) in one MULTI/EXEC."""
         with self._lock:
             rows = self._settle(list(rows))
-            batch = uuid.uuid4().hex
+            if not rows:
+                return
+            # The marker is the first row's tenant's: a data plane writes its own keys only.
+            marker = f"{prefix(rows[0][0])}:flush:{uuid.uuid4().hex}"
             pipe = self.client.pipeline(transaction=True)
             hours: dict[str, set[int]] = {}
             for tenant, hour, service, operation, user, *values in rows:
@@ -188,19 +197,19 @@ class RedisUsageStore:
                     pipe.zadd(index, scores)
                     pipe.zremrangebyscore(index, "-inf", f"({oldest}")
                     pipe.expire(index, self.retention + 2 * HOUR)
-            pipe.set(f"mtp:usage:flush:{batch}", 1, ex=MARKER_TTL)
+            pipe.set(marker, 1, ex=MARKER_TTL)
             try:
                 pipe.execute()
             except RedisError:
-                self._unsure = (batch, rows)
+                self._unsure = (marker, rows)
                 raise
 
     def _settle(self, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         """Drop from ``rows`` a previous batch that did reach Redis after all."""
         if self._unsure is None:
             return rows
-        batch, sent = self._unsure
-        applied = self.client.exists(f"mtp:usage:flush:{batch}")  # Redis down: raises
+        marker, sent = self._unsure
+        applied = self.client.exists(marker)  # Redis down: raises
         self._unsure = None
         if not applied:
             return rows

@@ -160,5 +160,5 @@ def start_fleet(settings: Settings, tenant_id: str) -> FleetGate:
     """The gate over this sidecar's store (a no-op until the store holds a registry)."""
     from framework.usage_redis import open_store
 
-    view = open_view(settings.redis_url, settings.data_dir)
+    view = open_view(settings.redis_url, settings.data_dir, tenant_id)  # one tenant's record
     return FleetGate(view, CpuWatch(view, tenant_id, lambda: open_store(settings)).start())

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 
 import click
 
+from framework.rq_keys import use_tenant_prefix
 from framework.settings import Settings, parse_address
 from framework.tenant_config import ConfigError
 
@@ -110,15 +111,17 @@ def worker_heartbeat_age(settings: Settings, timeout: float) -> float | None:
     Redis unreachable is not the worker's fault (it rides through the outage), so it is
     reported as None and the probe passes: restarting the worker would not help.
     """
+    if not settings.redis_url:
+        raise ProbeFailed("MTP_REDIS_URL is not set")
+    tenant_id = settings.load_tenant().tenant_id
+    use_tenant_prefix(tenant_id)  # the worker's RQ keys: set before RQ is imported
     from redis import Redis
     from redis.exceptions import RedisError
     from rq import Queue, Worker
 
     from framework.jobs_redis import queue_name
 
-    if not settings.redis_url:
-        raise ProbeFailed("MTP_REDIS_URL is not set")
-    qname = queue_name(settings.load_tenant().tenant_id)
+    qname = queue_name(tenant_id)
     # The names `mtp worker` gives its processes: <queue>.<host>.<pid>
     prefix = f"{qname}.{os.uname().nodename}."
     client = Redis.from_url(settings.redis_url, socket_timeout=timeout,

@@ -42,6 +42,8 @@ import jwt
 from framework.cli import check_version_pin, resolve_tenant_dir, template_dir
 from framework.devsecret import dev_jwt_secret
 from framework.grace import StopBudget, stop_budget
+from framework.rq_keys import ENV as RQ_PREFIX_ENV
+from framework.rq_keys import prefix as rq_prefix
 from framework.settings import SECRETS_FD_ENV, Settings
 from framework.tenant_config import ConfigError, TenantConfig
 
@@ -324,6 +326,9 @@ def child_env(settings: Settings, tenant_dir: Path, template: bool,
     upstream = settings.upstream
     env["MTP_UPSTREAM"] = (f"unix:{upstream}" if isinstance(upstream, str)
                            else f"{upstream[0]}:{upstream[1]}")
+    # RQ keys under the tenant's prefix in every child (framework/rq_keys.py): a data plane
+    # can then run as the tenant's Redis ACL user, limited to mtp:<tenant>:*.
+    env[RQ_PREFIX_ENV] = rq_prefix(tenant.tenant_id)
     if not env.get("MTP_SIDECAR_SECRET"):
         env["MTP_SIDECAR_SECRET"] = secrets.token_hex(32)  # per run, never printed
     if template and tenant.jwt.uses_hmac and not env.get(tenant.jwt.secret_env):

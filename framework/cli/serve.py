@@ -28,6 +28,7 @@ from gunicorn.glogging import Logger as GunicornLogger
 
 from framework.cli import check_version_pin, resolve_tenant_dir
 from framework.grace import stop_budget
+from framework.rq_keys import use_tenant_prefix
 from framework.settings import ENV, Settings
 from framework.tenant_config import ConfigError, TenantConfig
 
@@ -255,6 +256,7 @@ def framework(tenant_dir: str | None) -> None:
         # no more (`mtp run` hands them over a pipe, so /proc/self/environ lacks them too).
         os.environ.pop(name, None)
     check_version_pin(tenant.framework_version, tenant.source)
+    use_tenant_prefix(tenant.tenant_id)  # before a worker imports RQ (framework/rq_keys.py)
     metrics_dir = prepare(settings)
     from framework import logs
 

@@ -13,6 +13,9 @@ SIGTERM/SIGINT: RQ's warm shutdown (the current job finishes; queued jobs stay
 in the queue for the next worker), killed after the framework's share of
 MTP_GRACE_SECONDS (framework/grace.py); a job cut off then is handed to RQ's
 abandoned-job handling (``interrupted``).
+
+The ``mtp worker`` command is framework/cli/worker_command.py: it sets the tenant's
+RQ key prefix (framework/rq_keys.py) before this module imports RQ.
 """
 
 from __future__ import annotations
@@ -35,11 +38,10 @@ from rq.job import Job as RqJob
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
-from framework.cli import check_version_pin, resolve_tenant_dir
 from framework.grace import stop_budget
 from framework.redis_wait import Outage
 from framework.settings import Settings
-from framework.tenant_config import ConfigError, TenantConfig
+from framework.tenant_config import TenantConfig
 
 MONITOR_INTERVAL = 1  # seconds between heartbeats while a job runs
 HEARTBEAT_GRACE = 4  # a job whose heartbeat is this late is abandoned
@@ -284,31 +286,3 @@ class WorkerPool:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
         return 0
-
-
-@click.command("worker")
-@click.option("--tenant-dir", type=click.Path(file_okay=False), default=None,
-              help="Tenant (or assembled runtime) directory.")
-@click.option("--processes", type=click.IntRange(1, 256), default=None,
-              help="RQ worker processes (default MTP_JOB_WORKERS).")
-@click.option("--burst", is_flag=True, help="Exit once the queue is empty.")
-def worker(tenant_dir: str | None, processes: int | None, burst: bool) -> None:
-    """Run async jobs from the shared Redis queue."""
-    directory = resolve_tenant_dir(tenant_dir)
-    settings = Settings.from_env(tenant_dir=directory)
-    if not settings.redis_url:
-        raise ConfigError("environment", "MTP_REDIS_URL",
-                          "must be set: `mtp worker` runs jobs from the shared Redis queue")
-    tenant = settings.load_tenant()
-    check_version_pin(tenant.framework_version, tenant.source)
-    from framework.jobs_redis import connect
-    from framework.redis_wait import durability_warning
-
-    probe = connect(settings.redis_url, pool_size=1)
-    warning = durability_warning(probe)
-    probe.close()
-    if warning:
-        click.echo(f"mtp worker: WARNING: {warning}", err=True)
-    pool = WorkerPool(settings, tenant, processes or settings.job_workers, burst)
-    click.echo(f"mtp worker: tenant {tenant.tenant_id}, {pool.size} process(es)", err=True)
-    sys.exit(pool.run())

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from framework.control.acl import set_user
+from framework.control.acl import set_user, upgrade_users
 from framework.control.audit import AdminAudit
 from framework.control.auth import Operator, OperatorAuth
 from framework.control.bodies import (
@@ -335,6 +335,17 @@ async def healthz(request: web.Request) -> web.Response:
 async def _plans_publisher(app: web.Application) -> AsyncIterator[None]:
     """Keep the store's copy of the plans in step with the file (live reload)."""
     control = app[CONTROL]
+    # Records made before each had its own key get it, before the plans (which tell data
+    # planes "this is a fleet") are published: a data plane never misses its own record.
+    if await control.run(control.registry.backfill):
+        log.info("registry: records copied into their per-tenant keys")
+    if control.data.redis is not None:
+        # Made here, once per database: a tenant's ACL user may only read it.
+        await control.run(lambda: control.data.usage_store().store_id)
+        # Users made by an older control plane may not read their record yet, and their
+        # data planes refuse every call until they may (framework/control/registry_view.py).
+        await control.run(lambda: upgrade_users(control.data.redis, (
+            r.id for r in list_records(control.registry, limit=10**9)[0])))
     published = await control.run(control.registry.get_plans)
     if published:
         control.plans.continue_from(int(published.get("version", 0)),

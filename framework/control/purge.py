@@ -1,14 +1,16 @@
 """Offboarding: export a tenant's state to a file, then remove it from every store.
 
-Redis: ``mtp:<tenant>:*`` (jobs, usage, events, quotas), the limiter's
-``mtp:rl:<tenant>`` and ``mtp:rl:<tenant>\\0*`` (sidecar/limiter_redis.py), the
-tenant's RQ queue ``mtp-<tenant>`` with its registries, the RQ keys of its jobs
-and of its workers, and its Redis ACL user. A data plane still running when the
-purge runs may write again (a worker's heartbeat, a job that was running): stop
-it, then DELETE again, which purges again and keeps the first export. SQLite: the
-tenant's rows in the data dir's usage, jobs and config-version files. Every key and
-row is matched by the exact tenant id, so a tenant whose id is a prefix of
-another's (``acme``/``acme-eu``) never loses anything.
+Redis: ``mtp:<tenant>:*`` (jobs, usage, events, quotas, and every RQ key of the
+tenant: ``mtp:<tenant>:rq:*``, framework/rq_keys.py), the limiter's
+``mtp:rl:<tenant>`` and ``mtp:rl:<tenant>\\0*`` (sidecar/limiter_redis.py), and its
+Redis ACL user. Data planes from before the per-tenant RQ prefix kept RQ's keys
+under the global ``rq:``: the tenant's queue ``mtp-<tenant>`` with its registries,
+the RQ keys of its jobs and of its workers there are removed too. A data plane
+still running when the purge runs may write again (a worker's heartbeat, a job that
+was running): stop it, then DELETE again, which purges again and keeps the first
+export. SQLite: the tenant's rows in the data dir's usage, jobs and config-version
+files. Every key and row is matched by the exact tenant id, so a tenant whose id is a
+prefix of another's (``acme``/``acme-eu``) never loses anything.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ def purge_redis(client: object, tenant: str) -> int:
     job_ids = {k.rsplit(":", 1)[1] for k in keys if k.startswith(f"mtp:{tenant}:job:")}
     keys += [k for k in scan(match=f"{LIMITER_PREFIX}{tenant}*", count=1000)
              if k == LIMITER_PREFIX + tenant or k.startswith(f"{LIMITER_PREFIX}{tenant}\x00")]
+    # Before the per-tenant RQ prefix: RQ's global rq:* keys (none left once drained).
     queue = f"mtp-{tenant}"
     queue_key = f"rq:queue:{queue}"
     job_ids.update(client.lrange(queue_key, 0, -1))  # type: ignore[attr-defined]

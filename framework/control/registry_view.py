@@ -7,7 +7,11 @@ plane published its plans there). Requests then consult :class:`RegistryView`
 - Redis: subscribed to :data:`~framework.control.store.CHANNEL`, so a change is
   applied about a round trip after the control plane wrote it; the version
   counter is also read every :data:`RESYNC` s and a full reload follows any
-  change a lost connection may have hidden.
+  change a lost connection may have hidden. A dedicated data plane (one tenant)
+  reads only that tenant's own record key and the plans, and listens only on the
+  tenant's own channel, all its Redis ACL user may read (framework/control/acl.py);
+  it reads both again every :data:`RESYNC` s (a changed plans file announces
+  itself to no tenant's channel).
 - SQLite (one machine, the same MTP_DATA_DIR): ``PRAGMA data_version`` polled every
   :data:`POLL` s, which changes only when another connection committed.
 
@@ -37,6 +41,8 @@ from framework.control.store import (
     TENANTS,
     VERSION,
     TenantRecord,
+    tenant_channel,
+    tenant_key,
 )
 
 log = logging.getLogger("mtp.fleet")
@@ -109,11 +115,30 @@ class RegistryView:
 
 
 class RedisView(RegistryView):
-    """The registry in the fleet's Redis, followed through pub/sub."""
+    """The registry in the fleet's Redis, followed through pub/sub: every record, or only
+    ``tenant``'s (a dedicated data plane)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, tenant: str = "") -> None:
         super().__init__()
         self.url = url
+        self.tenant = tenant
+        self._seen: tuple[str | None, str | None] | None = None
+
+    def _reload_own(self, client: Any) -> None:
+        """Read the tenant's record and the plans; apply them when they changed."""
+        pipe = client.pipeline(transaction=True)
+        pipe.get(PLANS)
+        pipe.get(tenant_key(self.tenant))
+        plans, doc = seen = tuple(pipe.execute())
+        if seen == self._seen:
+            return
+        if plans is not None:
+            import json
+
+            self._apply_plans(json.loads(plans))
+        self.tenants = {self.tenant: _entry(doc)} if doc is not None else {}
+        self._seen = seen
+        self.changed.set()
 
     def _reload(self, client: Any) -> str | None:
         pipe = client.pipeline(transaction=True)
@@ -136,6 +161,9 @@ class RedisView(RegistryView):
                                 decode_responses=True)
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
+            if self.tenant:
+                self._follow_own(client, pubsub)
+                return
             pubsub.subscribe(CHANNEL)  # before the reload: no change falls in between
             seen = self._reload(client)
             next_sync = time.monotonic() + RESYNC
@@ -155,6 +183,31 @@ class RedisView(RegistryView):
             with contextlib.suppress(Exception):
                 pubsub.close()
             client.close()
+
+    def _follow_own(self, client: Any, pubsub: Any) -> None:
+        """One tenant: its channel says when to read again; every RESYNC s it reads anyway."""
+        from redis.exceptions import NoPermissionError
+
+        try:
+            pubsub.subscribe(tenant_channel(self.tenant))  # before the read: nothing missed
+            self._seen = None  # a new connection (maybe a new, empty store): apply it all
+            self._reload_own(client)
+        except NoPermissionError:
+            # A fleet's ACL user that may not read its record (made by an older control
+            # plane): refuse every call rather than serve one the registry may refuse.
+            if not (self.fleet and not self.tenants):
+                log.error("registry view: this Redis user may not read tenant %s's registry "
+                          "record; every call is refused until it may", self.tenant)
+            self.fleet, self.tenants, self._seen = True, {}, None
+            self.changed.set()
+            raise
+        next_sync = time.monotonic() + RESYNC
+        while not self._stop.is_set():
+            msg = pubsub.get_message(timeout=0.2)
+            if (msg is not None and msg.get("type") == "message") or \
+                    time.monotonic() >= next_sync:
+                next_sync = time.monotonic() + RESYNC
+                self._reload_own(client)
 
     def _one(self, client: Any, tenant_id: str) -> None:
         if tenant_id == "*":
@@ -214,7 +267,8 @@ def _entry(doc: str) -> tuple[str, str]:
     return (rec.status, rec.plan)
 
 
-def open_view(redis_url: str, data_dir: Path) -> RegistryView:
-    """The view of this data plane's store, started."""
-    view: RegistryView = RedisView(redis_url) if redis_url else SqliteView(data_dir)
+def open_view(redis_url: str, data_dir: Path, tenant: str = "") -> RegistryView:
+    """The view of this data plane's store, started; ``tenant``: only that tenant's record
+    (with Redis: all its ACL user may read)."""
+    view: RegistryView = RedisView(redis_url, tenant) if redis_url else SqliteView(data_dir)
     return view.start()

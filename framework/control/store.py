@@ -8,6 +8,9 @@ PUBLISH on :data:`CHANNEL`; SQLite: the commit itself, which SQLite's
 
 Redis keys live under ``mtp:_fleet:``: ``_`` cannot start a tenant id, so no
 tenant's ``mtp:<tenant>:*`` keys (and no purge of them) can ever reach the registry.
+Each record is kept twice, in the hash :data:`TENANTS` (the control plane's lists)
+and in its own key :func:`tenant_key` (what the tenant's data plane reads), written
+together by one script, and announced on :data:`CHANNEL` and :func:`tenant_channel`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,21 @@ IDS = PREFIX + "ids"  # sorted set, all scores 0: ids in lexical order for curso
 VERSION = PREFIX + "version"  # bumped by every write
 PLANS = PREFIX + "plans"  # the plans in force, JSON, for data planes
 CHANNEL = PREFIX + "changes"  # PUBLISH <tenant id> (or "*" for plans) after each write
+# Each record also in a key of its own, and each change also on a channel of its own: a
+# tenant's data plane, connected as the tenant's ACL user, may read (never write) its
+# own record and the plans, and hear of its own changes, but see no other tenant's.
+TENANT_KEY = PREFIX + "tenant:"  # + id: the record JSON, the same as the hash field
+TENANT_CHANNEL = PREFIX + "changed:"  # + id: PUBLISH <tenant id> after each write of it
+
+
+def tenant_key(tenant_id: str) -> str:
+    """The key holding one tenant's record (read-only for the tenant's ACL user)."""
+    return TENANT_KEY + tenant_id
+
+
+def tenant_channel(tenant_id: str) -> str:
+    """The channel announcing changes of one tenant's record."""
+    return TENANT_CHANNEL + tenant_id
 DB_NAME = "fleet.db"
 
 
@@ -78,6 +96,9 @@ class Registry(Protocol):
 
     def put_plans(self, plans: dict[str, Any]) -> None:
         """Publish the plans in force for data planes."""
+
+    def backfill(self) -> int:
+        """Bring what data planes read up to date with the records (at start); how many."""
 
     def has_plans(self) -> bool:
         """True while the published plans are there (a store restarted empty lost them)."""
@@ -174,6 +195,9 @@ class SqliteRegistry:
             raise
         return new
 
+    def backfill(self) -> int:
+        return 0  # data planes read the same table
+
     def has_plans(self) -> bool:
         return self._conn.execute("SELECT 1 FROM meta WHERE key = 'plans'").fetchone() is not None
 
@@ -192,18 +216,35 @@ class SqliteRegistry:
 # Create only when the id is free; bump the version; announce.
 _CREATE_LUA = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('SET', KEYS[5], ARGV[2])
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
 redis.call('INCR', KEYS[3])
 redis.call('PUBLISH', KEYS[4], ARGV[1])
+redis.call('PUBLISH', KEYS[6], ARGV[1])
 return 1
 """
 # Replace a record only if it is still the one read (optimistic, no WATCH round trips).
 _UPDATE_LUA = """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('SET', KEYS[4], ARGV[3])
 redis.call('INCR', KEYS[2])
 redis.call('PUBLISH', KEYS[3], ARGV[1])
+redis.call('PUBLISH', KEYS[5], ARGV[1])
 return 1
+"""
+# Copy records of the hash into their own keys (ARGV: ids; KEYS: the hash, their keys):
+# the hash's current value, read in the script, so a concurrent update is never undone.
+_COPY_LUA = """
+local n = 0
+for i, id in ipairs(ARGV) do
+  local doc = redis.call('HGET', KEYS[1], id)
+  if doc and redis.call('GET', KEYS[i + 1]) ~= doc then
+    redis.call('SET', KEYS[i + 1], doc)
+    n = n + 1
+  end
+end
+return n
 """
 
 
@@ -214,10 +255,24 @@ class RedisRegistry:
         self.client = client
         self._create = client.register_script(_CREATE_LUA)
         self._update = client.register_script(_UPDATE_LUA)
+        self._copy = client.register_script(_COPY_LUA)
 
     def create(self, record: TenantRecord) -> bool:
         doc = json.dumps(record.as_dict())
-        return bool(self._create(keys=[TENANTS, IDS, VERSION, CHANNEL], args=[record.id, doc]))
+        keys = [TENANTS, IDS, VERSION, CHANNEL, tenant_key(record.id), tenant_channel(record.id)]
+        return bool(self._create(keys=keys, args=[record.id, doc]))
+
+    def backfill(self) -> int:
+        """Give each record made before the per-tenant keys its own key (idempotent);
+        the number written."""
+        written, cursor = 0, "0"
+        while True:
+            cursor, found = self.client.hscan(TENANTS, cursor, count=500)
+            ids = sorted(found)
+            if ids:
+                written += int(self._copy(keys=[TENANTS, *map(tenant_key, ids)], args=ids))
+            if str(cursor) == "0":
+                return written
 
     def get(self, tenant_id: str) -> TenantRecord | None:
         raw = self.client.hget(TENANTS, tenant_id)
@@ -237,8 +292,8 @@ class RedisRegistry:
             if not raw:
                 return None
             new = replace(TenantRecord.from_json(raw), **changes, updated=iso_now())
-            if self._update(keys=[TENANTS, VERSION, CHANNEL],
-                            args=[tenant_id, raw, json.dumps(new.as_dict())]):
+            keys = [TENANTS, VERSION, CHANNEL, tenant_key(tenant_id), tenant_channel(tenant_id)]
+            if self._update(keys=keys, args=[tenant_id, raw, json.dumps(new.as_dict())]):
                 return new
         raise RuntimeError(f"tenant {tenant_id} changed 20 times while being updated")
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from framework.control.store import DB_NAME, PLANS, TENANTS
+from framework.control.store import DB_NAME, PLANS, tenant_key
 from framework.errors import Unavailable
 from framework.tenant_config import BillingSettings, TenantConfig
 
@@ -80,7 +80,8 @@ def _read_registry(redis_url: str, data_dir: Path,
 
             with Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2,
                                 decode_responses=True) as r:
-                raw, rec = r.get(PLANS), r.hget(TENANTS, tenant_id)
+                # Its own record's key: all the tenant's ACL user may read of the registry.
+                raw, rec = r.get(PLANS), r.get(tenant_key(tenant_id))
             plan = json.loads(rec)["plan"] if rec else None
             return (json.loads(raw) if raw else None), plan
         if not (data_dir / DB_NAME).is_file():

@@ -69,3 +69,33 @@ def test_offboarding_removes_the_user_and_onboarding_again_rotates(plane: Contro
     with pytest.raises(Exception, match=r"WRONGPASS|invalid"):
         Redis.from_url(first.url(plane.redis_url)).ping()
     assert Redis.from_url(second.url(plane.redis_url)).ping()
+
+
+def test_a_control_plane_upgrade_gives_older_records_and_users_what_data_planes_read(
+        redis_server, tmp_path: Path) -> None:
+    """Records and ACL users made before the per-tenant keys: the next control plane start
+    copies each record into its key and lets the user (password kept) read it."""
+    import json
+
+    admin = Redis.from_url(redis_server.url, decode_responses=True)
+    admin.flushdb()
+    doc = {"id": "acl-old", "name": "Old", "plan": "free", "status": "suspended",
+           "placement": "shared", "created": "2026-01-01T00:00:00.000Z",
+           "updated": "2026-01-01T00:00:00.000Z"}
+    admin.hset("mtp:_fleet:tenants", "acl-old", json.dumps(doc))
+    admin.zadd("mtp:_fleet:ids", {"acl-old": 0})
+    admin.execute_command("ACL", "SETUSER", "t-acl-old", "reset", "on", ">old-password",
+                          "~mtp:acl-old:*", "&mtp:acl-old:*", "+@all", "-@dangerous")
+    old = Redis.from_url(redis_server.url.replace("redis://", "redis://t-acl-old:old-password@"),
+                         decode_responses=True)
+    with pytest.raises(NoPermissionError):
+        old.get("mtp:_fleet:tenant:acl-old")
+    cp = ControlPlane(tmp_path, redis_url=redis_server.url).start()
+    try:
+        assert json.loads(old.get("mtp:_fleet:tenant:acl-old")) == doc
+        assert old.get("mtp:_fleet:plans") and old.get("mtp:usage:store_id")
+        with pytest.raises(NoPermissionError):
+            old.set("mtp:_fleet:tenant:acl-old", "{}")
+        assert cp.call("GET", "/admin/tenants/acl-old").json()["status"] == "suspended"
+    finally:
+        cp.stop()

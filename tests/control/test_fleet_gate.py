@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -135,6 +136,72 @@ def test_redis_view_keeps_its_copy_through_an_outage(tmp_path: Path) -> None:
         reg2.close()
     finally:
         view.close()
+        server.stop()
+
+
+def test_a_tenants_redis_view_reads_its_own_record_on_its_acl_user(tmp_path: Path) -> None:
+    """A dedicated data plane's view: its record's key, the plans, its channel; nothing
+    of other tenants. Records from before their own keys are copied by the backfill."""
+    from redis import Redis
+
+    from framework.control.acl import set_user
+    from framework.control.store import TENANTS
+
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    admin = Redis.from_url(server.url, decode_responses=True)
+    reg = open_registry(server.url, tmp_path)
+    old = record("acme", status="suspended")
+    admin.hset(TENANTS, "acme", json.dumps(old.as_dict()))  # written before per-tenant keys
+    reg.create(record("beta"))
+    user = set_user(admin, "acme")
+    assert user is not None
+    view = RedisView(user.url(server.url), "acme").start()
+    try:
+        reg.put_plans(PLANS)
+        wait(view, lambda v: v.fleet)
+        assert view.refusal("acme") == "unknown-tenant"  # its key is not there yet
+        assert reg.backfill() == 1 and reg.backfill() == 0  # idempotent
+        wait(view, lambda v: v.refusal("acme") == "tenant-suspended")  # read every second
+        reg.update("acme", {"status": "active"})
+        wait(view, lambda v: v.refusal("acme") is None)  # announced on its channel
+        reg.update("beta", {"status": "suspended"})
+        assert view.tenants == {"acme": ("active", "basic")}  # beta's is not its to read
+        reg.put_plans({"version": 2, "plans": {**PLANS["plans"], "more": PLANS["plans"][
+            "basic"]}})
+        wait(view, lambda v: v.plans_version == 2)  # no channel of its: the read each second
+    finally:
+        view.close()
+        reg.close()
+        server.stop()
+
+
+def test_a_view_its_user_may_not_read_refuses_every_call(tmp_path: Path) -> None:
+    """A user without the registry's read rules (an older control plane made it): fail closed."""
+    from redis import Redis
+
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    admin = Redis.from_url(server.url, decode_responses=True)
+    reg = open_registry(server.url, tmp_path)
+    reg.put_plans(PLANS)
+    reg.create(record("acme"))
+    admin.execute_command("ACL", "SETUSER", "t-acme", "on", ">pw", "~mtp:acme:*",
+                          "&mtp:acme:*", "+@all", "-@dangerous")
+    url = server.url.replace("redis://", "redis://t-acme:pw@")
+    view = RedisView(url, "acme").start()
+    try:
+        wait(view, lambda v: v.fleet)
+        assert view.refusal("acme") == "unknown-tenant"
+        from framework.control.acl import upgrade_users
+
+        # A connection that may not run ACL (a managed Redis without it): logged, no change.
+        assert upgrade_users(Redis.from_url(url), ["acme"]) == 0
+        assert upgrade_users(admin, ["acme", "gone"]) == 1  # "gone" has no user
+        wait(view, lambda v: v.refusal("acme") is None)  # same password, now it may read
+    finally:
+        view.close()
+        reg.close()
         server.stop()
 
 

@@ -1,8 +1,8 @@
 """Offboarding purges everything of the tenant, and nothing of anyone else.
 
 A real `mtp run` of tenant acme on the fleet's redis-server makes real state (sync
-and async calls: RQ queue and job keys, job records, usage hours, limiter keys,
-config versions in the shared data dir); other tenants' state sits beside it,
+and async calls: RQ keys under ``mtp:acme:rq:``, job records, usage hours, limiter
+keys, config versions in the shared data dir); other tenants' state sits beside it,
 including ``acme-eu`` whose id starts with ``acme``. After DELETE the test SCANs
 Redis and reads every SQLite file: nothing of acme, everything of the others.
 """
@@ -90,11 +90,14 @@ def test_offboarding_purges_acme_and_nothing_else(redis_server, tmp_path: Path) 
         wait_until(lambda: client.exists("mtp:acme:usage:hours") == 1)  # flushed each second
         decoded = Redis.from_url(redis_server.url, decode_responses=True)
         for tid in ("acme", *OTHERS):
-            seed_redis(decoded, tid)
+            seed_redis(decoded, tid)  # also RQ keys where deployments before kept them: rq:*
             seed_sqlite(data_dir, tid)
         before = snapshot(client)
         mine = [k for k in before if of_acme(k)]
-        assert any(k.startswith(b"rq:job:") for k in mine) and b"rq:queues" not in mine
+        # The stack's RQ keys are acme's (its workers, its queue set), none RQ's global ones.
+        assert b"mtp:acme:rq:workers" in mine and b"mtp:acme:rq:queues" in mine
+        assert not any(k.startswith(b"rq:worker") for k in before)
+        assert any(k.startswith(b"rq:job:") for k in mine) and b"rq:queues" not in mine  # legacy
         assert any(k.startswith(b"mtp:rl:acme") for k in mine)
         assert f"mtp:acme:job:{queued['job_id']}".encode() in mine
         rows_before = sqlite_rows(data_dir)

@@ -98,6 +98,39 @@ def test_fail_and_requeue(client) -> None:
     assert store.fail([first.id], "interrupted", "again") == 0
 
 
+def test_the_reaper_runs_as_the_tenants_acl_user(client, redis_server) -> None:
+    """A tenant's ACL user may not run INFO: the reaper takes its connection's age as the
+    least Redis has been up (a fresh one may follow a restart: hold, as after an outage)."""
+    from framework.control.acl import set_user
+
+    user = set_user(client, "acme")
+    assert user is not None
+    acl = connect(user.url(redis_server.url))
+    try:
+        store = RedisJobStore(acl, "acme", 60)
+        assert store.reap() == 0
+        assert store._hold_until > time.monotonic()  # not reaped while Redis may be new
+        assert store.reap() == 0  # and again: no INFO round trip that fails each pass
+    finally:
+        acl.close()
+        client.acl_deluser("t-acme")
+
+
+def test_rq_keeps_the_tenants_keys_and_a_late_prefix_is_refused(client, monkeypatch) -> None:
+    """RQ fixes its prefix at import: this process's is acme's (tests/conftest.py); setting
+    another tenant's after RQ is loaded would leave RQ on keys that are not that tenant's."""
+    import os
+
+    from framework.rq_keys import ENV, prefix, use_tenant_prefix
+
+    monkeypatch.setitem(os.environ, ENV, os.environ[ENV])  # restored afterwards
+    store = RedisJobStore(client, "acme", 60)
+    assert store.queue.key == "mtp:acme:rq:queue:mtp-acme" == f"{prefix('acme')}:queue:mtp-acme"
+    use_tenant_prefix("acme")  # the prefix RQ has: fine
+    with pytest.raises(RuntimeError, match="imported with key prefix 'mtp:acme:rq'"):
+        use_tenant_prefix("beta")
+
+
 def test_cancel_takes_the_job_off_the_rq_queue_in_the_same_step(client, settings) -> None:
     from framework.registry import Registry
     from framework.tenant_config import load_tenant
