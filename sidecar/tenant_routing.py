@@ -169,7 +169,8 @@ class TenantUpstream(Upstream):
         self.pool: Any = None
         self._old: list[Any] = []
 
-    async def _ready(self) -> TenantProcess:
+    async def ready(self) -> TenantProcess:
+        """The tenant's live process, started if needed."""
         proc = await self.owner.procs.ensure(self.bundle.tenant_id, self.bundle.path,
                                              self.bundle.stamp)
         if proc is not self.process:
@@ -207,7 +208,7 @@ class TenantUpstream(Upstream):
             return await current.sidecar.upstream.send(method, path, headers, body,
                                                        timeout=timeout, deadline=deadline)
         try:
-            proc = await self._ready()
+            proc = await self.ready()
         except PoolFull as exc:
             raise Unavailable(str(exc), detail="the pool is saturated; retry shortly",
                               headers={"Retry-After": "1"}) from None
@@ -362,6 +363,17 @@ class PoolSidecar:
                               detail="the tenant's configuration is not usable") from None
         self.states[tenant_id] = state
         return state
+
+    async def wake(self, tenant_id: str) -> None:
+        """Start a stopped tenant's process for its event deliveries now due."""
+        try:
+            state = self.state(tenant_id)
+            await state.sidecar.upstream.ready()  # type: ignore[attr-defined]
+        except (SidecarError, PoolFull, StartFailed, ConfigError, OSError) as exc:
+            log.warning("tenant process not woken for its event deliveries: %s", exc,
+                        extra={"tenant": tenant_id})
+            return
+        log.info("tenant process woken for its event deliveries", extra={"tenant": tenant_id})
 
     def process_stopped(self, proc: TenantProcess) -> None:
         """A tenant's process is stopping (idle, LRU): its state goes too (memory stays

@@ -24,7 +24,7 @@ from framework.errors import BadRequest, Forbidden, NotFound
 from framework.events.binding import BadEvent, Event, new_event, parse_http, trace_context
 from framework.events.dispatch import KEEP_SECONDS, Dispatcher
 from framework.events.observe import PUBLISHED, EventAudit, type_label
-from framework.events.store import EventStore, Publisher
+from framework.events.store import DB_NAME, EventStore, Publisher
 from framework.execute import Call, Outcome
 from framework.operations import json_response, require_admin
 from framework.registry import ServiceSpec
@@ -34,7 +34,7 @@ from framework.settings import Settings
 if TYPE_CHECKING:
     from framework.events.store_redis import RedisEventStore
 
-EVENTS_DB = "events.sqlite3"
+EVENTS_DB = DB_NAME
 DEAD_ID_RE = re.compile(r"[0-9]{1,19}(-[0-9]{1,19})?")  # SQLite row id or Redis entry id
 
 

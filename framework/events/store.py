@@ -22,6 +22,7 @@ from typing import Any
 from framework.events.binding import Event
 from framework.events.config import EventRoute
 
+DB_NAME = "events.sqlite3"  # in the tenant's MTP_DATA_DIR
 DEDUP_SECONDS = 24 * 3600
 PENDING, RUNNING, DONE, DEAD = "pending", "running", "done", "dead"
 
@@ -238,3 +239,27 @@ class EventStore:
         rows = self._conn().execute(
             "SELECT status, COUNT(*) FROM deliveries GROUP BY status").fetchall()
         return {status: n for status, n in rows}
+
+
+def next_due(path: Path) -> float | None:
+    """When the earliest undone delivery in the database at ``path`` is due (epoch
+    seconds; a running one is due now), or None when there is nothing to deliver.
+
+    Read-only and without the schema (a pool asks this of a tenant's database while
+    that tenant's process is stopped or about to be).
+    """
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+    except sqlite3.Error:
+        return None  # no database: the tenant never published
+    try:
+        if conn.execute("SELECT 1 FROM deliveries WHERE status = ? LIMIT 1",
+                        (RUNNING,)).fetchone():
+            return time.time()
+        row = conn.execute("SELECT MIN(next_at) FROM deliveries WHERE status = ?",
+                           (PENDING,)).fetchone()
+    except sqlite3.Error:
+        return None  # not an events database (yet): nothing this pool can run
+    finally:
+        conn.close()
+    return row[0] if row and row[0] is not None else None

@@ -4,6 +4,7 @@
 - keys.py: per-tenant signing keys derived from the pool secret, per-tenant secrets;
 - zygote.py: the warm parent that forks a tenant's framework process;
 - procs.py: starting, idle reaping and LRU stopping of tenant processes;
+- wake.py: stopped tenants with event deliveries to make, started again when due;
 - gateway.py: the gateway's routing table rendered as an nginx config.
 
 The sidecar side (identifying the tenant of a request) is sidecar/tenant_routing.py.

@@ -25,6 +25,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from framework.pool.wake import Wakeups
 
 log = logging.getLogger("mtp.pool")
 
@@ -131,9 +135,11 @@ class ProcessManager:
 
     def __init__(self, zygote: Zygote, runtime_dir: Path, env_for: EnvFor, *, idle: float,
                  max_procs: int, grace: float,
-                 on_stop: Callable[[TenantProcess], None] | None = None) -> None:
+                 on_stop: Callable[[TenantProcess], None] | None = None,
+                 wake: Wakeups | None = None) -> None:
         self.zygote, self.runtime_dir, self.env_for = zygote, runtime_dir, env_for
         self.idle, self.max_procs, self.grace = idle, max_procs, grace
+        self.wake = wake  # event deliveries of stopped tenants (None: no events kept)
         self.on_stop = on_stop or (lambda _p: None)
         self.live: dict[str, TenantProcess] = {}
         self.starts = 0  # processes started so far (tests, metrics)
@@ -163,7 +169,7 @@ class ProcessManager:
 
     async def _start(self, tenant_id: str, bundle: Path, stamp: tuple[object, ...]
                      ) -> TenantProcess:
-        self._make_room()
+        self.make_room()
         sock = self.runtime_dir / f"{tenant_id}-{next(self._seq)}.sock"
         env, secrets = self.env_for(tenant_id, bundle, sock)
         spec = {"tenant_dir": str(bundle), "env": env}
@@ -179,13 +185,18 @@ class ProcessManager:
         log.info("tenant process started", extra={"tenant": tenant_id, "pid": pid})
         return proc
 
-    def _make_room(self) -> None:
+    def make_room(self) -> None:
+        """Stop the least recently used idle process when MTP_POOL_MAX_PROCS run."""
         running = [p for p in self.live.values() if not p.stopping]
         if len(running) < self.max_procs:
             return
         idle = sorted((p for p in running if p.inflight == 0), key=lambda p: p.last_used)
         if not idle:
             raise PoolFull(f"{len(running)} tenant processes busy (MTP_POOL_MAX_PROCS)")
+        if self.wake is not None:
+            at = self.wake.due(idle[0].tenant_id)
+            if at is not None:  # made room for another: its deliveries wait their turn
+                self.wake.later(idle[0].tenant_id, max(at, time.time() + self.idle))
         self.stop(idle[0])
 
     def stop(self, proc: TenantProcess) -> None:
@@ -222,10 +233,22 @@ class ProcessManager:
         """Stop the processes idle for ``idle`` seconds; their tenant ids."""
         now = time.monotonic()
         gone = [p for p in self.live.values()
-                if p.inflight == 0 and now - p.last_used >= self.idle]
+                if p.inflight == 0 and now - p.last_used >= self.idle
+                and not self._deliveries_soon(p.tenant_id)]
         for proc in gone:
             self.stop(proc)
         return [p.tenant_id for p in gone]
+
+    def _deliveries_soon(self, tenant_id: str) -> bool:
+        """Event deliveries due within the idle time keep the process (its engine runs
+        them); later ones are a wake-up at their time, and the process may go."""
+        at = self.wake.due(tenant_id) if self.wake is not None else None
+        if at is None:
+            return False
+        if at <= time.time() + self.idle:
+            return True
+        self.wake.later(tenant_id, at)  # type: ignore[union-attr]
+        return False
 
     async def _reap_loop(self) -> None:
         while True:

@@ -20,12 +20,14 @@ from pathlib import Path
 from framework.grace import stop_budget
 from framework.pool.bundles import BundleDir, Placement
 from framework.pool.procs import ProcessManager, Zygote
+from framework.pool.wake import Wakeups
 from framework.settings import ENV, Settings, _int
 from framework.tenant_config import TENANT_ID_RE, ConfigError
 
 log = logging.getLogger("mtp.pool")
 
 SWEEP_SECONDS = 1.0  # bundles replaced or removed are noticed within this
+WAKE_SECONDS = 1.0  # a stopped tenant's event delivery starts at most this late
 
 
 @dataclass(frozen=True)
@@ -79,10 +81,11 @@ async def serve_pool(pool: PoolSettings, settings: Settings, *,
     zygote = Zygote(settings.environ)
     await asyncio.to_thread(zygote.start)
     budget = stop_budget(settings.grace_seconds)
+    wake = Wakeups(settings.data_dir / "tenants")
     procs = ProcessManager(zygote, runtime, lambda t, b, s: handler.process_env(t, b, s),
                            idle=pool.idle, max_procs=pool.max_procs,
                            grace=float(budget.framework),
-                           on_stop=lambda proc: handler.process_stopped(proc))
+                           on_stop=lambda proc: handler.process_stopped(proc), wake=wake)
     audit = AuditLog(settings.audit_file)
     handler = PoolSidecar(pool.name, settings, BundleDir(pool.bundles, placement), procs,
                           domain=pool.domain, pool_secret=secret,
@@ -98,7 +101,20 @@ async def serve_pool(pool: PoolSettings, settings: Settings, *,
             await asyncio.sleep(SWEEP_SECONDS)
             handler.sweep()
 
+    async def wake_due() -> None:
+        # Tenants stopped with event deliveries to make (found at start, or when their
+        # process was reaped): started again when the earliest is due.
+        found = await asyncio.to_thread(wake.scan)
+        if found:
+            log.info("%d tenant(s) have event deliveries to make", found)
+        while True:
+            for tenant_id in wake.pop_due():
+                if tenant_id not in procs.live:
+                    handler.background(handler.wake(tenant_id))
+            await asyncio.sleep(WAKE_SECONDS)
+
     sweeper = asyncio.get_running_loop().create_task(sweep())
+    waker = asyncio.get_running_loop().create_task(wake_due())
     where = settings.listen
     target = {"path": where} if isinstance(where, str) else {"host": where[0],
                                                               "port": where[1]}
@@ -107,9 +123,10 @@ async def serve_pool(pool: PoolSettings, settings: Settings, *,
         await serve(handler.handle, shutdown_timeout=budget.sidecar, stop=stop,
                     **target)  # type: ignore[arg-type]
     finally:
-        sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
+        for task in (sweeper, waker):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await handler.close()
         await handler.limiter.backend.close()
         await audit.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from framework.assemble import assemble
-from tests.events.stack import EMITTER, RECORD, binary, lines, structured
+from tests.events.stack import EMITTER, FLAKY, RECORD, binary, lines, structured
 from tests.pool.support import DOMAIN, Pool, Tenant, start_pool, stop_pool, write_source
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,9 @@ ACME, GLOBEX = Tenant("acme"), Tenant("globex")
 
 
 def events_source(root: Path, tenant: Tenant) -> Path:
-    """The pool's test tenant plus a route ``order.*`` -> record, and an emitter."""
+    """The pool's test tenant plus a route ``order.*`` -> record, ``fail.*`` -> a
+    service that always fails, ``later.*`` -> one that fails while a marker file
+    exists and is retried 3 s later, and an emitter."""
     src = write_source(root / "src" / tenant.id, tenant)
     out = root / f"{tenant.id}.jsonl"
     with (src / "tenant.toml").open("a") as toml:
@@ -36,12 +38,22 @@ def events_source(root: Path, tenant: Tenant) -> Path:
 [services.record]
 config = {{ out = "{out}" }}
 
+[services.flaky.config]
+out = "{root / f'{tenant.id}-later.jsonl'}"
+marker = "{root / f'{tenant.id}-failing'}"
+
+[[events.routes]]
+types = ["later.*"]
+service = "flaky"
+retries = 3
+backoff = 3
+
 [[authz.rules]]
 service = "*"
 roles = ["admin"]
 
 [[authz.rules]]
-events = ["order.*", "fail.*"]
+events = ["order.*", "fail.*", "later.*"]
 roles = ["admin"]
 
 [[events.routes]]
@@ -57,6 +69,7 @@ retries = 0
     (src / "services" / "broken.py").write_text("def handle(context):\n"
                                                 "    raise RuntimeError('always')\n")
     (src / "services" / "emitter.py").write_text(EMITTER)
+    (src / "services" / "flaky.py").write_text(FLAKY)
     return src
 
 
@@ -160,3 +173,51 @@ def test_dead_letters_are_listed_and_replayed_per_tenant(pool) -> None:
     # globex's admin cannot replay acme's letter: in globex's store it does not exist.
     r = running.call("POST", f"/events/dead/{eid}/replay", bearer(GLOBEX))
     assert r.status == 404, r.body
+
+
+# -- a tenant's process stopped with deliveries to make: woken when they are due ----------
+
+def test_a_reaped_tenant_is_woken_for_its_retry_and_delivers_it(tmp_path: Path) -> None:
+    running = start_pool(tmp_path, "wake", [], MTP_POOL_IDLE="1", MTP_LOG_LEVEL="INFO",
+                         **ACME.env())
+    try:
+        publish_bundle(running.bundles, events_source(tmp_path, ACME), ACME)
+        marker = tmp_path / "acme-failing"
+        marker.write_text("1")
+        eid = uuid.uuid4().hex
+        assert structured(running, bearer(ACME), {"id": eid, "source": "/w",
+                                                  "type": "later.x"}).status == 202
+        # The first attempt fails; its retry is due in 3 s, after the 1 s idle time, so
+        # the process is reaped meanwhile instead of being kept for it.
+        log = running.log
+        deadline = time.monotonic() + 20
+        while "tenant process stopped" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        marker.unlink()
+        # No request names acme again: the pool wakes it for the retry.
+        record = wait_for_id(tmp_path / "acme-later.jsonl", eid)
+        assert record["event"]["type"] == "later.x"
+        assert "woken for its event deliveries" in log.read_text()
+    finally:
+        stop_pool(running)
+
+
+def test_a_pool_started_again_wakes_tenants_with_deliveries_to_make(tmp_path: Path) -> None:
+    marker = tmp_path / "acme-failing"
+    marker.write_text("1")
+    eid = uuid.uuid4().hex
+    first = start_pool(tmp_path, "wake", [], **ACME.env())
+    try:
+        publish_bundle(first.bundles, events_source(tmp_path, ACME), ACME)
+        assert structured(first, bearer(ACME), {"id": eid, "source": "/w",
+                                                "type": "later.x"}).status == 202
+        time.sleep(0.5)  # the first attempt fails at once; the retry is 3 s away
+    finally:
+        stop_pool(first)  # with the retry (or the first attempt) still to make
+    marker.unlink()
+    again = start_pool(tmp_path, "wake", [], **ACME.env())  # the same bundles and data
+    try:
+        assert wait_for_id(tmp_path / "acme-later.jsonl", eid)["event"]["id"] == eid
+    finally:
+        stop_pool(again)
