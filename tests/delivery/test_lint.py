@@ -91,6 +91,32 @@ def test_dockerfile_contract():
         assert line in text
 
 
+def stages(text: str) -> dict[str, str]:
+    """The Dockerfile's stages by name, each its text from FROM to the next FROM."""
+    parts = re.split(r"^(?=FROM )", text, flags=re.M)[1:]
+    return {re.match(r"FROM \S+ AS (\S+)", p).group(1): p for p in parts}  # type: ignore[union-attr]
+
+
+def test_dockerfile_pool_target():
+    """`--target pool`: mtp pool on a bundles volume, no tenant inside, the same hardening."""
+    text = DOCKERFILE.read_text()
+    named = stages(text)
+    order = list(named)
+    assert order[-1] == "runtime"  # the default target stays the tenant image
+    # A builder that runs every stage up to its target never needs a runtime tree.
+    assert order.index("pool") < order.index("tenant-tree")
+    pool = named["pool"]
+    assert pool.startswith("FROM base AS pool")
+    assert 'CMD ["pool", "--name", "default", "--bundles", "/srv/bundles"]' in pool
+    assert "MTP_TENANT_DIR" not in named["base"] + pool
+    assert "COPY --from=tenant-tree" not in pool
+    for line in ("USER 10001:10001", 'ENTRYPOINT ["mtp"]', "STOPSIGNAL SIGTERM",
+                 "HEALTHCHECK", "MTP_DATA_DIR=/var/lib/mtp", "MTP_LISTEN=0.0.0.0:8080"):
+        assert line in named["base"]
+    assert "REQUIREMENTS" in named["build"]
+    assert "!build/pool/" in (ROOT / ".dockerignore").read_text().splitlines()
+
+
 def test_pod_runs_sidecar_and_framework_from_one_image():
     doc = yaml.safe_load((ROOT / "deploy/kubernetes/deployment.yaml").read_text())
     pod = doc["spec"]["template"]["spec"]
