@@ -188,7 +188,7 @@ cleanup() {
   "${P[@]}" rm -f -t 1 "$NAME" "$NAME-pool" >/dev/null 2>&1 || true
   "${P[@]}" pod rm -f -t 1 "$POD" >/dev/null 2>&1 || true
   "${P[@]}" volume rm -f "$NAME-solo" "$NAME-run" "$NAME-data" "$NAME-pooldata" \
-    >/dev/null 2>&1 || true
+    "$NAME-poolrun" >/dev/null 2>&1 || true
   if [ -n "$POOL_TMP" ]; then rm -rf "$POOL_TMP"; fi
 }
 trap cleanup EXIT
@@ -319,12 +319,15 @@ pool_build_seconds=$(( $(date +%s) - start ))
   && fail "the pool image names a tenant (MTP_TENANT_DIR)"
 
 # The image's default command (`mtp pool --name default --bundles /srv/bundles`) with
-# the pool's name given as Kubernetes' args give it; secrets passed by name.
+# the pool's name given as Kubernetes' args give it; secrets passed by name; the tenant
+# processes' sockets on a volume at /run/mtp, as the manifest's MTP_POOL_RUN_DIR.
 pool_start=$(date +%s)
 PORT=$(free_port)
 "${P[@]}" volume create "$NAME-pooldata" >/dev/null
+"${P[@]}" volume create "$NAME-poolrun" >/dev/null
 quiet "${P[@]}" run -d --name "$NAME-pool" -p "127.0.0.1:$PORT:8080" "${HARDENED[@]}" \
   -v "$POOL_TMP/bundles:/srv/bundles:ro" -v "$NAME-pooldata:/var/lib/mtp" \
+  -v "$NAME-poolrun:/run/mtp" -e MTP_POOL_RUN_DIR=/run/mtp \
   -e MTP_SIDECAR_SECRET -e MTP_POOL_DOMAIN="$POOL_DOMAIN" -e MTP_POOL_IDLE=300 \
   -e MTP_POOL_MAX_PROCS=3 -e MTP_GRACE_SECONDS=10 \
   -e MTP_JWT_SECRET__ACME -e MTP_JWT_SECRET__GLOBEX -e MTP_JWT_SECRET__INITECH \
@@ -451,8 +454,11 @@ for path in ("/opt/mtp/x", "/srv/bundles/acme/x", "/x"):
         assert exc.errno == errno.EROFS, (path, exc)
 tenants = sorted(os.listdir("/var/lib/mtp/tenants"))
 assert tenants == ["acme", "globex", "initech"], tenants
+sockets = sorted(p.split("-")[0] for p in os.listdir("/run/mtp") if p.endswith(".sock"))
+assert sockets == tenants, sockets  # one live process per tenant, in MTP_POOL_RUN_DIR
 print(f"image-test: pool: {len(procs)} processes, all uid 10001, no capabilities; "
-      "root and bundles read-only; state per tenant on the data volume: ok")
+      "root and bundles read-only; state per tenant on the data volume, a socket per "
+      "tenant in MTP_POOL_RUN_DIR: ok")
 PYCHECK
 "${P[@]}" healthcheck run "$NAME-pool" >/dev/null || fail "the pool image's HEALTHCHECK failed"
 "${P[@]}" exec "$NAME-pool" mtp probe sidecar --path /readyz --timeout 2 \
