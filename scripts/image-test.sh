@@ -2,8 +2,12 @@
 # Build docker/Dockerfile with podman on a local Debian base and prove the image works:
 # it starts (read-only root, no capabilities), answers /healthz, serves a service through
 # the sidecar with a JWT, runs as non-root, and stops cleanly on SIGTERM; then the same
-# as the Kubernetes pod does it (two containers sharing a unix socket). Prints the image
-# size and build time.
+# as the Kubernetes pod does it (two containers sharing a unix socket). Then the pool image
+# (target `pool`, `mtp pool`) serving three tenants from a read-only bundles volume, one of
+# them added while it serves: each tenant's own service by Host, path prefix and
+# X-Tenant-ID, another tenant's token 403, an unknown tenant 403, every process non-root
+# and without capabilities, a read-only root, exit 0 on SIGTERM. Prints the images' sizes
+# and build and run times.
 #
 # No Docker engine and no registry are needed: the base image is made with debootstrap
 # (cached under $MTP_PODMAN_DIR, default /var/tmp/mtp-podman, never in the repo) and the
@@ -26,6 +30,7 @@ IMAGE=${IMAGE:-localhost/mtp-image-test:latest}
 MIRROR=${DEBIAN_MIRROR:-}
 GRACE=${GRACE:-20}
 NO_CACHE=${NO_CACHE:-}           # NO_CACHE=1: rebuild every layer (for timing a cold build)
+POOL_IMAGE=${POOL_IMAGE:-localhost/mtp-pool-image-test:latest}
 NAME="mtp-image-test-$$"
 
 log() { printf 'image-test: %s\n' "$*" >&2; }
@@ -93,8 +98,69 @@ log "building the wheelhouse"
   -r "$TENANT_DIR/requirements.txt" 2> >(grep -v "is ignored: it is neither" >&2)
 rm -f build/wheelhouse/mtp-*.whl   # the image builds the framework's wheel from source
 
-# 3. Steps 3-4 of the pipeline: the runtime tree the image serves.
+# 3. Steps 3-4 of the pipeline: the runtime tree the image serves. Its manifest's time is
+#    the commit's (SOURCE_DATE_EPOCH), so an unchanged tree leaves the build cache valid.
+SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
+export SOURCE_DATE_EPOCH
 "$VENV/bin/mtp" assemble --tenant-dir "$TENANT_DIR" --out build/runtime >/dev/null
+
+# 3b. The pool image's tenants (step 10): the same Dockerfile's target `pool` (`mtp pool`,
+#     no tenant inside).
+#     Three small tenants, each with its own service, JWT secret and API key, assembled
+#     by `mtp assemble` into a bundles directory mounted read-only at /srv/bundles (a
+#     volume, not baked in: a pool takes bundles added, replaced or removed while it
+#     serves). Its virtualenv holds the framework and the union of the tenants'
+#     requirements (build/pool/requirements.txt, written before either build so both
+#     see one build context).
+mkdir -p "$WORK"
+POOL_TMP=$(mktemp -d "$WORK/pool.XXXXXX")
+trap 'rm -rf "$POOL_TMP"' EXIT   # until cleanup() below takes over
+chmod 0755 "$POOL_TMP"   # the container's uid 10001 reads the bundles
+POOL_TENANTS=(acme globex initech)
+POOL_DOMAIN=pool.image-test
+mkdir -p "$POOL_TMP/bundles" "$POOL_TMP/staging" build/pool
+for t in "${POOL_TENANTS[@]}"; do
+  key="key-$t-$("$PY" -c 'import secrets; print(secrets.token_hex(16))')"
+  digest=$(printf '%s' "$key" | sha256sum | cut -d' ' -f1)
+  mkdir -p "$POOL_TMP/src/$t/services"
+  cat >"$POOL_TMP/src/$t/tenant.toml" <<TOML
+[tenant]
+id = "$t"
+name = "Tenant $t"
+
+[auth.jwt]
+algorithms = ["HS256"]
+secret_env = "MTP_JWT_SECRET"
+
+[auth.api_keys.ci]
+hash = "sha256:$digest"
+roles = ["admin"]
+
+[[authz.rules]]
+service = "*"
+operations = ["*"]
+TOML
+  # The tenant's own code: the answer names the tenant that wrote it and the process.
+  cat >"$POOL_TMP/src/$t/services/whoami.py" <<SERVICE
+"""Which tenant's code answered, for whom, in which process."""
+import os
+
+
+def handle(context):
+    return {"written_by": "$t", "tenant": context.tenant_id, "user": context.user,
+            "pid": os.getpid(), "uid": os.getuid()}
+SERVICE
+  "$VENV/bin/mtp" assemble --skip-tests --tenant-dir "$POOL_TMP/src/$t" \
+    --out "$POOL_TMP/staging/$t" >/dev/null
+  # A tenant's secret for the pool: MTP_JWT_SECRET__<TENANT> (docs/pools.md).
+  upper=$(printf '%s' "$t" | tr 'a-z-' 'A-Z_')
+  export "MTP_JWT_SECRET__$upper=jwt-$t-$("$PY" -c 'import secrets; print(secrets.token_hex(32))')"
+  export "POOL_API_KEY__$upper=$key"
+done
+cat "$POOL_TMP"/staging/*/requirements.txt | sort -u >build/pool/requirements.txt
+chmod -R a+rX "$POOL_TMP"
+# Two bundles at start; initech's is moved in while the pool serves.
+mv "$POOL_TMP/staging/acme" "$POOL_TMP/staging/globex" "$POOL_TMP/bundles/"
 
 # 4. The image. --format docker keeps HEALTHCHECK (OCI images drop it).
 log "podman build $IMAGE"
@@ -119,9 +185,11 @@ MTP_SIDECAR_SECRET=$("$PY" -c 'import secrets; print(secrets.token_hex(32))')
 export MTP_JWT_SECRET MTP_SIDECAR_SECRET
 POD="$NAME-pod"
 cleanup() {
-  "${P[@]}" rm -f -t 1 "$NAME" >/dev/null 2>&1 || true
+  "${P[@]}" rm -f -t 1 "$NAME" "$NAME-pool" >/dev/null 2>&1 || true
   "${P[@]}" pod rm -f -t 1 "$POD" >/dev/null 2>&1 || true
-  "${P[@]}" volume rm -f "$NAME-solo" "$NAME-run" "$NAME-data" >/dev/null 2>&1 || true
+  "${P[@]}" volume rm -f "$NAME-solo" "$NAME-run" "$NAME-data" "$NAME-pooldata" \
+    "$NAME-poolrun" >/dev/null 2>&1 || true
+  if [ -n "$POOL_TMP" ]; then rm -rf "$POOL_TMP"; fi
 }
 trap cleanup EXIT
 HARDENED=(--read-only --cap-drop ALL --security-opt no-new-privileges
@@ -236,9 +304,183 @@ for c in "$POD-framework" "$POD-sidecar"; do
 done
 log "pod: both containers exit 0 on SIGTERM"
 
+# 10. The pool image, built from the tenants prepared in step 3b.
+log "podman build $POOL_IMAGE (--target pool)"
+start=$(date +%s)
+"${P[@]}" build -q --format docker ${NO_CACHE:+--no-cache} -f docker/Dockerfile \
+  --target pool -t "$POOL_IMAGE" \
+  --build-arg BASE_IMAGE="$BASE" --build-arg REQUIREMENTS=build/pool/requirements.txt \
+  --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/src/build/wheelhouse \
+  --build-arg REVISION="$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
+  --build-arg CREATED="$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+  . >/dev/null
+pool_build_seconds=$(( $(date +%s) - start ))
+"${P[@]}" image inspect --format '{{.Config.Env}}' "$POOL_IMAGE" | grep -q MTP_TENANT_DIR \
+  && fail "the pool image names a tenant (MTP_TENANT_DIR)"
+
+# The image's default command (`mtp pool --name default --bundles /srv/bundles`) with
+# the pool's name given as Kubernetes' args give it; secrets passed by name; the tenant
+# processes' sockets on a volume at /run/mtp, as the manifest's MTP_POOL_RUN_DIR.
+pool_start=$(date +%s)
+PORT=$(free_port)
+"${P[@]}" volume create "$NAME-pooldata" >/dev/null
+"${P[@]}" volume create "$NAME-poolrun" >/dev/null
+quiet "${P[@]}" run -d --name "$NAME-pool" -p "127.0.0.1:$PORT:8080" "${HARDENED[@]}" \
+  -v "$POOL_TMP/bundles:/srv/bundles:ro" -v "$NAME-pooldata:/var/lib/mtp" \
+  -v "$NAME-poolrun:/run/mtp" -e MTP_POOL_RUN_DIR=/run/mtp \
+  -e MTP_SIDECAR_SECRET -e MTP_POOL_DOMAIN="$POOL_DOMAIN" -e MTP_POOL_IDLE=300 \
+  -e MTP_POOL_MAX_PROCS=3 -e MTP_GRACE_SECONDS=10 \
+  -e MTP_JWT_SECRET__ACME -e MTP_JWT_SECRET__GLOBEX -e MTP_JWT_SECRET__INITECH \
+  "$POOL_IMAGE" pool --name image-test --bundles /srv/bundles >/dev/null
+log "container $NAME-pool (mtp pool, tenants: acme globex; initech added later) on 127.0.0.1:$PORT"
+wait_healthy "$PORT" "$NAME-pool"
+pool_logs() { "${P[@]}" logs "$NAME-pool" >&2 || true; }
+
+pool_checks() {  # STAGE: "two" (initech has no bundle yet) or "three"
+  PORT=$PORT STAGE=$1 DOMAIN=$POOL_DOMAIN "$PY" - <<'PYCHECK'
+import http.client, json, os, time
+
+import jwt
+
+port, domain, stage = int(os.environ["PORT"]), os.environ["DOMAIN"], os.environ["STAGE"]
+served = ["acme", "globex"] + (["initech"] if stage == "three" else [])
+
+
+def secret(t, kind):
+    return os.environ[f"{kind}__{t.upper()}"]
+
+
+def token(t, claim=None, user="alice"):
+    claims = {"sub": user, "tenant_id": claim or t, "exp": int(time.time()) + 300}
+    return jwt.encode(claims, secret(t, "MTP_JWT_SECRET"), algorithm="HS256")
+
+
+def call(path, headers, method="POST"):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request(method, path, body=b"{}" if method == "POST" else None,
+                     headers={"Content-Type": "application/json", **headers})
+        r = conn.getresponse()
+        return r.status, r.getheader("Content-Type", ""), r.read()
+    finally:
+        conn.close()
+
+
+def refused(reply, want, problem=None):
+    status, ctype, body = reply
+    assert status == want, (status, body)
+    assert ctype.startswith("application/problem+json"), ctype
+    doc = json.loads(body)
+    assert doc["request_id"], doc
+    if problem:
+        assert doc["type"].endswith(problem), doc
+
+
+status, _, body = call("/healthz", {}, "GET")
+assert status == 200 and json.loads(body)["pool"] == "image-test", body
+pids = {}
+for t in served:
+    ways = {  # each identification method alone, with the tenant's own credential
+        "host": ("/services/whoami", {"Host": f"{t}.{domain}:8080",
+                                      "Authorization": f"Bearer {token(t)}"}),
+        "path": (f"/tenants/{t}/services/whoami", {"Authorization": f"Bearer {token(t)}"}),
+        "header": ("/services/whoami", {"X-Tenant-ID": t,
+                                        "X-API-Key": secret(t, "POOL_API_KEY")}),
+    }
+    for way, (path, headers) in ways.items():
+        status, _, body = call(path, headers)
+        assert status == 200, (t, way, status, body)
+        doc = json.loads(body)
+        assert doc["written_by"] == t and doc["tenant"] == t, (t, way, doc)
+        assert doc["uid"] == 10001, doc
+        pids.setdefault(t, set()).add(doc["pid"])
+    other = "globex" if t == "acme" else "acme"
+    # t's token for another tenant: refused, whichever way the other tenant is named.
+    for headers in ({"Host": f"{other}.{domain}"}, {"X-Tenant-ID": other}):
+        refused(call("/services/whoami", {**headers, "Authorization": f"Bearer {token(t)}"}),
+                want=403, problem="tenant-mismatch")
+    refused(call(f"/tenants/{other}/services/whoami",
+                  {"Authorization": f"Bearer {token(t)}"}), want=403, problem="tenant-mismatch")
+    # t's secret signing a token that claims the other tenant: the other's keys refuse it.
+    refused(call("/services/whoami", {"Authorization": f"Bearer {token(t, claim=other)}"}),
+            want=401)
+    refused(call("/services/whoami", {"Host": f"{t}.{domain}"}), want=401)  # no credential
+# One process per tenant, never shared.
+assert all(len(p) == 1 for p in pids.values()), pids
+assert len({p for ps in pids.values() for p in ps}) == len(served), pids
+unknown = ["nosuch"] + (["initech"] if stage == "two" else [])
+for t in unknown:
+    for path, headers in (("/services/whoami", {"Host": f"{t}.{domain}"}),
+                          ("/services/whoami", {"X-Tenant-ID": t}),
+                          (f"/tenants/{t}/services/whoami", {})):
+        refused(call(path, headers), want=403, problem="unknown-tenant")
+refused(call("/services/whoami", {}), want=403, problem="unknown-tenant")
+print(f"image-test: pool: {', '.join(served)} each by Host, path prefix and X-Tenant-ID "
+      f"in its own process; another tenant's token 403, a forged claim 401, "
+      f"{', '.join(unknown)} 403 unknown-tenant: ok")
+PYCHECK
+}
+
+pool_checks two || { pool_logs; fail "pool HTTP checks (two bundles)"; }
+# A bundle moved into the volume (a rename, as a pipeline publishes): served, no restart.
+mv "$POOL_TMP/staging/initech" "$POOL_TMP/bundles/initech"
+pool_checks three || { pool_logs; fail "pool HTTP checks (initech added while serving)"; }
+log "pool: initech's bundle, added while serving, is served without a restart"
+
+# The pool, its warm parent and the three tenant processes: uid 10001, no capabilities,
+# a read-only root and bundles; the per-tenant state is on the data volume.
+"${P[@]}" exec -i "$NAME-pool" python - <<'PYCHECK' || { pool_logs; fail "pool process checks"; }
+import errno, glob, os
+
+procs = {}
+for status in glob.glob("/proc/[0-9]*/status"):
+    try:
+        fields = dict(line.split(":", 1) for line in open(status).read().splitlines())
+    except OSError:
+        continue  # a process that ended meanwhile
+    pid = int(status.split("/")[2])
+    if pid != os.getpid():  # this check itself is not one of the pool's processes
+        procs[pid] = fields
+uids = {f["Uid"].split()[0] for f in procs.values()}
+assert uids == {"10001"}, f"process uids: {uids}"
+caps = {f[c].strip() for f in procs.values() for c in ("CapEff", "CapPrm", "CapBnd")}
+assert caps == {"0000000000000000"}, f"capabilities: {caps}"
+assert len(procs) >= 5, f"{len(procs)} processes: the pool, its parent, three tenants?"
+for path in ("/opt/mtp/x", "/srv/bundles/acme/x", "/x"):
+    try:
+        open(path, "w")
+        raise SystemExit(f"{path} is writable")
+    except OSError as exc:
+        assert exc.errno == errno.EROFS, (path, exc)
+tenants = sorted(os.listdir("/var/lib/mtp/tenants"))
+assert tenants == ["acme", "globex", "initech"], tenants
+sockets = sorted(p.split("-")[0] for p in os.listdir("/run/mtp") if p.endswith(".sock"))
+assert sockets == tenants, sockets  # one live process per tenant, in MTP_POOL_RUN_DIR
+print(f"image-test: pool: {len(procs)} processes, all uid 10001, no capabilities; "
+      "root and bundles read-only; state per tenant on the data volume, a socket per "
+      "tenant in MTP_POOL_RUN_DIR: ok")
+PYCHECK
+"${P[@]}" healthcheck run "$NAME-pool" >/dev/null || fail "the pool image's HEALTHCHECK failed"
+"${P[@]}" exec "$NAME-pool" mtp probe sidecar --path /readyz --timeout 2 \
+  || fail "the pool's readiness probe (mtp probe sidecar --path /readyz) failed"
+log "pool: HEALTHCHECK and the manifest's exec probes pass"
+
+start=$(date +%s)
+quiet "${P[@]}" stop -t "$GRACE" "$NAME-pool" >/dev/null
+pool_stop_seconds=$(( $(date +%s) - start ))
+code=$("${P[@]}" inspect --format '{{.State.ExitCode}}' "$NAME-pool")
+[ "$code" = "0" ] || { pool_logs; fail "pool: exit code $code after SIGTERM"; }
+[ "$pool_stop_seconds" -lt "$GRACE" ] || fail "pool: stop took ${pool_stop_seconds}s (grace ${GRACE}s)"
+log "pool: SIGTERM: exit 0 after ${pool_stop_seconds}s"
+pool_run_seconds=$(( $(date +%s) - pool_start ))
+
 # Earlier builds and the build stage stay behind as dangling images in the private store.
 "${P[@]}" image prune -f >/dev/null
 size=$("${P[@]}" image inspect --format '{{.Size}}' "$IMAGE")
 base_size=$("${P[@]}" image inspect --format '{{.Size}}' "$BASE")
+pool_size=$("${P[@]}" image inspect --format '{{.Size}}' "$POOL_IMAGE")
 printf 'image-test: PASSED image=%s size=%s bytes (%s MB; base %s MB) build=%ss\n' \
   "$IMAGE" "$size" "$(( size / 1000000 ))" "$(( base_size / 1000000 ))" "$build_seconds"
+printf 'image-test: PASSED pool image=%s size=%s bytes (%s MB) build=%ss run+checks+stop=%ss\n' \
+  "$POOL_IMAGE" "$pool_size" "$(( pool_size / 1000000 ))" "$pool_build_seconds" \
+  "$pool_run_seconds"

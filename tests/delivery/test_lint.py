@@ -43,7 +43,8 @@ def test_there_is_something_to_lint():
     assert names >= {"deployment.yaml", "pvc.yaml", "service.yaml", "networkpolicy.yaml",
                      "configmap.yaml", "secret.example.yaml", "scale-out/deployment.yaml",
                      "scale-out/hpa.yaml", "scale-out/pdb.yaml", "scale-out/worker.yaml",
-                     "scale-out/networkpolicy.yaml"}
+                     "scale-out/networkpolicy.yaml", "pool/deployment.yaml", "pool/pvc.yaml",
+                     "pool/service.yaml", "pool/networkpolicy.yaml", "pool/httproute.yaml"}
 
 
 def test_hadolint_clean_at_warning_level():
@@ -75,7 +76,111 @@ def test_yamllint_strict():
 @pytest.mark.parametrize("version", [None, MIN_KUBERNETES])
 def test_kubernetes_manifests_validate_strictly(version):
     pin = ["--kubernetes-version", version] if version else []
-    assert_clean(run([linter("kubernetes-validate"), *pin, "--strict", "--quiet", *MANIFESTS]))
+    proc = run([linter("kubernetes-validate"), *pin, "--strict", "--quiet", *MANIFESTS])
+    assert_clean(proc)
+    # A kind without a bundled schema only warns: the Gateway API's HTTPRoute (a CRD,
+    # checked by test_httproutes_match_the_gateway_api_schema) and nothing else.
+    warned = [line for line in proc.stdout.splitlines() if line.startswith("WARN")]
+    assert all("kind HTTPRoute with api version gateway.networking.k8s.io/v1" in line
+               for line in warned), warned
+
+
+# The Gateway API v1 HTTPRoute (standard channel), strictly, for the fields this project
+# writes; the patterns and bounds are the CRD's. kubernetes-validate bundles no CRD schema.
+_NAME = {"type": "string", "minLength": 1, "maxLength": 253}
+_DNS_NAME = {**_NAME, "pattern": r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"}
+_HOSTNAME = {"type": "string", "minLength": 1, "maxLength": 253,
+             "pattern": r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"}
+_MATCH = {"type": "object", "additionalProperties": False, "minProperties": 1, "properties": {
+    "path": {"type": "object", "additionalProperties": False, "required": ["type", "value"],
+             "properties": {"type": {"enum": ["Exact", "PathPrefix", "RegularExpression"]},
+                            "value": {"type": "string", "maxLength": 1024, "pattern": "^/",
+                                      "not": {"pattern": "//|/\\./|/\\.\\./|%2f|%2F|#"}}}},
+    "headers": {"type": "array", "maxItems": 16, "items": {
+        "type": "object", "additionalProperties": False, "required": ["name", "value"],
+        "properties": {"type": {"enum": ["Exact", "RegularExpression"]},
+                       "name": {"type": "string", "minLength": 1, "maxLength": 256,
+                                "pattern": r"^[A-Za-z0-9!#$%&'*+\-.^_\x60|~]+$"},
+                       "value": {"type": "string", "minLength": 1, "maxLength": 4096}}}}}}
+HTTPROUTE_SCHEMA = {
+    "type": "object", "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "gateway.networking.k8s.io/v1"},
+        "kind": {"const": "HTTPRoute"},
+        "metadata": {"type": "object", "additionalProperties": False, "required": ["name"],
+                     "properties": {"name": _DNS_NAME,
+                                    "namespace": _NAME,
+                                    "labels": {"type": "object",
+                                               "additionalProperties": {"type": "string"}}}},
+        "spec": {"type": "object", "additionalProperties": False,
+                 "required": ["parentRefs", "rules"], "properties": {
+                     "parentRefs": {"type": "array", "minItems": 1, "maxItems": 32, "items": {
+                         "type": "object", "additionalProperties": False, "required": ["name"],
+                         "properties": {"name": _NAME, "namespace": _NAME,
+                                        "sectionName": _NAME}}},
+                     "hostnames": {"type": "array", "maxItems": 16, "items": _HOSTNAME},
+                     "rules": {"type": "array", "minItems": 1, "maxItems": 16, "items": {
+                         "type": "object", "additionalProperties": False,
+                         "required": ["backendRefs"], "properties": {
+                             "matches": {"type": "array", "maxItems": 64, "items": _MATCH},
+                             "backendRefs": {"type": "array", "minItems": 1, "maxItems": 16,
+                                             "items": {
+                                 "type": "object", "additionalProperties": False,
+                                 "required": ["name", "port"],  # port: required for a Service
+                                 "properties": {"name": _NAME,
+                                                "port": {"type": "integer", "minimum": 1,
+                                                         "maximum": 65535}}}}}}}}},
+    },
+}
+HTTPROUTES = [p for p in MANIFESTS if any(
+    d and d.get("kind") == "HTTPRoute" for d in yaml.safe_load_all(p.read_text()))]
+
+
+def assert_httproutes(docs: list[dict]) -> None:
+    import jsonschema
+
+    assert docs
+    for doc in docs:
+        jsonschema.Draft202012Validator(HTTPROUTE_SCHEMA).validate(doc)
+
+
+def test_the_httproute_schema_refuses_what_the_crd_refuses():
+    import jsonschema
+
+    good = yaml.safe_load_all((ROOT / "deploy/kubernetes/pool/httproute.yaml").read_text())
+    route = next(d for d in good if d["spec"].get("rules", [{}])[0].get("matches"))
+    bad = [("spec", "hostnames", ["Acme.example.com"]),
+           ("spec", "rules", [{"matches": [{"path": {"type": "PathPrefix", "value": "x"}}],
+                               "backendRefs": [{"name": "s", "port": 8080}]}]),
+           ("spec", "rules", [{"backendRefs": [{"name": "s"}]}]),
+           ("spec", "rules", [{"backendRefs": [{"name": "s", "port": 8080}], "extra": 1}])]
+    for top, key, value in bad:
+        doc = json.loads(json.dumps(route))
+        doc[top][key] = value
+        with pytest.raises(jsonschema.ValidationError):
+            assert_httproutes([doc])
+
+
+def test_httproutes_match_the_gateway_api_schema():
+    """The example in deploy/ and both renderers of the routing table."""
+    from framework.control.gateway import gateway_api
+    from framework.control.store import TenantRecord
+    from framework.pool.gateway import render_gateway_api
+
+    assert [p.relative_to(ROOT / "deploy/kubernetes").as_posix() for p in HTTPROUTES] == [
+        "pool/httproute.yaml"]
+    for path in HTTPROUTES:
+        assert_httproutes([d for d in yaml.safe_load_all(path.read_text()) if d])
+    rendered = render_gateway_api({"acme": "alpha", "globex": "beta"},
+                                  {"alpha": ("mtp-pool-alpha", 8080),
+                                   "beta": ("mtp-pool-beta", 8080)},
+                                  domain="tenants.example.com", namespace="mtp")
+    assert_httproutes(list(yaml.safe_load_all(rendered)))
+    records = [TenantRecord(id=tid, name=tid, plan="free", status="active", placement=where,
+                            created="", updated="")
+               for tid, where in (("acme", "pool:alpha"), ("dedi", "dedicated"))]
+    assert_httproutes(list(yaml.safe_load_all(gateway_api(records, "tenants.example.com"))))
 
 
 def test_dockerfile_contract():
@@ -89,6 +194,53 @@ def test_dockerfile_contract():
                  "MTP_TENANT_DIR=/srv/tenant", "MTP_DATA_DIR=/var/lib/mtp",
                  "MTP_LISTEN=0.0.0.0:8080", "HEALTHCHECK", "/healthz"):
         assert line in text
+
+
+def stages(text: str) -> dict[str, str]:
+    """The Dockerfile's stages by name, each its text from FROM to the next FROM."""
+    parts = re.split(r"^(?=FROM )", text, flags=re.M)[1:]
+    return {re.match(r"FROM \S+ AS (\S+)", p).group(1): p for p in parts}  # type: ignore[union-attr]
+
+
+def test_dockerfile_pool_target():
+    """`--target pool`: mtp pool on a bundles volume, no tenant inside, the same hardening."""
+    text = DOCKERFILE.read_text()
+    named = stages(text)
+    order = list(named)
+    assert order[-1] == "runtime"  # the default target stays the tenant image
+    # A builder that runs every stage up to its target never needs a runtime tree.
+    assert order.index("pool") < order.index("tenant-tree")
+    pool = named["pool"]
+    assert pool.startswith("FROM base AS pool")
+    assert 'CMD ["pool", "--name", "default", "--bundles", "/srv/bundles"]' in pool
+    assert "MTP_TENANT_DIR" not in named["base"] + pool
+    assert "COPY --from=tenant-tree" not in pool
+    for line in ("USER 10001:10001", 'ENTRYPOINT ["mtp"]', "STOPSIGNAL SIGTERM",
+                 "HEALTHCHECK", "MTP_DATA_DIR=/var/lib/mtp", "MTP_LISTEN=0.0.0.0:8080"):
+        assert line in named["base"]
+    assert "REQUIREMENTS" in named["build"]
+    assert "!build/pool/" in (ROOT / ".dockerignore").read_text().splitlines()
+
+
+def test_pool_deployment_runs_the_pool_image_as_built():
+    """The pool manifest's args, probes and hardening are the image's and the tenant pod's."""
+    doc = yaml.safe_load((ROOT / "deploy/kubernetes/pool/deployment.yaml").read_text())
+    tenant = yaml.safe_load((ROOT / "deploy/kubernetes/deployment.yaml").read_text())
+    pod = doc["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["image"].split(":")[0].endswith("/mtp-pool")
+    assert c["args"][:2] == ["pool", "--name"]
+    assert c["args"][3:] == ["--bundles", "/srv/bundles"]
+    assert {"name": "bundles", "mountPath": "/srv/bundles", "readOnly": True} in c[
+        "volumeMounts"]
+    sidecar = next(x for x in tenant["spec"]["template"]["spec"]["containers"]
+                   if x["name"] == "sidecar")
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["exec"] == sidecar[probe]["exec"]
+    assert c["securityContext"] == sidecar["securityContext"]
+    assert pod["securityContext"] == tenant["spec"]["template"]["spec"]["securityContext"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert {"MTP_POOL_DOMAIN", "MTP_POOL_IDLE", "MTP_POOL_MAX_PROCS"} <= set(env)
 
 
 def test_pod_runs_sidecar_and_framework_from_one_image():

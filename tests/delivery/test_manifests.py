@@ -206,3 +206,72 @@ def test_docs_name_the_minimum_kubernetes_version():
     assert "Kubernetes ≥ 1.25" in guide
     text = Path(KUBE / "deployment.yaml").read_text()
     assert "preStop.sleep" not in text and "sleep:" not in text
+
+
+# The pool (docs/pools.md): applied with its own files only.
+POOL = ["pool/deployment.yaml", "pool/pvc.yaml", "pool/service.yaml",
+        "pool/networkpolicy.yaml", "pool/httproute.yaml"]
+
+
+def test_pool_service_is_what_the_routing_table_names():
+    """The HTTPRoutes (example and both renderers) reach the pool pod's port."""
+    from framework.control.gateway import PORT, backend
+    from framework.pool.gateway import render_gateway_api
+
+    docs = load(POOL)
+    (deployment,) = of_kind(docs, "Deployment")
+    (service,) = of_kind(docs, "Service")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert matches(service["spec"]["selector"], labels)
+    tenant = load(["deployment.yaml"])[0]["spec"]["template"]["metadata"]["labels"]
+    assert not matches(service["spec"]["selector"], tenant)
+    (port,) = service["spec"]["ports"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert port["targetPort"] in {p["name"] for p in container["ports"]}
+    name = container["args"][container["args"].index("--name") + 1]
+    # mtp control's table: mtp-pool-<name> on PORT.
+    assert (service["metadata"]["name"], port["port"]) == (backend(f"pool:{name}"), PORT)
+    routes = of_kind(docs, "HTTPRoute")
+    assert {(b["name"], b["port"]) for r in routes for rule in r["spec"]["rules"]
+            for b in rule["backendRefs"]} == {(service["metadata"]["name"], port["port"])}
+    domain = env_of(container)["MTP_POOL_DOMAIN"]["value"]
+    tenants = sorted({r["metadata"]["labels"]["mtp.dev/tenant"] for r in routes})
+    assert routes == list(yaml.safe_load_all(render_gateway_api(
+        dict.fromkeys(tenants, name), {name: (service["metadata"]["name"], port["port"])},
+        domain=domain)))
+
+
+def test_pool_stop_budget_probes_and_memory_volumes():
+    (deployment,) = of_kind(load(POOL), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = env_of(container)
+    assert int(env["MTP_GRACE_SECONDS"]["value"]) == GRACE_DEFAULT
+    assert pod["terminationGracePeriodSeconds"] > sleep_seconds(container) + GRACE_DEFAULT
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        command = container[probe]["exec"]["command"]
+        assert command[:3] == ["mtp", "probe", "sidecar"]  # the pool's sidecar
+        assert float(command[command.index("--timeout") + 1]) < container[probe][
+            "timeoutSeconds"]
+    assert "/readyz" in container["readinessProbe"]["exec"]["command"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    for var in ("MTP_POOL_RUN_DIR", "MTP_METRICS_DIR"):  # sockets and metrics: RAM
+        assert volumes[mounts[env[var]["value"]]]["emptyDir"]["medium"] == "Memory"
+    bundles = volumes[mounts[container["args"][container["args"].index("--bundles") + 1]]]
+    assert bundles["persistentVolumeClaim"]["readOnly"] is True
+
+
+def test_pool_pod_has_an_egress_policy():
+    docs = load(POOL)
+    (deployment,) = of_kind(docs, "Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    mine = [p for p in of_kind(docs, "NetworkPolicy")
+            if matches(p["spec"]["podSelector"]["matchLabels"], labels)]
+    assert mine and all("Egress" in p["spec"]["policyTypes"] for p in mine)
+    ports = {port["port"] for p in mine for rule in p["spec"]["egress"]
+             for port in rule.get("ports", [])}
+    assert {53, 6379} <= ports
+    ingress = {port["port"] for p in mine for rule in p["spec"]["ingress"]
+               for port in rule.get("ports", [])}
+    assert ingress == {8080}

@@ -45,17 +45,29 @@ def sh(args: list[str | Path], cwd: Path, env: dict[str, str]) -> str:
     return proc.stdout
 
 
-def dockerfile_runtime() -> tuple[dict[str, str], list[str]]:
-    """The final stage's ENV (without PATH) and ENTRYPOINT + CMD of docker/Dockerfile."""
+def dockerfile_runtime(target: str = "") -> tuple[dict[str, str], list[str]]:
+    """A stage's ENV (without PATH) and ENTRYPOINT + CMD of docker/Dockerfile, with what
+    it inherits from the stages it is built FROM (default: the final stage)."""
     text = (ROOT / "docker/Dockerfile").read_text().replace("\\\n", " ")
-    final = text[text.rindex("\nFROM "):]
+    stages = {m.group(2): (m.group(1), body) for m, body in (
+        (re.match(r"FROM (\S+) AS (\S+)", part), part)
+        for part in re.split(r"^(?=FROM )", text, flags=re.M)[1:])}
+    chain, name = [], target or list(stages)[-1]
+    while name in stages:
+        chain.insert(0, stages[name][1])
+        name = stages[name][0]
     env: dict[str, str] = {}
-    for line in final.splitlines():
-        if line.startswith("ENV "):
-            env.update(pair.split("=", 1) for pair in line[4:].split())
+    entry: list[str] = []
+    cmd: list[str] = []
+    for body in chain:
+        for line in body.splitlines():
+            if line.startswith("ENV "):
+                env.update(pair.split("=", 1) for pair in line[4:].split())
+            elif line.startswith("ENTRYPOINT "):
+                entry, cmd = json.loads(line.split(" ", 1)[1]), []  # a new one resets CMD
+            elif line.startswith("CMD "):
+                cmd = json.loads(line.split(" ", 1)[1])
     env.pop("PATH", None)
-    entry = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", final, re.M).group(1))
-    cmd = json.loads(re.search(r"^CMD (\[.*\])$", final, re.M).group(1))
     return env, entry + cmd
 
 
@@ -210,6 +222,47 @@ def test_no_token_is_refused_with_a_problem(pipeline):
     assert status == 401
     assert headers["Content-Type"].startswith("application/problem+json")
     assert body["status"] == 401 and body["request_id"]
+
+
+def call(port: int, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], dict]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="POST",
+                                 data=json.dumps({"name": "Pool"}).encode(),
+                                 headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, dict(resp.headers), json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.loads(exc.read())
+
+
+def test_the_pool_image_command_serves_the_runtime_tree_as_a_bundle(pipeline, tmp_path):
+    """The pool target's ENV and command (docker/Dockerfile --target pool), paths made
+    local, serve step 4's runtime tree as the bundle of its tenant."""
+    image_env, command = dockerfile_runtime("pool")
+    assert command[:2] == ["mtp", "pool"] and "MTP_TENANT_DIR" not in image_env
+    bundles = tmp_path / "bundles"
+    shutil.copytree(pipeline.runtime, bundles / "demo")
+    args = [str(bundles) if a == "/srv/bundles" else a for a in command[1:]]
+    assert str(bundles) in args
+    port = free_port()
+    local = {"MTP_DATA_DIR": str(tmp_path / "data"), "MTP_LISTEN": f"127.0.0.1:{port}"}
+    assert set(local) <= set(image_env)
+    env = {**pipeline.env, **image_env, **local, "MTP_SIDECAR_SECRET": secrets.token_hex(32),
+           "MTP_POOL_DOMAIN": "pool.test", "MTP_JWT_SECRET__DEMO": pipeline.jwt_secret}
+    proc = spawn([pipeline.python, "-m", "framework", *args], env, log=tmp_path / "pool.log",
+                 cwd=tmp_path)
+    try:
+        wait_for_port(port, proc, timeout=60)
+        bearer = {"Authorization": f"Bearer {pipeline.token('alice')}"}
+        for path, headers in (("/tenants/demo/services/hello", bearer),
+                              ("/services/hello", {"Host": "demo.pool.test", **bearer})):
+            status, _, body = call(port, path, headers)
+            assert (status, body) == (200, {"message": "Hello, Pool!", "tenant": "demo"}), body
+        status, headers, body = call(port, "/services/hello", {"Host": "acme.pool.test"})
+        assert status == 403 and body["type"].endswith("unknown-tenant"), body
+        assert headers["Content-Type"].startswith("application/problem+json")
+    finally:
+        assert stop(proc, timeout=30) == 0, (tmp_path / "pool.log").read_text()[-3000:]
 
 
 def test_sigterm_drains_and_exits_cleanly(pipeline):
