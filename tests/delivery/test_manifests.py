@@ -241,6 +241,17 @@ def test_pool_service_is_what_the_routing_table_names():
         domain=domain)))
 
 
+def test_tenant_service_is_what_the_routing_table_names():
+    """A dedicated tenant's Service: mtp-<tenant> on the port mtp control routes to."""
+    from framework.control.gateway import PORT, backend
+
+    (service,) = of_kind(load(["service.yaml"]), "Service")
+    tenant = service["metadata"]["labels"]["app.kubernetes.io/instance"]
+    (port,) = service["spec"]["ports"]
+    assert (service["metadata"]["name"], port["port"]) == (
+        backend("dedicated").format(tenant=tenant), PORT)
+
+
 def test_pool_stop_budget_probes_and_memory_volumes():
     (deployment,) = of_kind(load(POOL), "Deployment")
     pod = deployment["spec"]["template"]["spec"]
