@@ -67,13 +67,18 @@ def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-@pytest.fixture(scope="module")
-def fleet(redis_server, tmp_path_factory) -> Iterator[tuple[Pool, ControlPlane]]:
-    from redis import Redis
+@pytest.fixture(scope="module", params=["redis", "sqlite"])
+def fleet(request, tmp_path_factory) -> Iterator[tuple[Pool, ControlPlane]]:
+    """The fleet's store: Redis, or on one machine the control plane's MTP_DATA_DIR."""
+    url = ""
+    if request.param == "redis":
+        from redis import Redis
 
-    Redis.from_url(redis_server.url).flushdb()
+        url = request.getfixturevalue("redis_server").url
+        Redis.from_url(url).flushdb()
     base: Path = tmp_path_factory.mktemp("pool-fleet")
-    cp = ControlPlane(base / "control", redis_url=redis_server.url, plans=PLANS).start()
+    cp = ControlPlane(base / "control", redis_url=url, plans=PLANS).start()
+    store = {"MTP_REDIS_URL": url} if url else {"MTP_DATA_DIR": str(cp.data_dir)}
     pool = None
     try:
         for tenant, placement in ((ACME, "pool:alpha"), (GLOBEX, "pool:beta")):
@@ -81,7 +86,7 @@ def fleet(redis_server, tmp_path_factory) -> Iterator[tuple[Pool, ControlPlane]]
                 "id": tenant.id, "name": tenant.id, "plan": "std",
                 "placement": placement}).status == 201
         pool = start_pool(base / "alpha", "alpha", [ACME, GLOBEX, INITECH],
-                          MTP_REDIS_URL=redis_server.url, MTP_POOL_DOMAIN=DOMAIN)
+                          MTP_POOL_DOMAIN=DOMAIN, **store)
         yield pool, cp
     finally:
         if pool is not None:
