@@ -59,17 +59,15 @@ def new_migration(source: str, target: str, now: str) -> dict[str, Any]:
 def placement_change(old: TenantRecord, placement: str, now: str) -> dict[str, Any]:
     """The record fields a PATCH of ``placement`` sets ({} when nothing changes)."""
     current = old.migration
+    if placement == old.placement:
+        return {}  # already the placement (or the migration's target)
     if current is None:
-        if placement == old.placement:
-            return {}
         return {"placement": placement,
                 "migration": new_migration(old.placement, placement, now)}
     if current.get("state") != WARMING:
         raise MigrationBusy(f"the switch to {current.get('to')} is draining")
     if placement == current.get("from"):
         return {"placement": placement, "migration": None}  # cancelled: never switched
-    if placement == old.placement:
-        return {}
     return {"placement": placement,
             "migration": new_migration(str(current.get("from")), placement, now)}
 

@@ -67,8 +67,10 @@ def test_while_warming_a_patch_cancels_or_redirects_and_while_draining_it_is_ref
     redirect = placement_change(warming, "dedicated", NOW)
     assert redirect["placement"] == "dedicated"
     assert redirect["migration"]["from"] == "pool:alpha"  # the gateway still routes there
+    draining = moving("pool:alpha", "pool:beta", SWITCHED)
     with pytest.raises(MigrationBusy, match="draining"):
-        placement_change(moving("pool:alpha", "pool:beta", SWITCHED), "pool:alpha", NOW)
+        placement_change(draining, "pool:alpha", NOW)
+    assert placement_change(draining, "pool:beta", NOW) == {}  # where it is going anyway
 
 
 def test_backoff_elapsed_and_the_compare() -> None:

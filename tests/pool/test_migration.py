@@ -30,7 +30,7 @@ from tests.control.fleet import OPERATOR_KEY, ControlPlane
 from tests.helpers import base_env, free_port, spawn, stop, wait_for_port
 from tests.pool.support import Pool, Tenant, publish, start_pool, stop_pool
 from tests.pool.test_gateway import Nginx, start_nginx
-from tests.pool.test_pool import bearer, problem_type
+from tests.pool.test_pool import bearer, gone, problem_type
 from tests.redis.stack import Replica, call
 
 ACME = Tenant("acme")
@@ -245,13 +245,13 @@ def test_acme_moves_alpha_to_beta_to_dedicated_with_no_failed_request(fleet: Fle
             "mtp-pool-alpha", "mtp-pool-beta")
         rec = wait_until(lambda: (r := fleet.record()).get("migration", {}).get(
             "state") == "switched" and r, what="beta ready")
-        # Switched: the table routes to beta, and alpha still serves acme while it drains.
-        assert routed_to(fleet) == "mtp-pool-beta"
-        assert acme_call(fleet.alpha.port).status == 200
-        # A new placement while the switch drains is refused, not queued behind it.
+        # A new placement while the switch drains (6 s) is refused, not queued behind it.
         busy = fleet.cp.call("PATCH", "/admin/tenants/acme", {"placement": "pool:alpha"})
         assert busy.status == 409 and busy.json()["type"].endswith("migration-in-progress")
         assert int(busy.headers["Retry-After"]) >= 1
+        # Switched: the table routes to beta, and alpha still serves acme while it drains.
+        assert routed_to(fleet) == "mtp-pool-beta"
+        assert acme_call(fleet.alpha.port).status == 200
         beta_pid = acme_call(fleet.beta.port).json()["pid"]
         wait_until(lambda: loop.last_pid() == beta_pid, what="traffic on beta")
         switches.append(time.monotonic())
@@ -260,6 +260,7 @@ def test_acme_moves_alpha_to_beta_to_dedicated_with_no_failed_request(fleet: Fle
         # Cleared: alpha refuses acme (its process drains and goes).
         refused = acme_call(fleet.alpha.port)
         assert refused.status == 403 and problem_type(refused).endswith("unknown-tenant")
+        assert gone(alpha_pid)  # acme's process in alpha stopped
         assert acme_call(fleet.beta.port).status == 200
 
         # 2. pool:beta -> dedicated
@@ -275,6 +276,7 @@ def test_acme_moves_alpha_to_beta_to_dedicated_with_no_failed_request(fleet: Fle
         assert rec["placement"] == "dedicated"
         refused = acme_call(fleet.beta.port)
         assert refused.status == 403 and problem_type(refused).endswith("unknown-tenant")
+        assert gone(beta_pid)
         served = loop.ok
         wait_until(lambda: loop.ok >= served + 20, what="traffic after the moves")
     finally:
