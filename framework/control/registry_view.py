@@ -215,15 +215,15 @@ class SqliteView(RegistryView):
         self.changed.set()
 
 
-def _entry(doc: str) -> tuple[str, str]:
-    rec = TenantRecord.from_json(doc)
-    return (rec.status, rec.plan)
-
-
 def _placement(doc: str) -> tuple[str, str]:
     rec = TenantRecord.from_json(doc)
     migration = rec.migration or {}
     return (rec.placement, str(migration.get("from", "")))
+
+
+def _entry(doc: str) -> tuple[str, str]:
+    rec = TenantRecord.from_json(doc)
+    return (rec.status, rec.plan)
 
 
 def open_view(redis_url: str, data_dir: Path) -> RegistryView:
