@@ -31,6 +31,8 @@ from framework.pool.bundles import Bundle, BundleDir
 from framework.pool.keys import derive_key, tenant_secret
 from framework.pool.procs import PoolFull, ProcessManager, StartFailed, TenantProcess
 from framework.problem import request_id as make_request_id
+from framework.rq_keys import ENV as RQ_PREFIX_ENV
+from framework.rq_keys import prefix as rq_prefix
 from framework.settings import Settings
 from framework.tenant_config import TENANT_ID_RE, ConfigError, TenantConfig
 from sidecar.admission import Admission
@@ -295,6 +297,9 @@ class PoolSidecar:
             if pool_env.get(name):
                 env[name] = pool_env[name]
         env.update({
+            # RQ's keys under the tenant's own prefix, as in its other data planes: a job
+            # queued here is run and fetched by them after a migration (framework/rq_keys.py).
+            RQ_PREFIX_ENV: rq_prefix(tenant_id),
             "MTP_TENANT_DIR": str(bundle),
             "MTP_DATA_DIR": str(self.settings.data_dir / "tenants" / tenant_id),
             "MTP_UPSTREAM": f"unix:{sock}",

@@ -105,7 +105,10 @@ def fleet(redis_server, tmp_path_factory) -> Iterator[Fleet]:
         release = publish(base / "dedicated" / "bundles", ACME)
         dedicated = Replica("acme", base / "dedicated", release, url, extra_env={
             "MTP_JWT_SECRET": ACME.jwt_secret, "MTP_BILLING_SECRET": ACME.webhook_secret,
-            "MTP_GRACE_SECONDS": GRACE})
+            "MTP_GRACE_SECONDS": GRACE,
+            # RQ's keys under the tenant's prefix, as the pools' tenant processes use them
+            # (framework/rq_keys.py): one queue of acme's jobs in every placement.
+            "RQ_KEY_PREFIX": "mtp:acme:rq"})
         dedicated.launch()
         started.append(dedicated.stop)
         alpha = start_pool(base / "alpha", "alpha", [ACME], **pool_env)
