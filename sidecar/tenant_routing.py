@@ -31,6 +31,8 @@ from framework.pool.bundles import Bundle, BundleDir
 from framework.pool.keys import derive_key, tenant_secret
 from framework.pool.procs import PoolFull, ProcessManager, StartFailed, TenantProcess
 from framework.problem import request_id as make_request_id
+from framework.rq_keys import ENV as RQ_PREFIX_ENV
+from framework.rq_keys import prefix as rq_prefix
 from framework.settings import Settings
 from framework.tenant_config import TENANT_ID_RE, ConfigError, TenantConfig
 from sidecar.admission import Admission
@@ -40,6 +42,7 @@ from sidecar.audit import AuditLog
 from sidecar.authenticate import Authenticator
 from sidecar.catalog import CatalogRefused, CatalogWatcher
 from sidecar.errors import Forbidden, SidecarError, Unavailable, render
+from sidecar.fleet import FleetGate
 from sidecar.front import Request, Response
 from sidecar.metrics import Metrics, ServiceNames
 from sidecar.overlay import OverlayWatcher
@@ -255,10 +258,11 @@ class PoolSidecar:
 
     def __init__(self, name: str, settings: Settings, bundles: BundleDir, procs: ProcessManager,
                  *, domain: str, pool_secret: bytes, limiter: RateLimiter,
-                 audit: AuditLog) -> None:
+                 audit: AuditLog, fleet: FleetGate | None = None) -> None:
         self.name, self.settings, self.bundles, self.procs = name, settings, bundles, procs
         self.domain, self.pool_secret = domain, pool_secret
         self.limiter, self.audit = limiter, audit
+        self.fleet = fleet  # the registry's checks, shared by every tenant of the pool
         self.states: dict[str, TenantState] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -294,6 +298,9 @@ class PoolSidecar:
             if pool_env.get(name):
                 env[name] = pool_env[name]
         env.update({
+            # RQ's keys under the tenant's own prefix, as in its other data planes: a job
+            # queued here is run and fetched by them after a migration (framework/rq_keys.py).
+            RQ_PREFIX_ENV: rq_prefix(tenant_id),
             "MTP_TENANT_DIR": str(bundle),
             "MTP_DATA_DIR": str(self.settings.data_dir / "tenants" / tenant_id),
             "MTP_UPSTREAM": f"unix:{sock}",
@@ -304,6 +311,11 @@ class PoolSidecar:
             env["MTP_CONFIG_OVERLAY"] = self.overlay(tenant_id)
         state = self.states.get(tenant_id)
         secrets = {"MTP_SIDECAR_SECRET": derive_key(self.pool_secret, tenant_id).decode()}
+        # The tenant's own Redis URL (its ACL user): jobs and usage in the fleet's Redis,
+        # where they outlive a migration. Never the pool's own URL.
+        redis_url = tenant_secret(pool_env, "MTP_REDIS_URL", tenant_id)
+        if redis_url:
+            secrets["MTP_REDIS_URL"] = redis_url
         if state is not None:
             webhook = state.bundle.config.billing.webhook_secret_env
             value = tenant_secret(pool_env, webhook, tenant_id)
@@ -328,7 +340,8 @@ class PoolSidecar:
                                         ids["directory"], ids["unavailable"],
                                         ids["unknown_key"]),
             limiter=self.limiter, upstream=upstream, audit=self.audit,
-            metrics=Metrics(ServiceNames.from_tenant_dir(bundle.path, config)))
+            metrics=Metrics(ServiceNames.from_tenant_dir(bundle.path, config)),
+            fleet=self.fleet)
         closers = [upstream.close, tokens.close]
         if settings.config_overlay:
             # The tenant's own overlay, applied now and watched while the state lives.

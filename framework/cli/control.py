@@ -117,6 +117,13 @@ def _table(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> st
 
 def _record_text(rec: dict[str, Any]) -> str:
     lines = [f"{k}: {rec[k]}" for k in (*COLUMNS[:-1], "created", "updated") if k in rec]
+    move = rec.get("migration")
+    if move:
+        # A placement change in progress (docs/fleet.md, "Moving a tenant").
+        line = f"migration: {move['from']} -> {move['to']}, {move['state']} since {move['since']}"
+        if move.get("attempts"):
+            line += f" ({move['attempts']} attempts; last error: {move.get('last_error', '')})"
+        lines.append(line)
     usage = rec.get("usage")
     if usage:
         lines.append(f"usage today: {usage['calls']} calls, {usage['cost']} {usage['currency']}")

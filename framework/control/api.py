@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import uuid
@@ -24,6 +25,7 @@ from aiohttp import web
 from framework.control.acl import set_user, upgrade_users
 from framework.control.audit import AdminAudit
 from framework.control.auth import Operator, OperatorAuth
+from framework.control.backends import Backends
 from framework.control.bodies import (
     CREATE_KEYS,
     DEFAULT_LIMIT,
@@ -44,6 +46,7 @@ from framework.control.errors import (
     Unavailable,
 )
 from framework.control.gateway import FORMATS, gateway_api, nginx
+from framework.control.migration import MigrationBusy, Migrator, placement_change
 from framework.control.plans import PlanBook
 from framework.control.purge import export_path, offboard
 from framework.control.store import (
@@ -77,11 +80,14 @@ class Control:
     audit: AdminAudit
     data: TenantData
     pool_domain: str
+    backends: Backends = field(default_factory=Backends)  # MTP_GATEWAY_FILE
+    drain: float = 25.0  # seconds a migration's source serves after the switch
     store_thread: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="mtp-control-store"))
     purge_thread: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="mtp-control-purge"))
     published: int = 0  # the plans version last written to the store
+    migrator: Migrator | None = None  # started with the app
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking store call on the store thread; a store that fails is 503."""
@@ -255,13 +261,30 @@ async def update_tenant(request: web.Request) -> web.Response:
         raise BadRequest(f"nothing to change; fields: {', '.join(sorted(PATCH_KEYS))}")
     fields = check_fields(body, control.plans.get())
     request[AUDIT_INFO].update(tenant=tid, fields=fields)
-    old = await _record(control, tid)
-    if old.status == OFFBOARDING:
-        raise Conflict(f"tenant {tid!r} is being offboarded", kind="tenant-offboarding")
-    rec = await control.run(control.registry.update, tid, fields)
-    if rec is None:
-        raise NotFound(f"no tenant {tid!r}", kind="unknown-tenant")
-    return web.json_response(rec.as_dict())
+    for _ in range(5):
+        old = await _record(control, tid)
+        if old.status == OFFBOARDING:
+            raise Conflict(f"tenant {tid!r} is being offboarded", kind="tenant-offboarding")
+        changes: dict[str, Any] = {k: v for k, v in fields.items() if k != "placement"}
+        if "placement" in fields:
+            # A new placement is a migration (framework/control/migration.py).
+            try:
+                changes.update(placement_change(old, fields["placement"], iso_now()))
+            except MigrationBusy as exc:
+                raise Conflict(f"tenant {tid!r}: {exc}; try again shortly",
+                               kind="migration-in-progress",
+                               headers={"Retry-After": str(max(1, int(control.drain)))}
+                               ) from None
+        rec = await control.run(
+            control.registry.update, tid, changes,
+            lambda now, old=old: now.placement == old.placement
+            and now.migration == old.migration)
+        if rec is not None:
+            if rec.migration is not None and control.migrator is not None:
+                control.migrator.started(tid)
+            return web.json_response(rec.as_dict())
+    raise Conflict(f"tenant {tid!r} is changing; try again", kind="tenant-busy",
+                   headers={"Retry-After": "1"})
 
 
 async def delete_tenant(request: web.Request) -> web.Response:
@@ -323,9 +346,15 @@ async def show_gateway(request: web.Request) -> web.Response:
 
     records = await control.run(everything)
     if fmt == "nginx":
-        return web.Response(text=nginx(records, control.pool_domain), content_type="text/plain")
-    return web.Response(text=gateway_api(records, control.pool_domain),
-                        content_type="application/yaml")
+        text, kind = nginx(records, control.pool_domain, control.backends), "text/plain"
+    else:
+        text, kind = gateway_api(records, control.pool_domain), "application/yaml"
+    # The operator's sync polls with If-None-Match and reloads the gateway on a change.
+    etag = '"' + hashlib.sha256(text.encode()).hexdigest()[:32] + '"'
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if etag in [t.strip() for t in request.headers.get("If-None-Match", "").split(",")]:
+        return web.Response(status=304, headers=headers)
+    return web.Response(text=text, content_type=kind, headers=headers)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -359,10 +388,13 @@ async def _plans_publisher(app: web.Application) -> AsyncIterator[None]:
                 await control.run(control.publish_plans)
 
     task = asyncio.create_task(loop())
+    control.migrator = Migrator(control, control.backends, control.drain)
+    migrations = asyncio.create_task(control.migrator.run())
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for running in (task, migrations):
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
     control.purge_thread.shutdown(wait=True)  # an offboarding in progress finishes
     control.store_thread.shutdown(wait=True)
     control.registry.close()

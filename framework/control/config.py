@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from framework.settings import ENV, default_data_dir, parse_address
+from framework.grace import MIN_GRACE_SECONDS
+from framework.settings import ENV, _int, default_data_dir, parse_address
 from framework.tenant_config import ConfigError
 
 DEFAULT_LISTEN = "127.0.0.1:8090"
@@ -28,6 +29,8 @@ class ControlConfig:
     audit_file: str = ""
     pool_domain: str = "tenants.example.com"
     log_level: str = "INFO"
+    gateway_file: str = ""  # MTP_GATEWAY_FILE: backend addresses (framework/control/backends.py)
+    grace_seconds: int = 25  # MTP_GRACE_SECONDS: a migration's drain after the switch
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ControlConfig:
@@ -62,4 +65,6 @@ class ControlConfig:
             audit_file=env.get("MTP_AUDIT_FILE", ""),
             pool_domain=env.get("MTP_POOL_DOMAIN") or "tenants.example.com",
             log_level=level,
+            gateway_file=env.get("MTP_GATEWAY_FILE", ""),
+            grace_seconds=_int(env, "MTP_GRACE_SECONDS", 25, minimum=MIN_GRACE_SECONDS),
         )

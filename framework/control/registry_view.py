@@ -61,6 +61,8 @@ class RegistryView:
     def __init__(self) -> None:
         self.fleet = False  # True once the store holds a registry
         self.tenants: dict[str, tuple[str, str]] = {}
+        # tenant -> (placement, the placement it is migrating away from or ""): pools
+        self.placements: dict[str, tuple[str, str]] = {}
         self.plans: Mapping[str, Plan] = MappingProxyType({})
         self.plans_version = 0
         self.changed = threading.Event()  # set after every applied change (tests, benches)
@@ -151,6 +153,7 @@ class RedisView(RegistryView):
 
             self._apply_plans(json.loads(plans))
         self.tenants = {tid: _entry(doc) for tid, doc in docs.items()}
+        self.placements = {tid: _placement(doc) for tid, doc in docs.items()}
         self.changed.set()
         return version
 
@@ -216,8 +219,10 @@ class RedisView(RegistryView):
         doc = client.hget(TENANTS, tenant_id)
         if doc is None:
             self.tenants.pop(tenant_id, None)
+            self.placements.pop(tenant_id, None)
         else:
             self.tenants[tenant_id] = _entry(doc)
+            self.placements[tenant_id] = _placement(doc)
         if not self.fleet:
             self._reload(client)
         self.changed.set()
@@ -252,14 +257,21 @@ class SqliteView(RegistryView):
 
         conn.execute("BEGIN")  # one read transaction: tenants and plans of the same commit
         try:
-            rows = conn.execute("SELECT id, status, plan FROM tenants").fetchall()
+            rows = conn.execute("SELECT id, status, plan, doc FROM tenants").fetchall()
             plans = conn.execute("SELECT value FROM meta WHERE key = 'plans'").fetchone()
         finally:
             conn.execute("COMMIT")
         if plans is not None:
             self._apply_plans(json.loads(plans[0]))
-        self.tenants = {tid: (status, plan) for tid, status, plan in rows}
+        self.tenants = {tid: (status, plan) for tid, status, plan, _doc in rows}
+        self.placements = {tid: _placement(doc) for tid, _s, _p, doc in rows}
         self.changed.set()
+
+
+def _placement(doc: str) -> tuple[str, str]:
+    rec = TenantRecord.from_json(doc)
+    migration = rec.migration or {}
+    return (rec.placement, str(migration.get("from", "")))
 
 
 def _entry(doc: str) -> tuple[str, str]:

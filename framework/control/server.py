@@ -10,6 +10,7 @@ from aiohttp import web
 from framework.control.api import Control, make_app
 from framework.control.audit import AdminAudit
 from framework.control.auth import load_auth
+from framework.control.backends import load_backends
 from framework.control.config import ControlConfig
 from framework.control.plans import PlanBook
 from framework.control.store import connect_redis, open_registry
@@ -21,6 +22,7 @@ STORE_THREADS_REDIS = 4
 def build(config: ControlConfig) -> Control:
     """The control plane, checked (config errors raise here, before anything listens)."""
     plans = PlanBook(config.plans_file)
+    backends = load_backends(config.gateway_file)
     auth = load_auth(config.operator_jwt_secret, config.operator_keys_file)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     registry = open_registry(config.redis_url, config.data_dir)
@@ -31,7 +33,8 @@ def build(config: ControlConfig) -> Control:
     threads = STORE_THREADS_REDIS if config.redis_url else 1
     return Control(registry=registry, plans=plans, auth=auth,
                    audit=AdminAudit(config.audit_file), data=data,
-                   pool_domain=config.pool_domain,
+                   pool_domain=config.pool_domain, backends=backends,
+                   drain=float(config.grace_seconds),
                    store_thread=ThreadPoolExecutor(threads, thread_name_prefix="mtp-control"))
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -69,14 +69,19 @@ class TenantRecord:
     placement: str
     created: str
     updated: str
+    # A placement change in progress (framework/control/migration.py); not stored when None.
+    migration: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        doc = asdict(self)
+        if doc["migration"] is None:
+            del doc["migration"]
+        return doc
 
     @classmethod
     def from_json(cls, text: str | bytes) -> TenantRecord:
         doc = json.loads(text)
-        return cls(**{k: doc[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: doc[k] for k in cls.__dataclass_fields__ if k in doc})
 
 
 class Registry(Protocol):
@@ -91,8 +96,10 @@ class Registry(Protocol):
     def page(self, after: str, limit: int) -> list[TenantRecord]:
         """Up to ``limit`` records with ids after ``after``, in id order."""
 
-    def update(self, tenant_id: str, changes: dict[str, str]) -> TenantRecord | None:
-        """Apply field changes (``updated`` set here); None when the id is unknown."""
+    def update(self, tenant_id: str, changes: dict[str, Any],
+               check: Callable[[TenantRecord], bool] | None = None) -> TenantRecord | None:
+        """Apply field changes (``updated`` set here); None when the id is unknown, or
+        when ``check`` refuses the record as it is now (a compare-and-set)."""
 
     def put_plans(self, plans: dict[str, Any]) -> None:
         """Publish the plans in force for data planes."""
@@ -177,12 +184,13 @@ class SqliteRegistry:
                                   (after, limit)).fetchall()
         return [TenantRecord.from_json(r[0]) for r in rows]
 
-    def update(self, tenant_id: str, changes: dict[str, str]) -> TenantRecord | None:
+    def update(self, tenant_id: str, changes: dict[str, Any],
+               check: Callable[[TenantRecord], bool] | None = None) -> TenantRecord | None:
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
             old = self.get(tenant_id)
-            if old is None:
+            if old is None or (check is not None and not check(old)):
                 conn.execute("ROLLBACK")
                 return None
             new = replace(old, **changes, updated=iso_now())
@@ -286,10 +294,11 @@ class RedisRegistry:
         docs = self.client.hmget(TENANTS, ids)
         return [TenantRecord.from_json(d) for d in docs if d]
 
-    def update(self, tenant_id: str, changes: dict[str, str]) -> TenantRecord | None:
+    def update(self, tenant_id: str, changes: dict[str, Any],
+               check: Callable[[TenantRecord], bool] | None = None) -> TenantRecord | None:
         for _ in range(20):
             raw = self.client.hget(TENANTS, tenant_id)
-            if not raw:
+            if not raw or (check is not None and not check(TenantRecord.from_json(raw))):
                 return None
             new = replace(TenantRecord.from_json(raw), **changes, updated=iso_now())
             keys = [TENANTS, VERSION, CHANNEL, tenant_key(tenant_id), tenant_channel(tenant_id)]

@@ -67,7 +67,10 @@ async def serve_pool(pool: PoolSettings, settings: Settings, *,
                      placement: Placement | None = None,
                      stop: asyncio.Event | None = None) -> None:
     """Serve the pool until ``stop`` is set (SIGTERM/SIGINT without one)."""
+    from framework.control.registry_view import open_view
+    from framework.pool.placement import RegistryPlacement
     from sidecar.audit import AuditLog
+    from sidecar.fleet import FleetGate
     from sidecar.front import install_stop_signals, serve
     from sidecar.ratelimit import RateLimiter
     from sidecar.startup import limiter_backend
@@ -87,9 +90,13 @@ async def serve_pool(pool: PoolSettings, settings: Settings, *,
                            grace=float(budget.framework),
                            on_stop=lambda proc: handler.process_stopped(proc), wake=wake)
     audit = AuditLog(settings.audit_file)
-    handler = PoolSidecar(pool.name, settings, BundleDir(pool.bundles, placement), procs,
-                          domain=pool.domain, pool_secret=secret,
-                          limiter=RateLimiter(limiter_backend(settings)), audit=audit)
+    # The fleet's registry, when the store holds one (else every bundle, no checks).
+    view = open_view(settings.redis_url, settings.data_dir)
+    handler = PoolSidecar(pool.name, settings,
+                          BundleDir(pool.bundles, placement or RegistryPlacement(pool.name, view)),
+                          procs, domain=pool.domain, pool_secret=secret,
+                          limiter=RateLimiter(limiter_backend(settings)), audit=audit,
+                          fleet=FleetGate(view))
     if stop is None:
         stop = asyncio.Event()
         install_stop_signals(asyncio.get_running_loop(), stop)
@@ -128,6 +135,7 @@ async def serve_pool(pool: PoolSettings, settings: Settings, *,
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await handler.close()
+        view.close()
         await handler.limiter.backend.close()
         await audit.close()
         await asyncio.to_thread(zygote.close)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -168,3 +169,19 @@ def test_mtp_usage_prices_with_the_plan(plane: ControlPlane, tmp_path: Path) -> 
                                env=env)))
     assert report["currency"] == "EUR"  # plan pro: EUR 0.001 per call
     assert sum(r["cost"] for r in report["rows"]) == pytest.approx(10 * 0.001)
+
+
+def test_a_placement_change_shows_its_migration(plane: ControlPlane) -> None:
+    ok(mtp(plane, "tenants", "create", "cli-mover", "--name", "Mover", "--plan", "free",
+           "--placement", "pool:alpha"))
+    out = ok(mtp(plane, "tenants", "update", "cli-mover", "--placement", "pool:beta"))
+    assert "placement: pool:beta" in out
+    assert "migration: pool:alpha -> pool:beta, warming since " in out
+    # Nobody answers for mtp-pool-beta here: the attempts and the reason are shown.
+    deadline = time.monotonic() + 20
+    while "attempts; last error: mtp-pool-beta:8080" not in (
+            shown := ok(mtp(plane, "tenants", "show", "cli-mover"))):
+        assert time.monotonic() < deadline, shown
+        time.sleep(0.2)
+    out = ok(mtp(plane, "tenants", "update", "cli-mover", "--placement", "pool:alpha"))
+    assert "placement: pool:alpha" in out and "migration" not in out  # cancelled
