@@ -215,7 +215,7 @@ POOL = ["pool/deployment.yaml", "pool/pvc.yaml", "pool/service.yaml",
 
 def test_pool_service_is_what_the_routing_table_names():
     """The HTTPRoutes (example and both renderers) reach the pool pod's port."""
-    from framework.control.gateway import PORT, backend
+    from framework.control.backends import PORT, backend_name
     from framework.pool.gateway import render_gateway_api
 
     docs = load(POOL)
@@ -230,7 +230,7 @@ def test_pool_service_is_what_the_routing_table_names():
     assert port["targetPort"] in {p["name"] for p in container["ports"]}
     name = container["args"][container["args"].index("--name") + 1]
     # mtp control's table: mtp-pool-<name> on PORT.
-    assert (service["metadata"]["name"], port["port"]) == (backend(f"pool:{name}"), PORT)
+    assert (service["metadata"]["name"], port["port"]) == (backend_name(f"pool:{name}", ""), PORT)
     routes = of_kind(docs, "HTTPRoute")
     assert {(b["name"], b["port"]) for r in routes for rule in r["spec"]["rules"]
             for b in rule["backendRefs"]} == {(service["metadata"]["name"], port["port"])}
@@ -243,13 +243,13 @@ def test_pool_service_is_what_the_routing_table_names():
 
 def test_tenant_service_is_what_the_routing_table_names():
     """A dedicated tenant's Service: mtp-<tenant> on the port mtp control routes to."""
-    from framework.control.gateway import PORT, backend
+    from framework.control.backends import PORT, backend_name
 
     (service,) = of_kind(load(["service.yaml"]), "Service")
     tenant = service["metadata"]["labels"]["app.kubernetes.io/instance"]
     (port,) = service["spec"]["ports"]
     assert (service["metadata"]["name"], port["port"]) == (
-        backend("dedicated").format(tenant=tenant), PORT)
+        backend_name("dedicated", tenant), PORT)
 
 
 def test_pool_stop_budget_probes_and_memory_volumes():

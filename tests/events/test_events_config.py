@@ -157,3 +157,17 @@ def test_prune_forgets_delivered_events_and_keeps_dedup_for_a_day(tmp_path) -> N
     assert store.release("me") == 1
     (again,) = store.claim("other", 10, 30.0)
     assert again.did == running.did and again.attempts == 1
+
+
+def test_claiming_walks_the_due_index_and_never_sorts_the_backlog(tmp_path) -> None:
+    """A claim reads LIMIT rows of the due index in order: its cost does not grow with
+    the backlog (a sort of every pending row did, and throughput collapsed under load)."""
+    import sqlite3
+
+    from framework.events.store import DUE, EventStore
+
+    EventStore(tmp_path / "events.sqlite3")  # the schema and its indexes
+    with sqlite3.connect(tmp_path / "events.sqlite3") as conn:
+        plan = " ".join(str(row[-1]) for row in conn.execute(
+            "EXPLAIN QUERY PLAN " + DUE, ("pending", 0.0, "pending", "running", 4)))
+    assert "deliveries_due" in plan and "TEMP B-TREE" not in plan
