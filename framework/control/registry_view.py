@@ -50,6 +50,7 @@ log = logging.getLogger("mtp.fleet")
 POLL = 0.05  # SQLite: seconds between data_version checks
 RESYNC = 1.0  # Redis: seconds between version checks (a backstop for lost messages)
 RETRY = 0.5  # seconds before reconnecting to a store that failed
+FIRST_LOOK = 2.0  # seconds open_view waits at most for the first read of the store
 
 UNKNOWN = "unknown-tenant"
 SUSPENDED = "tenant-suspended"
@@ -66,6 +67,10 @@ class RegistryView:
         self.plans: Mapping[str, Plan] = MappingProxyType({})
         self.plans_version = 0
         self.changed = threading.Event()  # set after every applied change (tests, benches)
+        # Set once the first look at the store is over (a registry read, none found, or
+        # the store unreachable): open_view waits for it, so a data plane does not serve
+        # anyone the registry would refuse in the moment before its first read.
+        self.settled = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -109,10 +114,12 @@ class RegistryView:
                 self._watch()
             except Exception as exc:
                 log.debug("registry view: store unavailable (%s); retrying", type(exc).__name__)
+                self.settled.set()  # as before the view: the last copy, here none
                 self._stop.wait(RETRY)
 
     def _watch(self) -> None:
         """Follow the store's changes until stopped; a view with no store has none."""
+        self.settled.set()
         self._stop.wait()
 
 
@@ -133,6 +140,7 @@ class RedisView(RegistryView):
         pipe.get(tenant_key(self.tenant))
         plans, doc = seen = tuple(pipe.execute())
         if seen == self._seen:
+            self.settled.set()
             return
         if plans is not None:
             import json
@@ -141,6 +149,7 @@ class RedisView(RegistryView):
         self.tenants = {self.tenant: _entry(doc)} if doc is not None else {}
         self._seen = seen
         self.changed.set()
+        self.settled.set()
 
     def _reload(self, client: Any) -> str | None:
         pipe = client.pipeline(transaction=True)
@@ -155,6 +164,7 @@ class RedisView(RegistryView):
         self.tenants = {tid: _entry(doc) for tid, doc in docs.items()}
         self.placements = {tid: _placement(doc) for tid, doc in docs.items()}
         self.changed.set()
+        self.settled.set()
         return version
 
     def _watch(self) -> None:
@@ -237,6 +247,7 @@ class SqliteView(RegistryView):
 
     def _watch(self) -> None:
         while not self.path.is_file():
+            self.settled.set()  # no fleet.db: no registry (yet)
             if self._stop.wait(POLL * 4):
                 return
         conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5,
@@ -266,6 +277,7 @@ class SqliteView(RegistryView):
         self.tenants = {tid: (status, plan) for tid, status, plan, _doc in rows}
         self.placements = {tid: _placement(doc) for tid, _s, _p, doc in rows}
         self.changed.set()
+        self.settled.set()
 
 
 def _placement(doc: str) -> tuple[str, str]:
@@ -283,4 +295,6 @@ def open_view(redis_url: str, data_dir: Path, tenant: str = "") -> RegistryView:
     """The view of this data plane's store, started; ``tenant``: only that tenant's record
     (with Redis: all its ACL user may read)."""
     view: RegistryView = RedisView(redis_url, tenant) if redis_url else SqliteView(data_dir)
-    return view.start()
+    view.start()
+    view.settled.wait(FIRST_LOOK)
+    return view

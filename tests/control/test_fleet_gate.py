@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from framework.control.plans import Plan
-from framework.control.registry_view import RedisView, RegistryView, SqliteView
+from framework.control.registry_view import RedisView, RegistryView, SqliteView, open_view
 from framework.control.store import (
     SqliteRegistry,
     TenantRecord,
@@ -108,6 +108,41 @@ def test_sqlite_view_follows_the_registry(tmp_path: Path) -> None:
         wait(view, lambda v: v.refusal("acme") == "tenant-suspended")
         assert view.plan_of("acme").name == "basic"
         reg.close()
+    finally:
+        view.close()
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_an_opened_view_has_read_the_registry_before_anything_is_served(
+        tmp_path: Path, store: str) -> None:
+    """open_view returns after the first read: a data plane (or pool) starting never
+    serves, even for a moment, a tenant the registry already refuses."""
+    server = RedisServer(tmp_path / "redis") if store == "redis" else None
+    if server is not None:
+        server.start()
+    url = server.url if server is not None else ""
+    try:
+        reg = open_registry(url, tmp_path)
+        reg.put_plans(PLANS)
+        reg.create(record("acme", status="suspended"))
+        for tenant in ("", "acme"):  # every record (pools), one tenant's (a dedicated stack)
+            view = open_view(url, tmp_path, tenant) if url else open_view(url, tmp_path)
+            try:
+                assert view.settled.is_set()
+                assert view.refusal("acme") == "tenant-suspended"  # no wait, no retry
+            finally:
+                view.close()
+        reg.close()
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def test_an_opened_view_of_an_unreachable_store_does_not_hold_the_start(
+        tmp_path: Path) -> None:
+    view = open_view("redis://127.0.0.1:1/0", tmp_path)  # nothing listens on port 1
+    try:
+        assert view.settled.is_set() and not view.fleet  # as before: no copy to go by
     finally:
         view.close()
 
