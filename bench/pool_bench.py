@@ -7,9 +7,11 @@ cold start: the tenant's process is forked from the warm parent) and a few more 
 calls. Reports: the pool process's RSS with every tenant registered and none active,
 and again with ``--active`` active; the PSS (proportional set size, shared pages
 divided among sharers) of each live tenant process (gunicorn master + worker); cold
-and warm call latency p50/p99.
+and warm call latency p50/p99; then the pool is started again on the same data and each
+active tenant called once more: the cold start of a tenant whose process was reaped
+(its databases exist; the first calls also created them).
 
-Usage: .venv/bin/python bench/pool_bench.py [--tenants 10000] [--active 200]
+Usage: .venv/bin/python bench/pool_bench.py [--tenants 10000] [--active 200] [--wrk 20]
 The machine is shared: a short run is e.g. --tenants 1000 --active 10.
 """
 
@@ -19,6 +21,7 @@ import argparse
 import hashlib
 import http.client
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -77,6 +80,36 @@ def call(port: int, tid: str) -> tuple[float, dict]:
     return elapsed, json.loads(body)
 
 
+WRK_LUA = """
+local ids = {%s}
+local n = 0
+request = function()
+  n = n + 1
+  local tid = ids[(n %% #ids) + 1]
+  return wrk.format("POST", "/services/hello",
+                    {["X-Tenant-ID"] = tid, ["X-API-Key"] = "key-" .. tid}, "{}")
+end
+"""
+
+
+def run_wrk(port: int, ids: list[str], seconds: int, tmp: Path) -> dict[str, float]:
+    """wrk over every active tenant in turn (each request another tenant's process)."""
+    script = tmp / "pool.lua"
+    script.write_text(WRK_LUA % ", ".join(f'"{t}"' for t in ids))
+    out = subprocess.run(["wrk", "-t2", "-c32", f"-d{seconds}s", "--latency", "-s",
+                          str(script), f"http://127.0.0.1:{port}"],
+                         capture_output=True, text=True, check=True).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: .*", out)
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    return {"wrk_tenants": len(ids), "wrk_requests_per_s": rate,
+            "wrk_non_2xx": int(bad.group(1)) if bad else 0,
+            "wrk_socket_errors": errors.group(0) if errors else "none",
+            "wrk_p99_ms": round(float(p99.group(1)) * scale[p99.group(2)], 2) if p99 else -1}
+
+
 def kib(pid: int, field: str, name: str = "status") -> int:
     """A ``field:`` line of /proc/<pid>/<name>, in KiB."""
     for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
@@ -105,6 +138,9 @@ def main() -> None:
     ap.add_argument("--tenants", type=int, default=10000)
     ap.add_argument("--active", type=int, default=200)
     ap.add_argument("--warm", type=int, default=200, help="warm calls after the cold ones")
+    ap.add_argument("--wrk", type=int, default=0, metavar="SECONDS",
+                    help="then wrk (2 threads, 32 connections) round-robin over the active "
+                         "tenants for SECONDS: requests/s and non-2xx answers")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="mtp-pool-bench-"))
     t0 = time.perf_counter()
@@ -116,10 +152,13 @@ def main() -> None:
                    MTP_POOL_RUN_DIR=str(tmp / "run"), MTP_POOL_IDLE="3600",
                    MTP_POOL_MAX_PROCS=str(args.active + 1), MTP_LOG_LEVEL="WARNING",
                    MTP_AUDIT_FILE=str(tmp / "audit.log"))
-    proc = subprocess.Popen([sys.executable, "-m", "framework", "pool", "--name", "bench",
-                             "--bundles", str(tmp / "bundles")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "framework", "pool", "--name", "bench",
+                                 "--bundles", str(tmp / "bundles")], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+
+    proc = start()
     try:
         wait_for_port(port, proc, timeout=60)
         time.sleep(0.5)
@@ -144,6 +183,19 @@ def main() -> None:
             "warm_ms_p50": round(pct(warm, 0.5) * 1000, 2),
             "warm_ms_p99": round(pct(warm, 0.99) * 1000, 2),
         }
+        if args.wrk:
+            report.update(run_wrk(port, ids, args.wrk, tmp))
+        # The issue's cold start: a tenant whose process was reaped (its data dir, job
+        # and events databases exist). A pool started again on the same data has no
+        # tenant process, as after an idle reap; the first calls above also created
+        # each tenant's databases.
+        stop(proc, timeout=60)
+        proc = start()
+        wait_for_port(port, proc, timeout=60)
+        time.sleep(0.5)
+        again = [call(port, tid)[0] for tid in ids]
+        report["cold_after_reap_ms_p50"] = round(pct(again, 0.5) * 1000, 1)
+        report["cold_after_reap_ms_p99"] = round(pct(again, 0.99) * 1000, 1)
         print(json.dumps(report, indent=2))
     finally:
         stop(proc, timeout=60)
