@@ -220,13 +220,7 @@ class Registry:
             spec.loader.exec_module(module)
         except (Exception, SystemExit) as exc:
             sys.modules.pop(modname, None)
-            line = _where(exc, path)
-            at = f", line {line}" if line else ""
-            reason = (exc.msg if isinstance(exc, SyntaxError) else str(exc))
-            # The private package name means nothing to the tenant: say "services".
-            reason = reason.replace(self.package, "services")[:200]
-            raise ServiceLoadFailed(
-                f"{self.rel(path)}{at}: {type(exc).__name__} on import: {reason}") from exc
+            raise self._import_failed(path, exc) from exc
         return module
 
     def _import_helper(self, path: Path) -> None:
@@ -235,12 +229,17 @@ class Registry:
         try:
             importlib.import_module(f"{self.package}.{path.stem}")
         except (Exception, SystemExit) as exc:
-            line = _where(exc, path)
-            at = f", line {line}" if line else ""
-            reason = (exc.msg if isinstance(exc, SyntaxError) else str(exc))
-            reason = reason.replace(self.package, "services")[:200]
-            raise ServiceLoadFailed(
-                f"{self.rel(path)}{at}: {type(exc).__name__} on import: {reason}") from exc
+            raise self._import_failed(path, exc) from exc
+
+    def _import_failed(self, path: Path, exc: BaseException) -> ServiceLoadFailed:
+        """The error for a module that raised on import: file, line, class, message."""
+        line = _where(exc, path)
+        at = f", line {line}" if line else ""
+        reason = exc.msg if isinstance(exc, SyntaxError) else str(exc)
+        # The private package name means nothing to the tenant: say "services".
+        reason = reason.replace(self.package, "services")[:200]
+        return ServiceLoadFailed(
+            f"{self.rel(path)}{at}: {type(exc).__name__} on import: {reason}")
 
     def _spec(self, name: str, path: Path, module: types.ModuleType) -> ServiceSpec:
         where = self.rel(path)

@@ -38,8 +38,11 @@ LIMIT_FIELDS = {f.name: float if str(f.type) == "float" else int
 
 
 class UnknownTenant(Forbidden):
+    """403: a tenant the fleet does not register, or one this sidecar (a pool) does not
+    serve: no tenant named, a bundle it does not hold, a placement elsewhere."""
+
     kind = "unknown-tenant"
-    detail = "this tenant is not registered in the fleet"
+    detail = "this tenant is not registered or not served here"
 
 
 class TenantSuspended(Forbidden):

@@ -42,7 +42,7 @@ from sidecar.audit import AuditLog
 from sidecar.authenticate import Authenticator
 from sidecar.catalog import CatalogRefused, CatalogWatcher
 from sidecar.errors import Forbidden, SidecarError, Unavailable, render
-from sidecar.fleet import FleetGate
+from sidecar.fleet import FleetGate, UnknownTenant
 from sidecar.front import Request, Response
 from sidecar.metrics import Metrics, ServiceNames
 from sidecar.overlay import OverlayWatcher
@@ -56,13 +56,6 @@ log = logging.getLogger("mtp.pool")
 PATH_PREFIX = "/tenants/"
 POOL_ROUTES = frozenset(("/healthz", "/readyz"))
 CLAIM = "tenant_id"  # the claim read to choose the tenant (tenants may name another)
-
-
-class UnknownTenant(Forbidden):
-    """403: no tenant named, or one this pool does not serve."""
-
-    kind = "unknown-tenant"
-    detail = "unknown tenant"
 
 
 class TenantMismatch(Forbidden):

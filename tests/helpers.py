@@ -10,12 +10,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 
 
 def _ephemeral_low() -> int:
@@ -129,7 +131,27 @@ def require_binary(name: str, hint: str = "run `make servers`") -> str:
             (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None)
     if path:
         return path
+    unavailable(f"{name} is not installed ({hint})")
+    raise AssertionError  # unreachable: unavailable() raises
+
+
+def unavailable(why: str) -> None:
+    """A real part the test needs cannot run here: a failure with CI=true, else a skip."""
     if os.environ.get("CI") == "true":
-        pytest.fail(f"{name} is not installed and CI=true: a missing server is a failure")
-    pytest.skip(f"{name} is not installed ({hint}); with CI=true this is a failure")
-    raise AssertionError  # unreachable: skip raises
+        pytest.fail(f"{why}; with CI=true a missing real part is a failure")
+    pytest.skip(f"{why}; with CI=true this is a failure")
+
+
+def eventually(probe: Callable[[], T], timeout: float = 40.0, pause: float = 0.02) -> T:
+    """Poll ``probe`` until it returns something truthy, and return that.
+
+    AssertionError after ``timeout`` seconds (generous: a loaded CI machine is slow,
+    and a passing test never waits for it).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"not true within {timeout} s: {probe!r}"
+        time.sleep(pause)

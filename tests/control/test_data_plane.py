@@ -15,7 +15,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from framework.usage import HOUR, UsageMeter, UsageStore, hour_of, iso_hour
 from framework.usage_redis import RedisUsageStore, prefix
 from framework.usage_redis import connect as connect_usage
 from tests.control.fleet import ControlPlane
+from tests.helpers import eventually as wait_until
 from tests.ops.receiver import Receiver
 from tests.redis.stack import Replica, Reply, auth, write_tenant
 from tests.servers import RedisServer
@@ -58,13 +59,6 @@ services = ["*"]
 limits = { rate = 1000, burst = 1000, daily_quota = 2, degraded_rate = 1 }
 """
 
-
-def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll ``check`` (the contract says within 1 s; a loaded CI box gets slack)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "the registry change did not reach the data plane"
-        time.sleep(0.01)
 
 
 def echo(replica: Replica) -> Reply:

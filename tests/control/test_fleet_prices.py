@@ -39,6 +39,7 @@ from framework.usage import HOUR, UsageMeter, UsageStore, hour_of
 from framework.usage_redis import RedisUsageStore, RedisWebhookExporter
 from framework.usage_redis import connect as connect_usage
 from framework.webhook import ExportPolicy, WebhookExporter
+from tests.helpers import eventually as wait_for
 from tests.helpers import free_port
 from tests.ops.receiver import Receiver
 
@@ -269,12 +270,6 @@ def receiver() -> Iterator[Receiver]:
     yield r
     r.stop()
 
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def test_the_webhook_sends_every_hour_at_the_plans_prices(

@@ -25,6 +25,7 @@ from tests.events.stack import (
     wait_lines,
     write_events_tenant,
 )
+from tests.helpers import eventually as wait_for
 from tests.helpers import free_port, stop
 from tests.sidecar.run_stack import RunStack, run_env, start_run
 from tests.sidecar.support import JWT_SECRET, SIDECAR_SECRET, token
@@ -324,17 +325,6 @@ def dead(run: RunStack) -> list[dict]:
     assert answer.status == 200, answer.body
     return answer.json()["dead"]
 
-
-def wait_for(probe, timeout: float = 30.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def test_the_overlay_changes_routes_live(tmp_path) -> None:

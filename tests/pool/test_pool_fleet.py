@@ -8,8 +8,7 @@ the plan's entitlements apply. Plus the placement decision itself (unit level).
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import pytest
 from framework.control.registry_view import RegistryView
 from framework.pool.placement import RegistryPlacement, serves
 from tests.control.fleet import ControlPlane
+from tests.helpers import eventually as wait_until
 from tests.pool.support import Pool, Tenant, start_pool, stop_pool
 from tests.pool.test_pool import bearer, problem_type
 
@@ -59,12 +59,6 @@ def test_the_placement_of_a_pool_follows_the_view() -> None:
     assert placement.placed_here("acme") and placement.placed_here("globex")
     assert not placement.placed_here("initech")
 
-
-def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "the registry change did not reach the pool"
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module", params=["redis", "sqlite"])

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.events.stack import lines, write_events_tenant
+from tests.helpers import eventually as wait_for
 from tests.redis.stack import Replica, token
 
 pytestmark = pytest.mark.slow
@@ -29,15 +30,6 @@ def publish(replica: Replica, event: dict, user: str = "alice", roles: tuple = (
     return replica.call("POST", "/events", headers,
                         json.dumps({"specversion": "1.0", **event}).encode()).status
 
-
-def wait_for(probe, timeout: float = 40.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture(scope="module")
