@@ -120,6 +120,18 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.
     return proc.returncode
 
 
+def stacks_of(proc: subprocess.Popen, log: Path, lines: int = 200) -> Callable[[], str]:
+    """A diagnosis for a framework that does not answer: SIGUSR1 makes its workers
+    write every thread's stack to ``log``; the end of that log is returned."""
+    def diagnose() -> str:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGUSR1)  # the gunicorn master passes it on
+            time.sleep(1.0)
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        return f"the end of {log}:\n" + "\n".join(tail)
+    return diagnose
+
+
 def require_binary(name: str, hint: str = "run `make servers`") -> str:
     """Path of a server or tool binary (beside this interpreter first, e.g. the venv's).
 

@@ -10,6 +10,7 @@ data disk, where a full disk turns a write to them into SIGBUS.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import shutil
@@ -92,7 +93,12 @@ def _runtime(worker: Any) -> Any:
 
 
 def post_worker_init(worker: Any) -> None:
-    """In each worker: SIGTERM first tells the job runner to take no new job (503)."""
+    """In each worker: SIGTERM first tells the job runner to take no new job (503), and
+    SIGUSR1 (which the master passes on to its workers) writes every thread's stack to
+    the log before gunicorn reopens its log files."""
+    # A hung worker (a deadlock in a handler or below) is then found by its stacks,
+    # without a debugger in the image.
+    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=True)
     runtime = _runtime(worker)
     if runtime is None:
         return

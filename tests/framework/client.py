@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,8 +58,9 @@ class Client:
     """Requests to one framework address; ``sign=False`` sends no signature at all."""
 
     def __init__(self, port: int = 0, host: str = "127.0.0.1", unix: str = "",
-                 secret: str = SECRET) -> None:
+                 secret: str = SECRET, diagnose: Callable[[], str] | None = None) -> None:
         self.host, self.port, self.unix, self.secret = host, port, unix, secret
+        self.diagnose = diagnose  # what the server was doing, for a request without answer
 
     def request(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
                 sign: bool = True, headers: dict[str, str] | None = None,
@@ -73,6 +75,11 @@ class Client:
             conn.request(method, path, body=data, headers=sent)
             resp = conn.getresponse()
             return Answer(resp.status, resp.headers, resp.read())
+        except TimeoutError:
+            if self.diagnose is None:
+                raise
+            raise AssertionError(f"{method} {path}: no answer in {timeout:g}s\n"
+                                 f"{self.diagnose()}") from None
         finally:
             conn.close()
 

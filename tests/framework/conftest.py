@@ -12,7 +12,7 @@ import pytest
 
 from tests.framework.client import Client
 from tests.framework.tenant import SECRET, make_tenant
-from tests.helpers import base_env, free_port, spawn, stop, wait_for_port
+from tests.helpers import base_env, free_port, spawn, stacks_of, stop, wait_for_port
 
 MTP = [sys.executable, "-m", "framework"]
 
@@ -45,7 +45,7 @@ def start_server(tmp: Path, **extra: str) -> Server:
     log = tmp / "framework.log"
     proc = spawn([*MTP, "framework", "--tenant-dir", str(root)], server_env(data, port, **extra),
                  log=log)
-    client = Client(port)
+    client = Client(port, diagnose=stacks_of(proc, log))
     try:
         wait_for_port(port, proc)
         # An HTTP answer proves it is this framework that listens, not a stray socket.

@@ -337,3 +337,15 @@ def test_the_catalog_lists_every_timeout_signed_for_the_sidecar_only(server: Ser
     assert doc["services"]["echo"] == 30.0
     assert "disabled" not in doc["services"] and "broken" not in doc["services"]
     assert c.get("/readyz").json()["catalog"] == doc["version"]
+
+
+def test_sigusr1_writes_every_workers_thread_stacks_and_serving_goes_on(server: Server):
+    before = server.log_text().count("most recent call first")
+    assert server.client.diagnose is not None
+    tail = server.client.diagnose()
+    stacks = server.log_text().count("most recent call first") - before
+    # 2 workers, each with at least its main loop and a request thread: a hang is found
+    # by where its threads wait.
+    assert stacks >= 4 and "gthread.py" in tail, tail
+    assert server.client.get("/healthz").status == 200
+    assert server.client.post("/services/echo", {"n": 1}).status == 200

@@ -16,7 +16,7 @@ import pytest
 from framework.usage import HOUR, UsageStore, hour_of
 from framework.webhook import idempotency_key
 from tests.framework.client import Client
-from tests.helpers import base_env, free_port, spawn, stop, wait_for_port
+from tests.helpers import base_env, free_port, spawn, stacks_of, stop, wait_for_port
 from tests.ops.receiver import Receiver
 from tests.ops.tenant import BILLING_SECRET, COOLDOWN, PRICES, SIDECAR_SECRET, make_tenant
 
@@ -64,7 +64,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     except Exception:
         print(log.read_text(errors="replace"))
         raise
-    yield Server(Client(port, secret=SIDECAR_SECRET), data, overlay, log, receiver)
+    yield Server(Client(port, secret=SIDECAR_SECRET, diagnose=stacks_of(proc, log)), data,
+                 overlay, log, receiver)
     stop(proc)
     receiver.stop()
     shutil.rmtree(tmp, ignore_errors=True)
