@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import fields, replace
 from typing import Any
@@ -28,6 +29,7 @@ from sidecar.errors import Forbidden
 log = logging.getLogger("mtp.sidecar.fleet")
 
 CPU_POLL = 2.0  # seconds between readings of today's CPU (a plan's daily_cpu_seconds)
+CPU_FORGET = 600.0  # a tenant without a request for this long is no longer read
 
 # Limits where 0 means "no limit": the lower of two is the lower non-zero one.
 ZERO_IS_NONE = frozenset(("user_rate", "user_burst", "concurrency", "daily_quota"))
@@ -76,13 +78,18 @@ def effective_limits(own: LimitSettings, plan: Plan) -> LimitSettings:
 
 
 class CpuWatch:
-    """Today's handler CPU seconds of one tenant, read from the usage store every
-    :data:`CPU_POLL` s (only while its plan caps them): a plan's ``daily_cpu_seconds``."""
+    """Today's handler CPU seconds of the tenants served lately, for a plan's
+    ``daily_cpu_seconds``.
 
-    def __init__(self, view: RegistryView, tenant_id: str,
-                 open_usage: Callable[[], Any]) -> None:
-        self.view, self.tenant_id, self.open_usage = view, tenant_id, open_usage
-        self.used = 0.0
+    One thread reads the usage store every :data:`CPU_POLL` s, only for tenants asked
+    about in the last :data:`CPU_FORGET` s whose plan caps CPU: a pool with 10,000
+    registered tenants reads the few that are active, a tenant image its one tenant.
+    """
+
+    def __init__(self, view: RegistryView, open_usage: Callable[[str], Any]) -> None:
+        self.view, self.open_usage = view, open_usage  # tenant id -> its usage store
+        self.used: dict[str, float] = {}
+        self._asked: dict[str, float] = {}  # tenant -> time.monotonic() of the last ask
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mtp-fleet-cpu", daemon=True)
 
@@ -90,24 +97,44 @@ class CpuWatch:
         self._thread.start()
         return self
 
-    def over(self, plan: Plan) -> bool:
-        """True when the plan caps CPU per day and today's is used up."""
+    def over(self, tenant_id: str, plan: Plan) -> bool:
+        """True when the plan caps CPU per day and the tenant's today is used up."""
         cap = plan.limits.get("daily_cpu_seconds") or 0
-        return bool(cap) and self.used >= cap
+        if not cap:
+            return False
+        self._asked[tenant_id] = time.monotonic()
+        return self.used.get(tenant_id, 0.0) >= cap
 
-    def _run(self) -> None:
-        store = None
-        while not self._stop.wait(CPU_POLL):
-            plan = self.view.plan_of(self.tenant_id)
-            if plan is None or not plan.limits.get("daily_cpu_seconds"):
+    def read(self, stores: dict[str, Any]) -> None:
+        """One round: today's CPU of each tenant asked about lately (``stores``: the
+        usage stores opened so far, kept between rounds, dropped with their tenant)."""
+        now = time.monotonic()
+        for tenant_id, asked in list(self._asked.items()):
+            plan = self.view.plan_of(tenant_id)
+            if now - asked > CPU_FORGET or plan is None \
+                    or not plan.limits.get("daily_cpu_seconds"):
+                self._forget(tenant_id, stores)
                 continue
             try:
-                store = store or self.open_usage()
-                rows = store.query(self.tenant_id, BillingSettings(), start=midnight(),
+                store = stores.get(tenant_id) or stores.setdefault(
+                    tenant_id, self.open_usage(tenant_id))
+                rows = store.query(tenant_id, BillingSettings(), start=midnight(),
                                    group_by=())
-                self.used = sum(float(r["cpu_seconds"]) for r in rows)
+                self.used[tenant_id] = sum(float(r["cpu_seconds"]) for r in rows)
             except Exception as exc:  # keep the last reading, try again
-                log.debug("CPU usage not read (%s)", type(exc).__name__)
+                log.debug("CPU usage of %s not read (%s)", tenant_id, type(exc).__name__)
+
+    def _forget(self, tenant_id: str, stores: dict[str, Any]) -> None:
+        self._asked.pop(tenant_id, None)
+        self.used.pop(tenant_id, None)
+        stores.pop(tenant_id, None)  # SQLite opens per query; a Redis pool closes with it
+
+    def _run(self) -> None:
+        stores: dict[str, Any] = {}
+        while not self._stop.wait(CPU_POLL):
+            self.read(stores)
+        for tenant_id in list(stores):
+            self._forget(tenant_id, stores)
 
     def close(self) -> None:
         self._stop.set()
@@ -140,7 +167,7 @@ class FleetGate:
         plan = self.view.plan_of(tenant_id)
         if plan is None:
             return own
-        over = self.cpu is not None and self.cpu.over(plan)
+        over = self.cpu is not None and self.cpu.over(tenant_id, plan)
         key = (own, self.view.plans_version, plan.name, over)
         found = self._limits.get(key)
         if found is None:
@@ -164,4 +191,4 @@ def start_fleet(settings: Settings, tenant_id: str) -> FleetGate:
     from framework.usage_redis import open_store
 
     view = open_view(settings.redis_url, settings.data_dir, tenant_id)  # one tenant's record
-    return FleetGate(view, CpuWatch(view, tenant_id, lambda: open_store(settings)).start())
+    return FleetGate(view, CpuWatch(view, lambda _tenant: open_store(settings)).start())

@@ -306,7 +306,7 @@ class PoolSidecar:
         secrets = {"MTP_SIDECAR_SECRET": derive_key(self.pool_secret, tenant_id).decode()}
         # The tenant's own Redis URL (its ACL user): jobs and usage in the fleet's Redis,
         # where they outlive a migration. Never the pool's own URL.
-        redis_url = tenant_secret(pool_env, "MTP_REDIS_URL", tenant_id)
+        redis_url = self.tenant_redis_url(tenant_id)
         if redis_url:
             secrets["MTP_REDIS_URL"] = redis_url
         if state is not None:
@@ -315,6 +315,19 @@ class PoolSidecar:
             if value:
                 secrets[webhook] = value
         return env, secrets
+
+    def usage_store(self, tenant_id: str) -> Any:
+        """The usage store the tenant's process writes: Redis with its own URL, else the
+        SQLite under its data dir."""
+        from framework.usage_redis import open_store
+
+        return open_store(dataclasses.replace(
+            self.settings, redis_url=self.tenant_redis_url(tenant_id),
+            data_dir=self.settings.data_dir / "tenants" / tenant_id))
+
+    def tenant_redis_url(self, tenant_id: str) -> str:
+        """The Redis URL the tenant's process uses ("" for none): its ACL user's."""
+        return tenant_secret(self.settings.environ, "MTP_REDIS_URL", tenant_id)
 
     def _build(self, bundle: Bundle) -> TenantState:
         config: TenantConfig = bundle.config

@@ -70,7 +70,7 @@ async def serve_pool(pool: PoolSettings, settings: Settings, *,
     from framework.control.registry_view import open_view
     from framework.pool.placement import RegistryPlacement
     from sidecar.audit import AuditLog
-    from sidecar.fleet import FleetGate
+    from sidecar.fleet import CpuWatch, FleetGate
     from sidecar.front import install_stop_signals, serve
     from sidecar.ratelimit import RateLimiter
     from sidecar.startup import limiter_backend
@@ -92,11 +92,14 @@ async def serve_pool(pool: PoolSettings, settings: Settings, *,
     audit = AuditLog(settings.audit_file)
     # The fleet's registry, when the store holds one (else every bundle, no checks).
     view = open_view(settings.redis_url, settings.data_dir)
+    # A plan's daily_cpu_seconds: the CPU of the tenants served lately, each read from
+    # the usage store its own process writes.
+    cpu = CpuWatch(view, lambda tenant: handler.usage_store(tenant)).start()
     handler = PoolSidecar(pool.name, settings,
                           BundleDir(pool.bundles, placement or RegistryPlacement(pool.name, view)),
                           procs, domain=pool.domain, pool_secret=secret,
                           limiter=RateLimiter(limiter_backend(settings)), audit=audit,
-                          fleet=FleetGate(view))
+                          fleet=FleetGate(view, cpu))
     if stop is None:
         stop = asyncio.Event()
         install_stop_signals(asyncio.get_running_loop(), stop)
@@ -135,6 +138,7 @@ async def serve_pool(pool: PoolSettings, settings: Settings, *,
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await handler.close()
+        cpu.close()
         view.close()
         await handler.limiter.backend.close()
         await audit.close()

@@ -334,15 +334,55 @@ def test_cpu_watch_reads_todays_cpu_and_survives_a_broken_store(monkeypatch,
         "isolation": "shared", "services": ["*"], "limits": {"daily_cpu_seconds": 1.0}}}})
     path = tmp_path / "usage.db"
     path.mkdir()  # a directory where the database should be: the store cannot be opened
-    watch = CpuWatch(view, "acme", lambda: UsageStore(path)).start()
+    watch = CpuWatch(view, lambda _tenant: UsageStore(path)).start()
     try:
         time.sleep(0.1)
-        assert watch.used == 0.0 and not watch.over(view.plan_of("acme"))
+        assert watch.used == {} and not watch.over("acme", view.plan_of("acme"))
         path.rmdir()
         UsageStore(path).add([usage_row("acme", 3, cpu=1.5), usage_row("other", 3, cpu=9.0)])
-        wait(view, lambda v: watch.used == 1.5)
-        assert watch.over(view.plan_of("acme"))
+        wait(view, lambda v: watch.used.get("acme") == 1.5)
+        assert watch.over("acme", view.plan_of("acme"))
         gate = FleetGate(view, watch)
         assert gate.limits("acme", LimitSettings(daily_quota=100)).daily_quota == 1
     finally:
         watch.close()
+
+
+def test_cpu_watch_reads_only_the_tenants_served_lately(monkeypatch, tmp_path: Path) -> None:
+    import sidecar.fleet as fleet_mod
+    from framework.usage import UsageStore
+    from sidecar.fleet import CpuWatch
+    from tests.control.seed import usage_row
+
+    view = view_with({"acme": ("active", "capped"), "globex": ("active", "capped"),
+                      "initech": ("active", "free")})
+    view._apply_plans({"version": 2, "plans": {
+        "capped": {"isolation": "process", "services": ["*"],
+                   "limits": {"daily_cpu_seconds": 1.0}},
+        "free": {"isolation": "process", "services": ["*"]}}})
+    opened: list[str] = []
+
+    def open_usage(tenant: str) -> UsageStore:  # a pool: each tenant's own store
+        opened.append(tenant)
+        store = UsageStore(tmp_path / tenant / "usage.db")
+        return store
+
+    for tenant, cpu in (("acme", 2.0), ("globex", 0.5), ("initech", 9.0)):
+        UsageStore(tmp_path / tenant / "usage.db").add([usage_row(tenant, 3, cpu=cpu)])
+    watch = CpuWatch(view, open_usage)  # rounds run by hand here
+    stores: dict = {}
+    watch.read(stores)
+    assert opened == [] and watch.used == {}  # nobody asked yet: nothing read
+    assert not watch.over("acme", view.plan_of("acme"))  # not read yet: served
+    assert not watch.over("globex", view.plan_of("globex"))
+    assert not watch.over("initech", view.plan_of("initech"))  # no cap: never read
+    watch.read(stores)
+    watch.read(stores)
+    assert sorted(opened) == ["acme", "globex"]  # each store opened once, kept
+    assert watch.used == {"acme": 2.0, "globex": 0.5}
+    assert watch.over("acme", view.plan_of("acme"))
+    assert not watch.over("globex", view.plan_of("globex"))
+    # A tenant without requests for CPU_FORGET seconds is no longer read.
+    monkeypatch.setattr(fleet_mod, "CPU_FORGET", -1.0)
+    watch.read(stores)
+    assert watch.used == {} and stores == {}

@@ -62,11 +62,14 @@ def handle(context):
             "pid": os.getpid(), "method": context.auth_method}}
 '''
 
-SLOW = '''"""Sleeps a little: a call in flight."""
+SLOW = '''"""Sleeps a little: a call in flight (after burning ``burn`` seconds of CPU)."""
 import time
 
 
 def handle(context):
+    end = time.process_time() + float(context.payload.get("burn", 0))
+    while time.process_time() < end:
+        pass
     time.sleep(float(context.payload.get("seconds", 0.5)))
     return {"tenant": context.tenant_id}
 '''
