@@ -64,6 +64,7 @@ from framework.jobs import (
     SUCCEEDED,
     Job,
     new_job_id,
+    redis_index,
     runner_alive,
 )
 from framework.redis_wait import Outage
@@ -163,7 +164,7 @@ class RedisJobStore:
         self.tenant = tenant
         self.retention = retention
         self.prefix = f"mtp:{tenant}:"
-        self.index = f"{self.prefix}jobs:"
+        self.index = redis_index(tenant)
         # JSON, not RQ's default pickle: a job's arguments are plain JSON, and unpickling
         # what Redis holds would let anyone who can write to Redis run code in workers.
         self.queue = Queue(queue_name(tenant), connection=client, serializer=JSONSerializer)

@@ -325,6 +325,22 @@ class PoolSidecar:
             self.settings, redis_url=self.tenant_redis_url(tenant_id),
             data_dir=self.settings.data_dir / "tenants" / tenant_id))
 
+    def jobs_pending(self, tenant_id: str) -> bool:
+        """Whether the tenant has async jobs queued or running in Redis (then its process
+        and job worker stay). Not RQ's keys: RQ is never imported in the pool."""
+        url = self.tenant_redis_url(tenant_id)
+        if not url:
+            return False
+        from redis import Redis
+
+        from framework.jobs import QUEUED, RUNNING, redis_index
+
+        with Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2) as client:
+            pipe = client.pipeline(transaction=False)
+            for status in (QUEUED, RUNNING):
+                pipe.zcard(redis_index(tenant_id) + status)
+            return any(pipe.execute())
+
     def tenant_redis_url(self, tenant_id: str) -> str:
         """The Redis URL the tenant's process uses ("" for none): its ACL user's."""
         return tenant_secret(self.settings.environ, "MTP_REDIS_URL", tenant_id)

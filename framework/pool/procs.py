@@ -35,6 +35,7 @@ log = logging.getLogger("mtp.pool")
 START_TIMEOUT = 30.0  # a tenant process answers /healthz within this, else 503
 POLL = 0.01
 STOP_MARGIN = 5.0  # after the grace period a process still alive is killed
+WORKER_RESTART_PAUSE = 1.0  # seconds between starts of a tenant's job worker
 # The zygote's environment: nothing secret (a forked child's /proc/self/environ is it).
 SAFE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "PYTHONPATH", "VIRTUAL_ENV",
             "TMPDIR", "XDG_RUNTIME_DIR", "TZ", "MTP_METRICS_DIR",
@@ -124,10 +125,14 @@ class TenantProcess:
     last_used: float = field(default_factory=time.monotonic)
     inflight: int = 0
     stopping: bool = False
+    worker: int | None = None  # its RQ worker's pid, when its jobs are in Redis
+    worker_started: float = field(default_factory=time.monotonic)
 
 
 # What a spawn needs: (tenant id, bundle path, socket) -> (spec env, secrets)
 EnvFor = Callable[[str, Path, Path], tuple[dict[str, str], dict[str, str]]]
+# Whether a tenant has async jobs queued or running (its process must not be reaped)
+JobsPending = Callable[[str], bool]
 
 
 class ProcessManager:
@@ -136,8 +141,10 @@ class ProcessManager:
     def __init__(self, zygote: Zygote, runtime_dir: Path, env_for: EnvFor, *, idle: float,
                  max_procs: int, grace: float,
                  on_stop: Callable[[TenantProcess], None] | None = None,
-                 wake: Wakeups | None = None) -> None:
+                 wake: Wakeups | None = None,
+                 jobs_pending: JobsPending | None = None) -> None:
         self.zygote, self.runtime_dir, self.env_for = zygote, runtime_dir, env_for
+        self.jobs_pending = jobs_pending or (lambda _tenant: False)
         self.idle, self.max_procs, self.grace = idle, max_procs, grace
         self.wake = wake  # event deliveries of stopped tenants (None: no events kept)
         self.on_stop = on_stop or (lambda _p: None)
@@ -160,6 +167,15 @@ class ProcessManager:
             proc = self.live.get(tenant_id)
             if proc is not None and proc.stamp == stamp and pid_alive(proc.pid):
                 proc.last_used = time.monotonic()
+                if (proc.worker is not None and not pid_alive(proc.worker)
+                        and time.monotonic() - proc.worker_started > WORKER_RESTART_PAUSE):
+                    # A job stuck past its timeout ends its worker: a fresh one takes
+                    # up the queue, the framework process stays. Not more often than
+                    # the pause: a worker that cannot start must not fork per request.
+                    log.warning("tenant job worker gone; starting another",
+                                extra={"tenant": tenant_id, "pid": proc.worker})
+                    proc.worker_started = time.monotonic()
+                    proc.worker = await self._start_worker(tenant_id, bundle, proc.socket)
                 return proc
             if proc is not None:
                 self.stop(proc)  # replaced bundle, or a process that died
@@ -182,8 +198,18 @@ class ProcessManager:
                 self._kill(pid)
                 raise StartFailed(f"tenant {tenant_id}: its process did not start")
             await asyncio.sleep(POLL)
+        proc.worker = await self._start_worker(tenant_id, bundle, sock)
         log.info("tenant process started", extra={"tenant": tenant_id, "pid": pid})
         return proc
+
+    async def _start_worker(self, tenant_id: str, bundle: Path, sock: Path) -> int | None:
+        """The tenant's RQ worker, when its jobs are in Redis (a framework process there
+        only queues them): started and stopped with its framework process."""
+        env, secrets = self.env_for(tenant_id, bundle, sock)
+        if not secrets.get("MTP_REDIS_URL"):
+            return None  # jobs in its SQLite: its framework process runs them itself
+        spec = {"tenant_dir": str(bundle), "env": env, "role": "worker"}
+        return await asyncio.to_thread(self.zygote.spawn, spec, secrets)
 
     def make_room(self) -> None:
         """Stop the least recently used idle process when MTP_POOL_MAX_PROCS run."""
@@ -212,15 +238,19 @@ class ProcessManager:
         task.add_done_callback(self._stopping.discard)
 
     async def _stop(self, proc: TenantProcess) -> None:
-        # Its last calls finish first (the sidecar counts them), then gunicorn drains.
+        # Its last calls finish first (the sidecar counts them), then gunicorn drains;
+        # its worker's current job finishes (RQ's warm shutdown), queued ones stay queued.
         while proc.inflight:
             await asyncio.sleep(0.05)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
+        pids = [pid for pid in (proc.pid, proc.worker) if pid is not None]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + self.grace + STOP_MARGIN
-        while pid_alive(proc.pid) and time.monotonic() < deadline:
+        while any(map(pid_alive, pids)) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        self._kill(proc.pid)
+        for pid in pids:
+            self._kill(pid)
         with contextlib.suppress(OSError):
             proc.socket.unlink()
         log.info("tenant process stopped", extra={"tenant": proc.tenant_id, "pid": proc.pid})
@@ -231,13 +261,31 @@ class ProcessManager:
 
     def reap_idle(self) -> list[str]:
         """Stop the processes idle for ``idle`` seconds; their tenant ids."""
-        now = time.monotonic()
-        gone = [p for p in self.live.values()
-                if p.inflight == 0 and now - p.last_used >= self.idle
-                and not self._deliveries_soon(p.tenant_id)]
+        gone = [p for p in self.idle_ones() if not self._deliveries_soon(p.tenant_id)]
         for proc in gone:
             self.stop(proc)
         return [p.tenant_id for p in gone]
+
+    def idle_ones(self) -> list[TenantProcess]:
+        """The processes without a request for ``idle`` seconds and none in flight."""
+        now = time.monotonic()
+        return [p for p in self.live.values()
+                if p.inflight == 0 and now - p.last_used >= self.idle]
+
+    async def _keep_job_runners(self) -> None:
+        """An idle tenant whose jobs are queued or running keeps its process (they are
+        run there): it counts as used now. Asked off the event loop (a Redis call)."""
+        for proc in self.idle_ones():
+            if proc.worker is None:
+                continue
+            try:
+                pending = await asyncio.to_thread(self.jobs_pending, proc.tenant_id)
+            except Exception as exc:  # Redis away: keep it, its jobs may be there
+                log.warning("jobs of tenant %s not counted (%s); its process stays",
+                            proc.tenant_id, type(exc).__name__)
+                pending = True
+            if pending:
+                proc.last_used = time.monotonic()
 
     def _deliveries_soon(self, tenant_id: str) -> bool:
         """Event deliveries due within the idle time keep the process (its engine runs
@@ -253,6 +301,7 @@ class ProcessManager:
     async def _reap_loop(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, max(0.05, self.idle / 4)))
+            await self._keep_job_runners()
             self.reap_idle()
 
     async def close(self) -> None:

@@ -88,7 +88,8 @@ async def serve_pool(pool: PoolSettings, settings: Settings, *,
     procs = ProcessManager(zygote, runtime, lambda t, b, s: handler.process_env(t, b, s),
                            idle=pool.idle, max_procs=pool.max_procs,
                            grace=float(budget.framework),
-                           on_stop=lambda proc: handler.process_stopped(proc), wake=wake)
+                           on_stop=lambda proc: handler.process_stopped(proc), wake=wake,
+                           jobs_pending=lambda tenant: handler.jobs_pending(tenant))
     audit = AuditLog(settings.audit_file)
     # The fleet's registry, when the store holds one (else every bundle, no checks).
     view = open_view(settings.redis_url, settings.data_dir)

@@ -81,11 +81,17 @@ def child(spec: dict[str, Any], secrets_fd: int) -> None:  # pragma: no cover - 
     del secrets
     tenant = settings.load_tenant()
     check_version_pin(tenant.framework_version, tenant.source)  # as `mtp framework` does
-    metrics_dir = prepare(settings)
+    metrics_dir = prepare(settings)  # prometheus_client's multiprocess values need one
+    me = os.getpid()
+    if spec.get("role") == "worker":
+        try:
+            job_worker(settings, tenant)
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+        return
     logs.setup(settings.log_level, tenant.tenant_id).info(
         "starting pool tenant process", extra={"tenant_dir": str(settings.tenant_dir)})
     sys.argv = ["mtp-pool-tenant", tenant.tenant_id]
-    me = os.getpid()
     try:
         if settings.workers == 1:
             serve_alone(FrameworkServer(settings, tenant))
@@ -94,6 +100,18 @@ def child(spec: dict[str, Any], secrets_fd: int) -> None:  # pragma: no cover - 
     finally:
         if os.getpid() == me:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def job_worker(settings: Any, tenant: Any) -> None:  # pragma: no cover - forked child
+    """The tenant's RQ worker (its process has a Redis URL): runs its queued async jobs,
+    as `mtp worker` does, one at a time; SIGTERM lets the current job finish."""
+    from framework.rq_keys import use_tenant_prefix
+
+    use_tenant_prefix(tenant.tenant_id)  # before RQ is imported (next line)
+    from framework.cli.worker import run_worker
+
+    sys.argv = ["mtp-pool-worker", tenant.tenant_id]
+    sys.exit(run_worker(settings, tenant, burst=False))
 
 
 def serve_alone(server: Any) -> None:  # pragma: no cover - forked child
