@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from redis.exceptions import RedisError
 
 from framework.pool.bundles import Bundle, BundleDir
 from framework.pool.keys import derive_key, tenant_secret
 from framework.pool.procs import PoolFull, ProcessManager, StartFailed, TenantProcess
+from framework.pool.redis_users import RedisUsers
 from framework.problem import request_id as make_request_id
 from framework.rq_keys import ENV as RQ_PREFIX_ENV
 from framework.rq_keys import prefix as rq_prefix
@@ -251,11 +253,13 @@ class PoolSidecar:
 
     def __init__(self, name: str, settings: Settings, bundles: BundleDir, procs: ProcessManager,
                  *, domain: str, pool_secret: bytes, limiter: RateLimiter,
-                 audit: AuditLog, fleet: FleetGate | None = None) -> None:
+                 audit: AuditLog, fleet: FleetGate | None = None,
+                 redis_users: RedisUsers | None = None) -> None:
         self.name, self.settings, self.bundles, self.procs = name, settings, bundles, procs
         self.domain, self.pool_secret = domain, pool_secret
         self.limiter, self.audit = limiter, audit
         self.fleet = fleet  # the registry's checks, shared by every tenant of the pool
+        self.redis_users = redis_users  # tenants' Redis users the pool makes (with Redis)
         self.states: dict[str, TenantState] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -306,7 +310,10 @@ class PoolSidecar:
         secrets = {"MTP_SIDECAR_SECRET": derive_key(self.pool_secret, tenant_id).decode()}
         # The tenant's own Redis URL (its ACL user): jobs and usage in the fleet's Redis,
         # where they outlive a migration. Never the pool's own URL.
-        redis_url = self.tenant_redis_url(tenant_id)
+        try:
+            redis_url = self.tenant_redis_url(tenant_id)
+        except RedisError as exc:  # not on another store than its jobs and usage are in
+            raise StartFailed(f"no Redis user for the tenant: {exc}") from None
         if redis_url:
             secrets["MTP_REDIS_URL"] = redis_url
         if state is not None:
@@ -342,8 +349,12 @@ class PoolSidecar:
             return any(pipe.execute())
 
     def tenant_redis_url(self, tenant_id: str) -> str:
-        """The Redis URL the tenant's process uses ("" for none): its ACL user's."""
-        return tenant_secret(self.settings.environ, "MTP_REDIS_URL", tenant_id)
+        """The Redis URL the tenant's processes use ("" for none): its ACL user's, given
+        by the operator or made by the pool (framework/pool/redis_users.py)."""
+        given = tenant_secret(self.settings.environ, "MTP_REDIS_URL", tenant_id)
+        if given or self.redis_users is None:
+            return given
+        return self.redis_users.url(tenant_id)
 
     def _build(self, bundle: Bundle) -> TenantState:
         config: TenantConfig = bundle.config

@@ -26,6 +26,18 @@ def derive_key(pool_secret: bytes, tenant_id: str) -> bytes:
     return raw.hex().encode()
 
 
+def redis_password(pool_secret: bytes, pool_name: str, tenant_id: str) -> str:
+    """The password a pool gives tenant ``tenant_id``'s Redis user for its processes.
+
+    Derived (another HKDF info than the signing key's), so a restarted pool adds the
+    same one again instead of leaving one more behind; per pool, so two pools serving
+    the tenant during a migration never remove each other's.
+    """
+    raw = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=SALT,
+               info=f"redis:{pool_name}:{tenant_id}".encode()).derive(pool_secret)
+    return raw.hex()
+
+
 def secret_name(name: str, tenant_id: str) -> str:
     """Where a pool finds a tenant's secret ``name``: ``<name>__<TENANT>``.
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from framework.grace import stop_budget
 from framework.pool.bundles import BundleDir, Placement
 from framework.pool.procs import ProcessManager, Zygote
+from framework.pool.redis_users import RedisUsers
 from framework.pool.wake import Wakeups
 from framework.settings import ENV, Settings, _int
 from framework.tenant_config import TENANT_ID_RE, ConfigError
@@ -96,11 +97,14 @@ async def serve_pool(pool: PoolSettings, settings: Settings, *,
     # A plan's daily_cpu_seconds: the CPU of the tenants served lately, each read from
     # the usage store its own process writes.
     cpu = CpuWatch(view, lambda tenant: handler.usage_store(tenant)).start()
+    # Tenants' processes connect to Redis as their own ACL users (never the pool's).
+    redis_users = (RedisUsers(settings.redis_url, secret, pool.name)
+                   if settings.redis_url else None)
     handler = PoolSidecar(pool.name, settings,
                           BundleDir(pool.bundles, placement or RegistryPlacement(pool.name, view)),
                           procs, domain=pool.domain, pool_secret=secret,
                           limiter=RateLimiter(limiter_backend(settings)), audit=audit,
-                          fleet=FleetGate(view, cpu))
+                          fleet=FleetGate(view, cpu), redis_users=redis_users)
     if stop is None:
         stop = asyncio.Event()
         install_stop_signals(asyncio.get_running_loop(), stop)
@@ -140,6 +144,8 @@ async def serve_pool(pool: PoolSettings, settings: Settings, *,
                 await task
         await handler.close()
         cpu.close()
+        if redis_users is not None:
+            redis_users.close()
         view.close()
         await handler.limiter.backend.close()
         await audit.close()

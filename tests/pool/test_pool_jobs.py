@@ -33,7 +33,7 @@ def pool(redis_server, tmp_path: Path) -> Iterator[tuple[Pool, object]]:
     admin.flushdb()
     user = set_user(admin, "acme")
     assert user is not None
-    # acme's jobs in Redis as its ACL user; globex's in its SQLite (no URL of its own).
+    # acme's jobs in Redis as its ACL user, the URL given by the operator.
     started = start_pool(tmp_path, "alpha", [ACME, GLOBEX], MTP_REDIS_URL=redis_server.url,
                          MTP_REDIS_URL__ACME=user.url(redis_server.url), MTP_POOL_IDLE="2",
                          MTP_LOG_LEVEL="INFO")
@@ -41,7 +41,7 @@ def pool(redis_server, tmp_path: Path) -> Iterator[tuple[Pool, object]]:
         yield started, admin
     finally:
         stop_pool(started)
-        admin.execute_command("ACL", "DELUSER", "t-acme")
+        admin.execute_command("ACL", "DELUSER", "t-acme", "t-globex")
 
 
 def submit(pool: Pool, tenant: Tenant, seconds: float) -> str:
@@ -81,9 +81,10 @@ def test_jobs_in_redis_run_in_the_tenants_own_worker_which_outlives_idleness(poo
     assert done(p, ACME, second)["result"] == {"tenant": "acme"}
     assert admin.zscore("mtp:acme:jobs:succeeded", first) is not None  # in Redis
     [pid] = worker_pids(admin)
-    # globex's jobs stay in its SQLite and run in its framework process, as before.
-    assert done(p, GLOBEX, submit(p, GLOBEX, 0.1))["status"] == "succeeded"
-    assert not [k for k in admin.scan_iter("mtp:globex:*")]
+    # globex, without a URL of its own: the pool made its user; its jobs in Redis too.
+    job = submit(p, GLOBEX, 0.1)
+    assert done(p, GLOBEX, job)["status"] == "succeeded"
+    assert admin.zscore("mtp:globex:jobs:succeeded", job) is not None
     # Nothing queued or running any more: acme's processes are reaped, worker too.
     eventually(lambda: not Path(f"/proc/{pid}").exists() and not list(
         p.run_dir.glob("acme-*.sock")), timeout=30)
@@ -102,3 +103,63 @@ def test_a_dead_job_worker_is_replaced_at_the_next_call(pool) -> None:
     job = submit(p, ACME, 0.1)  # this call finds the worker gone and starts another
     assert done(p, ACME, job)["status"] == "succeeded"
     assert pid not in worker_pids(admin)
+
+
+def test_without_a_url_of_its_own_the_pool_makes_the_tenants_redis_user(redis_server,
+                                                                       tmp_path: Path) -> None:
+    from redis import Redis
+
+    admin = Redis.from_url(redis_server.url)
+    admin.flushdb()
+    for user in ("t-acme", "t-globex"):
+        admin.execute_command("ACL", "DELUSER", user)
+    # The control plane made globex's user; nobody made acme's.
+    made = set_user(admin, "globex")
+    assert made is not None
+    p = start_pool(tmp_path, "alpha", [ACME, GLOBEX], MTP_REDIS_URL=redis_server.url)
+    try:
+        for tenant in (ACME, GLOBEX):
+            job = submit(p, tenant, 0.1)
+            assert done(p, tenant, job)["status"] == "succeeded"
+            assert admin.zscore(f"mtp:{tenant.id}:jobs:succeeded", job) is not None
+        # Each tenant's processes are connected as its own user, never the pool's.
+        users = {line.split(" user=")[1].split()[0]
+                 for line in admin.execute_command("CLIENT", "LIST").decode().splitlines()
+                 if " name=" in line}
+        assert {"t-acme", "t-globex"} <= users
+        # acme's user, made by the pool, has the control plane's rules: its keys only.
+        assert admin.execute_command("ACL", "DRYRUN", "t-acme", "GET", "mtp:acme:x") == b"OK"
+        assert b"no permissions" in admin.execute_command(
+            "ACL", "DRYRUN", "t-acme", "GET", "mtp:globex:x")
+        # globex's password from the control plane still works next to the pool's.
+        assert Redis.from_url(made.url(redis_server.url)).ping()
+    finally:
+        stop_pool(p)
+        for user in ("t-acme", "t-globex"):
+            admin.execute_command("ACL", "DELUSER", user)
+
+
+def test_redis_users_refused_or_unreachable(redis_server) -> None:
+    from redis import Redis
+    from redis.exceptions import RedisError
+
+    from framework.pool.redis_users import RedisUsers
+    from tests.helpers import free_port
+
+    admin = Redis.from_url(redis_server.url)
+    # A pool user that may not run ACL commands: tenants keep their SQLite.
+    admin.execute_command("ACL", "SETUSER", "plain", "reset", "on", ">plain-pw", "~*", "&*",
+                          "+@all", "-acl")
+    host = redis_server.url.rpartition("@")[2].split("://")[-1]
+    users = RedisUsers(f"redis://plain:plain-pw@{host}", b"s" * 32, "alpha")
+    try:
+        assert users.url("acme") == "" and users.url("globex") == ""
+        assert admin.acl_getuser("t-acme") is None
+    finally:
+        users.close()
+        admin.execute_command("ACL", "DELUSER", "plain")
+    # Redis away: an error, not a quiet switch to SQLite.
+    nowhere = RedisUsers(f"redis://127.0.0.1:{free_port()}", b"s" * 32, "alpha")
+    with pytest.raises(RedisError):
+        nowhere.url("acme")
+    nowhere.close()
