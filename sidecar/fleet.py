@@ -29,6 +29,7 @@ from sidecar.errors import Forbidden
 log = logging.getLogger("mtp.sidecar.fleet")
 
 CPU_POLL = 2.0  # seconds between readings of today's CPU (a plan's daily_cpu_seconds)
+DEDICATED = "dedicated"  # the placement of a tenant's own stack
 CPU_FORGET = 600.0  # a tenant without a request for this long is no longer read
 
 # Limits where 0 means "no limit": the lower of two is the lower non-zero one.
@@ -143,9 +144,11 @@ class CpuWatch:
 class FleetGate:
     """Registry checks for one sidecar; :meth:`admit` runs after the tenant is bound."""
 
-    def __init__(self, view: RegistryView, cpu: CpuWatch | None = None) -> None:
+    def __init__(self, view: RegistryView, cpu: CpuWatch | None = None,
+                 dedicated: bool = False) -> None:
         self.view = view
         self.cpu = cpu
+        self.dedicated = dedicated  # a tenant's own stack (a pool places by its bundles)
         self._limits: dict[tuple[LimitSettings, int, str, bool], LimitSettings] = {}
 
     def admit(self, tenant_id: str) -> None:
@@ -155,6 +158,21 @@ class FleetGate:
             raise UnknownTenant(f"tenant {tenant_id} not in the fleet registry")
         if refusal is not None:
             raise TenantSuspended(f"tenant {tenant_id} is suspended or offboarding")
+        if self.dedicated and self.placed_elsewhere(tenant_id):
+            raise UnknownTenant(f"tenant {tenant_id} is placed in a pool, not here")
+
+    def placed_elsewhere(self, tenant_id: str) -> bool:
+        """Whether the operator placed the tenant in a pool (a migration away from its
+        dedicated stack is over): that stack then stops serving it.
+
+        A placement that is only its plan's default (``pool:<isolation>``: nobody chose
+        one) keeps a dedicated stack serving, as does a migration into or out of it.
+        """
+        placement, source = self.view.placements.get(tenant_id, ("", ""))
+        if not placement or DEDICATED in (placement, source):
+            return False
+        plan = self.view.plan_of(tenant_id)
+        return plan is not None and placement != plan.default_placement
 
     def entitle(self, tenant_id: str, service: str) -> None:
         """Refuse (403) a service the tenant's plan does not include."""
@@ -191,4 +209,5 @@ def start_fleet(settings: Settings, tenant_id: str) -> FleetGate:
     from framework.usage_redis import open_store
 
     view = open_view(settings.redis_url, settings.data_dir, tenant_id)  # one tenant's record
-    return FleetGate(view, CpuWatch(view, lambda _tenant: open_store(settings)).start())
+    return FleetGate(view, CpuWatch(view, lambda _tenant: open_store(settings)).start(),
+                     dedicated=True)

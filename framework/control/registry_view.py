@@ -147,6 +147,7 @@ class RedisView(RegistryView):
 
             self._apply_plans(json.loads(plans))
         self.tenants = {self.tenant: _entry(doc)} if doc is not None else {}
+        self.placements = {self.tenant: _placement(doc)} if doc is not None else {}
         self._seen = seen
         self.changed.set()
         self.settled.set()

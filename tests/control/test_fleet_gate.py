@@ -48,6 +48,29 @@ def test_without_a_registry_nothing_is_refused() -> None:
     assert gate.limits("anyone", own) is own
 
 
+def test_a_dedicated_stack_stops_serving_a_tenant_the_operator_placed_in_a_pool() -> None:
+    from sidecar.fleet import UnknownTenant
+
+    plan = next(iter(PLANS["plans"]))
+    view = view_with({t: ("active", plan) for t in ("a", "b", "c", "d", "e", "f")})
+    default = view.plans[plan].default_placement
+    view.placements = {
+        "a": ("dedicated", ""),  # placed here
+        "b": (default, ""),  # nobody chose a placement: the plan's default
+        "c": ("pool:alpha", "dedicated"),  # moving away from here: drains
+        "d": ("dedicated", "pool:alpha"),  # moving here: warming
+        "e": ("pool:alpha", ""),  # moved away, the migration over
+    }  # f: no placement known (an older record)
+    dedicated, pool = FleetGate(view, dedicated=True), FleetGate(view)
+    for tenant in "abcdf":
+        dedicated.admit(tenant)
+    with pytest.raises(UnknownTenant) as refused:
+        dedicated.admit("e")
+    assert refused.value.status == 403 and "placed in a pool" in str(refused.value)
+    for tenant in "abcdef":  # a pool places tenants by the registry in its own way
+        pool.admit(tenant)
+
+
 @pytest.mark.parametrize(("status", "kind"), [
     ("suspended", "tenant-suspended"), ("offboarding", "tenant-suspended")])
 def test_refusals_carry_their_problem_kind(status: str, kind: str) -> None:

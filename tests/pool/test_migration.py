@@ -227,7 +227,7 @@ def test_a_target_that_is_down_keeps_the_traffic_on_the_source(fleet: Fleet) -> 
     assert set(loop.first_seen()) == {source}
 
 
-def test_acme_moves_alpha_to_beta_to_dedicated_with_no_failed_request(fleet: Fleet) -> None:
+def test_acme_moves_alpha_beta_dedicated_and_back_with_no_failed_request(fleet: Fleet) -> None:
     from redis import Redis
 
     loop = Loop(fleet.nginx.port)
@@ -236,8 +236,8 @@ def test_acme_moves_alpha_to_beta_to_dedicated_with_no_failed_request(fleet: Fle
     try:
         wait_until(lambda: loop.ok >= 20, what="traffic through nginx")
         alpha_pid = loop.last_pid()
-        # A job submitted on alpha before the moves (the dedicated stack's worker runs
-        # queued jobs of acme from the shared Redis; it is fetched after the moves).
+        # A job submitted on alpha before the moves (acme's job worker in alpha runs it
+        # from the shared Redis; it is fetched through the gateway after the moves).
         job = acme_call(fleet.nginx.port, "slow", {"seconds": 0.2}, "?mode=async")
         assert job.status == 202, job.body
         job_id = job.json()["job_id"]
@@ -280,15 +280,28 @@ def test_acme_moves_alpha_to_beta_to_dedicated_with_no_failed_request(fleet: Fle
         refused = acme_call(fleet.beta.port)
         assert refused.status == 403 and problem_type(refused).endswith("unknown-tenant")
         assert gone(beta_pid)
+
+        # 3. dedicated -> pool:alpha: the dedicated stack drains, then refuses acme.
+        fleet.move("pool:alpha")
+        wait_until(lambda: fleet.record().get("migration", {}).get("state") == "switched",
+                   what="alpha ready again")
+        assert acme_call(fleet.dedicated.port).status == 200  # draining
+        back_pid = acme_call(fleet.alpha.port).json()["pid"]
+        wait_until(lambda: loop.last_pid() == back_pid, what="traffic on alpha again")
+        switches.append(time.monotonic())
+        wait_until(fleet.settled, what="the migration to alpha cleared")
+        refused = wait_until(lambda: (r := acme_call(fleet.dedicated.port)).status == 403
+                             and r, what="the dedicated stack refuses acme")
+        assert problem_type(refused).endswith("unknown-tenant")
         served = loop.ok
         wait_until(lambda: loop.ok >= served + 20, what="traffic after the moves")
     finally:
         loop.stop()
 
     assert loop.failed == []
-    assert loop.first_seen() == [alpha_pid, beta_pid, dedicated_pid]
-    assert {s[3] for s in loop.samples[cleared:]} <= {beta_pid, dedicated_pid}
-    assert loop.samples[-1][3] == dedicated_pid
+    assert loop.first_seen() == [alpha_pid, beta_pid, dedicated_pid, back_pid]
+    assert {s[3] for s in loop.samples[cleared:]} <= {beta_pid, dedicated_pid, back_pid}
+    assert loop.samples[-1][3] == back_pid
 
     # The job submitted on alpha is there, done, through the gateway.
     def fetched() -> Any:
@@ -299,7 +312,7 @@ def test_acme_moves_alpha_to_beta_to_dedicated_with_no_failed_request(fleet: Fle
 
     # Every call through nginx was counted once: usage rows and the daily quota counter
     # (the Redis limiter shared by both pools and the dedicated sidecar) lost none.
-    total = loop.ok + 1 + 5  # the loop, the job, the direct calls
+    total = loop.ok + 1 + 7  # the loop, the job, the direct calls answered 200
     day = datetime.now(UTC).strftime("%Y-%m-%d")
     redis = Redis.from_url(fleet.redis_url)
     quota = int(redis.get(f"mtp:rl:acme\x00quota\x00{day}") or 0)
@@ -314,7 +327,9 @@ def test_acme_moves_alpha_to_beta_to_dedicated_with_no_failed_request(fleet: Fle
     assert actions == [("tenant.migration.switched", "pool:beta"),
                        ("tenant.migration.done", "pool:beta"),
                        ("tenant.migration.switched", "dedicated"),
-                       ("tenant.migration.done", "dedicated")]
+                       ("tenant.migration.done", "dedicated"),
+                       ("tenant.migration.switched", "pool:alpha"),
+                       ("tenant.migration.done", "pool:alpha")]
     report(loop, switches)
 
 
