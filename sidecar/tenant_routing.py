@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,9 @@ log = logging.getLogger("mtp.pool")
 
 PATH_PREFIX = "/tenants/"
 POOL_ROUTES = frozenset(("/healthz", "/readyz"))
+# Process starts by /readyz (no credential needed, as in a tenant image): a client that
+# names tenant after tenant cannot churn the pool's processes faster than this.
+READY_STARTS_PER_SECOND, READY_STARTS_BURST = 2.0, 5
 CLAIM = "tenant_id"  # the claim read to choose the tenant (tenants may name another)
 
 
@@ -248,6 +251,26 @@ class TenantState:
     closers: list[Any]
 
 
+@dataclass
+class StartBudget:
+    """A token bucket for the process starts that ``GET /readyz`` may cause."""
+
+    rate: float = READY_STARTS_PER_SECOND
+    burst: float = READY_STARTS_BURST
+    tokens: float = READY_STARTS_BURST
+    at: float = field(default_factory=time.monotonic)
+
+    def take(self) -> bool:
+        """One start allowed now (a token taken), or False."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
 class PoolSidecar:
     """The request handler of `mtp pool`: identify the tenant, then its own Sidecar."""
 
@@ -261,6 +284,7 @@ class PoolSidecar:
         self.fleet = fleet  # the registry's checks, shared by every tenant of the pool
         self.redis_users = redis_users  # tenants' Redis users the pool makes (with Redis)
         self.states: dict[str, TenantState] = {}
+        self.ready_starts = StartBudget()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def background(self, coro: Any) -> None:
@@ -485,6 +509,11 @@ class PoolSidecar:
                 return self._own(path, make_request_id(request.headers.get("X-Request-ID")))
             found = identify(request, self.domain, self.bundles)
             state = self.state(found.tenant_id)
+            if found.path == "/readyz" and found.tenant_id not in self.procs.live \
+                    and not self.ready_starts.take():
+                raise Unavailable("process starts by /readyz over budget",
+                                  detail="too many tenant processes started by /readyz; "
+                                         "retry shortly", headers={"Retry-After": "1"})
         except SidecarError as exc:
             rid = make_request_id(request.headers.get("X-Request-ID"))
             self.audit.write(request_id=rid, method=request.method, outcome=exc.outcome,
