@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,10 +22,18 @@ import pytest
 
 from framework import signing
 from framework.assemble import assemble
-from framework.pool.shared import SHARED, shared_key
+from framework.pool.shared import SHARED, SharedApps, shared_key
 from tests.control.fleet import ControlPlane
 from tests.helpers import eventually
-from tests.pool.support import POOL_SECRET, Pool, Tenant, start_pool, stop_pool, write_source
+from tests.pool.support import (
+    POOL_SECRET,
+    Pool,
+    Tenant,
+    publish,
+    start_pool,
+    stop_pool,
+    write_source,
+)
 from tests.pool.test_pool import bearer, gone, problem_type
 
 ACME, GLOBEX, INITECH = Tenant("acme"), Tenant("globex"), Tenant("initech")
@@ -121,9 +131,11 @@ def fleet(tmp_path_factory) -> Iterator[tuple[Pool, ControlPlane]]:
             assert cp.call("POST", "/admin/tenants", {
                 "id": tenant.id, "name": tenant.id, "plan": plan,
                 "placement": "pool:alpha"}).status == 201
+        (base / "overlays").mkdir()
         pool = start_pool(base / "alpha", "alpha", [ACME, GLOBEX, INITECH],
                           MTP_POOL_DOMAIN=DOMAIN, MTP_DATA_DIR=str(cp.data_dir),
-                          MTP_POOL_IDLE="4", MTP_LOG_LEVEL="INFO")
+                          MTP_POOL_IDLE="4", MTP_LOG_LEVEL="INFO",
+                          MTP_CONFIG_OVERLAY=str(base / "overlays"))
         publish_with_forge(pool.bundles, ACME)
         yield pool, cp
     finally:
@@ -267,6 +279,30 @@ def test_the_shared_key_signs_for_no_process_tenant(fleet) -> None:
     assert status == 200 and json.loads(body)["tenant"] == "initech"
 
 
+def test_metrics_and_overlays_stay_with_their_shared_tenant(fleet) -> None:
+    pool, _cp = fleet
+    assert call(pool, INITECH).status == 200 and call(pool, ACME).status == 200
+    reply = pool.call("GET", "/metrics", {"Host": f"acme.{DOMAIN}", **bearer(ACME.token())})
+    assert reply.status == 200, reply.body
+    text = reply.body.decode()
+    assert 'tenant="acme"' in text and 'tenant="initech"' not in text
+    overlay = pool.bundles.parent.parent / "overlays" / "initech.toml"
+    overlay.write_text("[limits]\nrate = 77\n")
+
+    def versions(tenant: Tenant) -> str:
+        reply = pool.call("GET", "/config/versions?diff=1", {
+            "Host": f"{tenant.id}.{DOMAIN}", **bearer(tenant.token())})
+        assert reply.status == 200, reply.body
+        return json.dumps([v["diff"] for v in reply.json()["versions"]])
+
+    try:
+        # The shared process applies initech's own overlay file to initech's app only.
+        eventually(lambda: '"limits.rate"' in versions(INITECH), timeout=20)
+        assert '"limits.rate"' not in versions(ACME)
+    finally:
+        overlay.unlink()
+
+
 @pytest.mark.parametrize("tenant", ["nosuch", "../acme", "-acme", "~shared", "ACME", "",
                                     "a" * 70])
 def test_a_bad_tenant_name_at_the_shared_process_is_403(fleet, tenant: str) -> None:
@@ -319,3 +355,101 @@ def test_the_idle_shared_process_is_reaped_and_comes_back(fleet) -> None:
     again = pid_of(pool, INITECH)
     assert again != pid
     assert pid_of(pool, ACME) == again
+
+
+# -- the shared process's app in this process (the LRU, rebuilds, refusals) --------------
+
+
+def whoami_headers(tenant: str, key: str = SHARED_KEY) -> dict[str, str]:
+    return signed(key, tenant)
+
+
+@pytest.fixture
+def apps(tmp_path: Path) -> Iterator[SharedApps]:
+    from framework.settings import Settings
+
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    for tenant in ("t1", "t2", "t3"):
+        publish(bundles, Tenant(tenant))
+    base = Settings.from_env(environ={"MTP_SIDECAR_SECRET": SHARED_KEY,
+                                      "MTP_DATA_DIR": str(tmp_path / "shared"),
+                                      "MTP_GRACE_SECONDS": "6"}, tenant_dir=bundles)
+    made = SharedApps(base, bundles=bundles, tenants_dir=tmp_path / "tenants",
+                      overlay_dir="", max_apps=2, idle=300)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def post(apps: SharedApps, tenant: str, key: str = SHARED_KEY):
+    from werkzeug.test import Client
+
+    return Client(apps).post("/services/whoami", headers=whoami_headers(tenant, key),
+                             data=b"{}")
+
+
+def test_the_shared_app_keeps_the_most_recently_used_tenant_apps(apps: SharedApps) -> None:
+    before = threading.active_count()
+    for tenant in ("t1", "t2"):
+        reply = post(apps, tenant)
+        assert reply.status_code == 200 and reply.json["tenant"] == tenant
+    assert list(apps.apps) == ["t1", "t2"] and apps.builds == 2
+    grown = threading.active_count() - before
+    assert post(apps, "t1").status_code == 200  # t1 is now the most recent
+    assert post(apps, "t3").status_code == 200  # over the bound: t2, the LRU, goes
+    assert list(apps.apps) == ["t1", "t3"]
+    # The evicted app's threads (reaper, events, usage, watchdog) stop.
+    eventually(lambda: threading.active_count() - before <= grown, timeout=20)
+    assert post(apps, "t2").status_code == 200 and apps.builds == 4  # built again
+    # Each tenant's data in its own data dir.
+    assert (apps.tenants_dir / "t1" / "jobs.sqlite3").exists()
+
+
+def test_a_replaced_or_removed_bundle_is_noticed(apps: SharedApps, monkeypatch) -> None:
+    import framework.pool.shared as shared
+
+    monkeypatch.setattr(shared, "RECHECK", 0.0)
+    assert post(apps, "t1").json["version"] == "v1"
+    publish(apps.bundles, Tenant("t1"), "v2")
+    assert post(apps, "t1").json["version"] == "v2"
+    (apps.bundles / "t1").unlink()
+    reply = post(apps, "t1")
+    assert reply.status_code == 403 and reply.json["type"].endswith("unknown-tenant")
+    assert reply.headers["Content-Type"] == "application/problem+json"
+
+
+def test_the_shared_app_refuses_what_the_shared_key_did_not_sign(apps: SharedApps) -> None:
+    reply = post(apps, "t1", Tenant("t1").signing_key)
+    assert reply.status_code == 401 and reply.json["request_id"]
+    assert apps.builds == 0  # refused before any tenant's code was loaded
+    stale = signed(SHARED_KEY, "t1")
+    stale.update(signing.sign(SHARED_KEY.encode(), "POST", "/services/whoami",
+                              stale, now=time.time() - 3600, body=b"{}"))
+    from werkzeug.test import Client
+
+    assert Client(apps).post("/services/whoami", headers=stale,
+                             data=b"{}").status_code == 503
+
+
+def test_a_broken_bundle_is_503_and_idle_apps_close(apps: SharedApps, tmp_path: Path) -> None:
+    broken = apps.bundles / "t9"
+    broken.mkdir()
+    (broken / "tenant.toml").write_text('[tenant]\nid = "other"\nname = "x"\n')
+    reply = post(apps, "t9")
+    assert reply.status_code == 503 and reply.json["type"].endswith("service-unavailable")
+    assert post(apps, "t1").status_code == 200
+    apps.idle = 0.0
+    assert apps.sweep() == ["t1"] and not apps.apps
+    apps.start()
+    apps.stop_accepting()
+
+
+def test_metrics_lines_of_other_tenants_are_dropped() -> None:
+    from framework.pool.shared import _own_metrics
+
+    text = (b'# HELP x\nmtp_requests_total{tenant="t1",service="a"} 1.0\n'
+            b'mtp_requests_total{tenant="t2",service="a"} 2.0\nprocess_cpu 3.0\n')
+    assert _own_metrics(text, "t1") == (b'# HELP x\nmtp_requests_total{tenant="t1",'
+                                         b'service="a"} 1.0\nprocess_cpu 3.0\n')
