@@ -484,6 +484,10 @@ class PoolSidecar:
                 self.background(later())
             for tenant_id, state in list(self.states.items()):
                 if state.shared and getattr(state.sidecar.upstream, "process", None) is proc:
+                    wake = self.procs.wake
+                    at = wake.due(tenant_id) if wake is not None else None
+                    if wake is not None and at is not None:  # its app's event deliveries
+                        wake.later(tenant_id, at)
                     self.forget(tenant_id)
             return
         state = self.states.get(proc.tenant_id)

@@ -222,11 +222,24 @@ class SharedApps:
         thread.start()
 
     def sweep(self) -> list[str]:
-        """Close the apps idle for ``idle`` seconds; their tenant ids."""
+        """Close the apps idle for ``idle`` seconds; their tenant ids.
+
+        An app with an event delivery due within ``idle`` stays (its engine makes it),
+        as a process tenant's process does (framework/pool/wake.py).
+        """
+        from framework.events.store import DB_NAME, next_due
+
         now = time.monotonic()
         with self._lock:
-            gone = [t for t, a in self.apps.items()
+            idle = [t for t, a in self.apps.items()
                     if a.inflight == 0 and now - a.used >= self.idle]
+        gone = []
+        for tenant_id in idle:
+            at = next_due(self.tenants_dir / tenant_id / DB_NAME)
+            if at is None or at > time.time() + self.idle:
+                gone.append(tenant_id)
+        with self._lock:
+            gone = [t for t in gone if t in self.apps and self.apps[t].inflight == 0]
             for tenant_id in gone:
                 self._drop(tenant_id)
         return gone

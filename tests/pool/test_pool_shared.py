@@ -453,3 +453,15 @@ def test_metrics_lines_of_other_tenants_are_dropped() -> None:
             b'mtp_requests_total{tenant="t2",service="a"} 2.0\nprocess_cpu 3.0\n')
     assert _own_metrics(text, "t1") == (b'# HELP x\nmtp_requests_total{tenant="t1",'
                                          b'service="a"} 1.0\nprocess_cpu 3.0\n')
+
+
+def test_an_idle_app_with_an_event_delivery_due_soon_stays(apps: SharedApps) -> None:
+    from tests.pool.test_wake import PENDING, delivery
+
+    assert post(apps, "t1").status_code == 200 and post(apps, "t2").status_code == 200
+    apps.idle = 1000.0
+    for loaded in apps.apps.values():
+        loaded.used -= 2000  # both idle for longer than that
+    delivery(apps.tenants_dir, "t1", PENDING, time.time() + 100)  # due within the idle time
+    assert apps.sweep() == ["t2"]
+    assert list(apps.apps) == ["t1"]
