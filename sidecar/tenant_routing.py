@@ -31,10 +31,10 @@ from typing import Any
 
 import jwt
 
+import framework.pool.shared as shared_group
 from framework.pool.bundles import Bundle, BundleDir
 from framework.pool.keys import derive_key, secret_name, tenant_secret
 from framework.pool.procs import PoolFull, ProcessManager, StartFailed, TenantProcess
-from framework.pool.shared import ROUTE, SHARED, shared_key
 from framework.problem import request_id as make_request_id
 from framework.rq_keys import ENV as RQ_PREFIX_ENV
 from framework.rq_keys import prefix as rq_prefix
@@ -175,7 +175,7 @@ class TenantUpstream(Upstream):
     async def ready(self) -> TenantProcess:
         """The tenant's live process (or the shared one), started if needed."""
         if self.shared:
-            proc = await self.owner.procs.ensure(SHARED, self.owner.bundles.root,
+            proc = await self.owner.procs.ensure(shared_group.SHARED, self.owner.bundles.root,
                                                  self.owner.shared_stamp())
         else:
             proc = await self.owner.procs.ensure(self.bundle.tenant_id, self.bundle.path,
@@ -194,7 +194,7 @@ class TenantUpstream(Upstream):
 
     def routed(self, headers: Iterable[tuple[str, str]]) -> Iterable[tuple[str, str]]:
         """The headers, naming the tenant for the shared process's calls without a caller."""
-        return [*headers, (ROUTE, self.bundle.tenant_id)] if self.shared else headers
+        return [*headers, (shared_group.ROUTE, self.bundle.tenant_id)] if self.shared else headers
 
     def _retire(self, pool: Any) -> None:
         # Its last calls may still be on it: closed once the old process has drained.
@@ -301,7 +301,7 @@ class PoolSidecar:
     def shared_stamp(self) -> tuple[object, ...]:
         """The shared process's stamp: a shared tenant with a secret it was not handed
         at its start changes it, so the process is replaced and the next one has it."""
-        return (SHARED, *sorted(self.shared_secrets.items()))
+        return (shared_group.SHARED, *sorted(self.shared_secrets.items()))
 
     def shared_upstream(self, proc: TenantProcess) -> Upstream:
         """The connections to shared process ``proc`` (made once per process)."""
@@ -333,7 +333,7 @@ class PoolSidecar:
         })
         if self.settings.config_overlay:
             env["MTP_CONFIG_OVERLAY"] = self.settings.config_overlay  # the directory
-        secrets = {"MTP_SIDECAR_SECRET": shared_key(self.pool_secret).decode()}
+        secrets = {"MTP_SIDECAR_SECRET": shared_group.shared_key(self.pool_secret).decode()}
         secrets.update(dict(self.shared_secrets.values()))
         return env, secrets
 
@@ -346,7 +346,7 @@ class PoolSidecar:
         return dataclasses.replace(
             self.settings, tenant_dir=bundle.path, config_overlay=self.overlay(config.tenant_id),
             data_dir=self.settings.data_dir / "tenants" / config.tenant_id,
-            sidecar_secret=shared_key(self.pool_secret) if shared
+            sidecar_secret=shared_group.shared_key(self.pool_secret) if shared
             else derive_key(self.pool_secret, config.tenant_id),
             environ={k: v for k, v in own.items() if v})
 
@@ -358,7 +358,7 @@ class PoolSidecar:
     def process_env(self, tenant_id: str, bundle: Path, sock: Path
                     ) -> tuple[dict[str, str], dict[str, str]]:
         """A tenant process's environment (nothing secret) and its own secrets."""
-        if tenant_id == SHARED:
+        if tenant_id == shared_group.SHARED:
             return self.shared_env(sock)
         pool_env = self.settings.environ
         env = {k: v for k, v in self.procs.zygote.environ.items()}
@@ -392,8 +392,9 @@ class PoolSidecar:
                 secrets[webhook] = value
         return env, secrets
 
-    def _build(self, bundle: Bundle, shared: bool = False) -> TenantState:
+    def _build(self, bundle: Bundle) -> TenantState:
         config: TenantConfig = bundle.config
+        shared = self.is_shared(config.tenant_id)
         settings = self.tenant_settings(bundle, shared)
         from framework.jwt_keys import load_public_key
 
@@ -442,7 +443,7 @@ class PoolSidecar:
             self.forget(tenant_id)  # replaced bundle, or moved between shared and process
         self._note_secret(bundle, shared)
         try:
-            state = self._build(bundle, shared)
+            state = self._build(bundle)
         except ConfigError as exc:
             raise Unavailable(f"tenant config: {exc}",
                               detail="the tenant's configuration is not usable") from None
@@ -475,7 +476,7 @@ class PoolSidecar:
     def process_stopped(self, proc: TenantProcess) -> None:
         """A tenant's process is stopping (idle, LRU): its state goes too (memory stays
         bounded by the live tenants); the next request builds it again."""
-        if proc.tenant_id == SHARED:
+        if proc.tenant_id == shared_group.SHARED:
             found = self._shared.pop(proc.pid, None)
             if found is not None:
                 async def later() -> None:  # its last calls finish first
