@@ -465,3 +465,39 @@ def test_an_idle_app_with_an_event_delivery_due_soon_stays(apps: SharedApps) -> 
     delivery(apps.tenants_dir, "t1", PENDING, time.time() + 100)  # due within the idle time
     assert apps.sweep() == ["t2"]
     assert list(apps.apps) == ["t1"]
+
+
+def test_log_lines_name_the_request_tenant_or_the_thread_owner() -> None:
+    import io
+    import logging
+
+    from framework import logs
+
+    saved, handlers = dict(logs._process), list(logging.getLogger("mtp").handlers)
+    stream = io.StringIO()
+    try:
+        logs.share(SHARED)
+        log = logs.setup("INFO", "t1", stream=stream)  # a tenant app's setup: no effect
+        assert logs.current_tenant() == SHARED
+        token = logs.TENANT.set("t2")
+        try:
+            log.info("in a request of t2")
+        finally:
+            logs.TENANT.reset(token)
+        stop = threading.Event()
+        before = {t.ident for t in threading.enumerate() if t.ident is not None}
+        thread = threading.Thread(target=lambda: (stop.wait(10), log.info("t3's thread")))
+        thread.start()
+        logs.claim_threads(before, "t3")  # started while t3's app was built
+        stop.set()
+        thread.join()
+        log.info("the process itself")
+        logs.claim_threads(before, "t4")  # no new thread; forgets the one that ended
+        assert thread.ident not in logs._thread_tenants
+    finally:
+        logs._process.update(saved)
+        logging.getLogger("mtp").handlers[:] = handlers
+        logs._thread_tenants.clear()
+    lines = [json.loads(x) for x in stream.getvalue().splitlines()]
+    assert [(x["msg"], x["tenant"]) for x in lines] == [
+        ("in a request of t2", "t2"), ("t3's thread", "t3"), ("the process itself", SHARED)]
