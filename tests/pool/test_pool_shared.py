@@ -501,3 +501,29 @@ def test_log_lines_name_the_request_tenant_or_the_thread_owner() -> None:
     lines = [json.loads(x) for x in stream.getvalue().splitlines()]
     assert [(x["msg"], x["tenant"]) for x in lines] == [
         ("in a request of t2", "t2"), ("t3's thread", "t3"), ("the process itself", SHARED)]
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_mtp_workers_apply_to_the_shared_process(tmp_path: Path) -> None:
+    cp = ControlPlane(tmp_path / "control", plans=PLANS).start()
+    pool = None
+    try:
+        for tenant in (ACME, INITECH):
+            assert cp.call("POST", "/admin/tenants", {
+                "id": tenant.id, "name": tenant.id, "plan": "trusted",
+                "placement": "pool:alpha"}).status == 201
+        pool = start_pool(tmp_path / "alpha", "alpha", [ACME, INITECH], MTP_WORKERS="2",
+                          MTP_POOL_DOMAIN=DOMAIN, MTP_DATA_DIR=str(cp.data_dir))
+        eventually(lambda: call(pool, ACME).status == 200, timeout=60)
+        pid_of(pool, INITECH)  # its webhook secret replaced the process once
+        masters = {parent_of(pid_of(pool, tenant)) for tenant in (ACME, INITECH, ACME)}
+        # A gunicorn master and its workers: every answer from a worker of one master.
+        assert len(masters) == 1
+        assert len(list(pool.run_dir.glob(f"{SHARED}-*.sock"))) == 1
+    finally:
+        if pool is not None:
+            stop_pool(pool)
+        cp.stop()
