@@ -11,7 +11,14 @@ and warm call latency p50/p99; then the pool is started again on the same data a
 active tenant called once more: the cold start of a tenant whose process was reaped
 (its databases exist; the first calls also created them).
 
+With ``--shared``, the active tenants are on a plan with isolation `shared` (a real
+`mtp control` with its SQLite registry places them in the pool): they are all served
+by the pool's one shared process, whose tenant apps are kept up to
+``--shared-apps`` (MTP_POOL_SHARED_APPS, default: every active tenant). Reports the
+shared process's PSS and threads instead of the per-tenant processes'.
+
 Usage: .venv/bin/python bench/pool_bench.py [--tenants 10000] [--active 200] [--wrk 20]
+       [--shared [--shared-apps N]]
 The machine is shared: a short run is e.g. --tenants 1000 --active 10.
 """
 
@@ -133,6 +140,28 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+SHARED_PLANS = """
+[plans.trusted]
+isolation = "shared"
+services = ["*"]
+limits = { rate = 100000, burst = 100000 }
+"""
+
+
+def shared_fleet(tmp: Path, ids: list[str]):  # -> tests.control.fleet.ControlPlane
+    """A control plane whose registry places ``ids`` in pool ``bench`` on a shared plan."""
+    from tests.control.fleet import ControlPlane
+
+    cp = ControlPlane(tmp / "control", plans=SHARED_PLANS).start()
+    for tid in ids:
+        reply = cp.call("POST", "/admin/tenants", {"id": tid, "name": tid, "plan": "trusted",
+                                                   "placement": "pool:bench"})
+        if reply.status != 201:
+            cp.stop()
+            raise RuntimeError(f"{tid}: registry answered {reply.status}")
+    return cp
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tenants", type=int, default=10000)
@@ -141,17 +170,25 @@ def main() -> None:
     ap.add_argument("--wrk", type=int, default=0, metavar="SECONDS",
                     help="then wrk (2 threads, 32 connections) round-robin over the active "
                          "tenants for SECONDS: requests/s and non-2xx answers")
+    ap.add_argument("--shared", action="store_true",
+                    help="the active tenants in isolation `shared` (one process)")
+    ap.add_argument("--shared-apps", type=int, default=0, metavar="N",
+                    help="MTP_POOL_SHARED_APPS (default: --active)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="mtp-pool-bench-"))
     t0 = time.perf_counter()
     write_bundles(tmp, args.tenants)
     print(f"{args.tenants} bundles written in {time.perf_counter() - t0:.1f}s")
     port = free_port()
+    ids = [f"t{i * max(1, args.tenants // args.active):05d}" for i in range(args.active)]
+    cp = shared_fleet(tmp, ids) if args.shared else None
+    data = cp.data_dir if cp is not None else tmp / "data"
     env = base_env(MTP_SIDECAR_SECRET="bench-pool-secret-0123456789abcdef",
-                   MTP_LISTEN=f"127.0.0.1:{port}", MTP_DATA_DIR=str(tmp / "data"),
+                   MTP_LISTEN=f"127.0.0.1:{port}", MTP_DATA_DIR=str(data),
                    MTP_POOL_RUN_DIR=str(tmp / "run"), MTP_POOL_IDLE="3600",
                    MTP_POOL_MAX_PROCS=str(args.active + 1), MTP_LOG_LEVEL="WARNING",
-                   MTP_AUDIT_FILE=str(tmp / "audit.log"))
+                   MTP_AUDIT_FILE=str(tmp / "audit.log"),
+                   MTP_POOL_SHARED_APPS=str(args.shared_apps or args.active))
     def start() -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "framework", "pool", "--name", "bench",
                                  "--bundles", str(tmp / "bundles")], env=env,
@@ -163,7 +200,6 @@ def main() -> None:
         wait_for_port(port, proc, timeout=60)
         time.sleep(0.5)
         rss_idle = kib(proc.pid, "VmRSS")
-        ids = [f"t{i * max(1, args.tenants // args.active):05d}" for i in range(args.active)]
         cold, masters = [], []
         for tid in ids:
             elapsed, body = call(port, tid)
@@ -171,6 +207,10 @@ def main() -> None:
             masters.append(body["pid"])
         warm = [call(port, ids[i % len(ids)])[0] for i in range(args.warm)]
         rss_active = kib(proc.pid, "VmRSS")
+        if args.shared:
+            report_shared(args, port, tmp, rss_idle, kib(proc.pid, "VmRSS"), cold, warm,
+                          masters)
+            return
         pss = [sum(kib(p, "Pss", "smaps_rollup") for p in family(m)) for m in masters]
         report = {
             "tenants_registered": args.tenants, "tenants_active": args.active,
@@ -199,7 +239,33 @@ def main() -> None:
         print(json.dumps(report, indent=2))
     finally:
         stop(proc, timeout=60)
+        if cp is not None:
+            cp.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report_shared(args: argparse.Namespace, port: int, tmp: Path, rss_idle: int,
+                  rss_active: int, cold: list[float], warm: list[float],
+                  pids: list[int]) -> None:
+    """The --shared run's numbers: one process for every active tenant."""
+    shared = max(set(pids), key=pids.count)  # the shared process (replaced at most rarely)
+    report: dict[str, object] = {
+        "tenants_registered": args.tenants, "tenants_active_shared": args.active,
+        "shared_apps_kept": args.shared_apps or args.active,
+        "shared_processes_seen": len(set(pids)),
+        "pool_rss_mib_registered": round(rss_idle / 1024, 1),
+        "pool_rss_mib_active": round(rss_active / 1024, 1),
+        "shared_process_pss_mib": round(kib(shared, "Pss", "smaps_rollup") / 1024, 1),
+        "shared_process_threads": kib(shared, "Threads"),
+        "first_call_ms_p50": round(pct(cold, 0.5) * 1000, 1),
+        "first_call_ms_p99": round(pct(cold, 0.99) * 1000, 1),
+        "warm_ms_p50": round(pct(warm, 0.5) * 1000, 2),
+        "warm_ms_p99": round(pct(warm, 0.99) * 1000, 2),
+    }
+    if args.wrk:
+        ids = [f"t{i * max(1, args.tenants // args.active):05d}" for i in range(args.active)]
+        report.update(run_wrk(port, ids, args.wrk, tmp))
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

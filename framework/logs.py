@@ -1,8 +1,11 @@
 """JSON log lines; every line carries the tenant and the request id.
 
-The tenant is one per process. The request id lives in a context variable set
-once per request; handler threads run in a copy of the request's context, so
-their lines carry it too.
+The tenant is one per process, except in a pool's shared process
+(framework/pool/shared.py), which serves several: there the tenant of a line is
+the context variable :data:`TENANT` its dispatcher sets per request, else the
+tenant whose app started the thread (:func:`claim_threads`). The request id
+lives in a context variable set once per request; handler threads run in a copy
+of the request's context, so their lines carry it too.
 """
 
 from __future__ import annotations
@@ -11,15 +14,41 @@ import contextvars
 import json
 import logging
 import sys
+import threading
 import time
 from typing import Any
 
 from framework import tracing
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("mtp_request_id", default="")
+# A shared process's tenant of the request (empty in a one-tenant process).
+TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("mtp_tenant", default="")
 
 LOGGER_NAME = "mtp.framework"
-_process: dict[str, Any] = {"tenant": "", "handler": None}
+_process: dict[str, Any] = {"tenant": "", "handler": None, "shared": False}
+_thread_tenants: dict[int, str] = {}  # shared process: thread ident -> tenant that started it
+
+
+def share(name: str) -> None:
+    """This process serves several tenants: :func:`setup` no longer sets the tenant."""
+    _process["shared"] = True
+    _process["tenant"] = name
+
+
+def claim_threads(before: set[int], tenant_id: str) -> None:
+    """Threads started since ``before`` (idents) log as ``tenant_id`` (shared process)."""
+    for thread in threading.enumerate():
+        if thread.ident is not None and thread.ident not in before:
+            _thread_tenants[thread.ident] = tenant_id
+    live = {t.ident for t in threading.enumerate()}
+    for ident in [i for i in _thread_tenants if i not in live]:
+        del _thread_tenants[ident]
+
+
+def current_tenant() -> str:
+    """The tenant a line written now belongs to."""
+    return (TENANT.get() or _thread_tenants.get(threading.get_ident(), "")
+            or _process["tenant"])
 
 # Attributes every LogRecord has; anything else came in through ``extra=``.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
@@ -41,7 +70,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
-            "tenant": getattr(record, "tenant", None) or _process["tenant"],
+            "tenant": getattr(record, "tenant", None) or current_tenant(),
             "request_id": getattr(record, "request_id", None) or REQUEST_ID.get(),
         }
         for key, value in record.__dict__.items():
@@ -59,7 +88,8 @@ def setup(level: str, tenant_id: str, stream: Any = None,
     With ``libraries`` (a level), every other logger (aiohttp, asyncio, ldap3...) goes
     through the root logger to the same handler, so no line of the process is not JSON.
     """
-    _process["tenant"] = tenant_id
+    if not _process["shared"]:
+        _process["tenant"] = tenant_id
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger("mtp")
@@ -85,7 +115,7 @@ def access(logger: logging.Logger, request_id: str, fields: dict[str, Any]) -> N
         return
     now = time.time()
     line = {"ts": _timestamp(now), "level": "INFO", "logger": logger.name, "msg": "request",
-            "tenant": _process["tenant"], "request_id": request_id, **fields}
+            "tenant": current_tenant(), "request_id": request_id, **fields}
     text = json.dumps(line, default=str) + "\n"
     with handler.lock:
         handler.stream.write(text)

@@ -10,6 +10,10 @@ tenant (else 403 ``tenant-mismatch``); none, or a tenant this pool does not serv
 limit, sign with the tenant's derived key, proxy), built on its first request. Its
 framework process starts when the first call reaches the upstream, so a request that
 fails authentication or authorization never starts a process.
+
+Isolation ``shared`` (the tenant's plan in the fleet registry says so): the tenant's
+calls go to the pool's one shared process (framework/pool/shared.py), signed with
+the shared group's key; a plan change moves the tenant at its next request.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from typing import Any
 import jwt
 from redis.exceptions import RedisError
 
+import framework.pool.shared as shared_group
 from framework.pool.bundles import Bundle, BundleDir
-from framework.pool.keys import derive_key, tenant_secret
+from framework.pool.keys import derive_key, secret_name, tenant_secret
 from framework.pool.procs import PoolFull, ProcessManager, StartFailed, TenantProcess
 from framework.pool.redis_users import RedisUsers
 from framework.problem import request_id as make_request_id
@@ -164,24 +169,37 @@ def rerouted(request: Request, path: str, raw_path: str) -> Request:
 class TenantUpstream(Upstream):
     """One tenant's framework as its Sidecar sees it: the process starts on first use."""
 
-    def __init__(self, pool: PoolSidecar, bundle: Bundle, settings: Settings) -> None:
+    def __init__(self, pool: PoolSidecar, bundle: Bundle, settings: Settings,
+                 shared: bool = False) -> None:
         self.owner, self.bundle, self.tenant_settings = pool, bundle, settings
+        self.shared = shared  # served by the pool's shared process
         self.process: TenantProcess | None = None
         self.pool: Any = None
         self._old: list[Any] = []
 
     async def ready(self) -> TenantProcess:
-        """The tenant's live process, started if needed."""
-        proc = await self.owner.procs.ensure(self.bundle.tenant_id, self.bundle.path,
-                                             self.bundle.stamp)
+        """The tenant's live process (or the shared one), started if needed."""
+        if self.shared:
+            proc = await self.owner.procs.ensure(shared_group.SHARED, self.owner.bundles.root,
+                                                 self.owner.shared_stamp())
+        else:
+            proc = await self.owner.procs.ensure(self.bundle.tenant_id, self.bundle.path,
+                                                 self.bundle.stamp)
         if proc is not self.process:
-            if self.pool is not None:
+            if self.pool is not None and not self.shared:
                 self._retire(self.pool)
             self.process = proc
-            Upstream.__init__(self, dataclasses.replace(self.tenant_settings,
-                                                        upstream=str(proc.socket)))
+            if self.shared:  # one connection pool to the shared process, for every tenant
+                self.pool = self.owner.shared_upstream(proc).pool
+            else:
+                Upstream.__init__(self, dataclasses.replace(self.tenant_settings,
+                                                            upstream=str(proc.socket)))
             await self.owner.after_start(self)
         return proc
+
+    def routed(self, headers: Iterable[tuple[str, str]]) -> Iterable[tuple[str, str]]:
+        """The headers, naming the tenant for the shared process's calls without a caller."""
+        return [*headers, (shared_group.ROUTE, self.bundle.tenant_id)] if self.shared else headers
 
     def _retire(self, pool: Any) -> None:
         # Its last calls may still be on it: closed once the old process has drained.
@@ -204,6 +222,11 @@ class TenantUpstream(Upstream):
                                   detail="the tenant is not served here any more",
                                   headers={"Retry-After": "1"}) from None
         if current.sidecar.upstream is not self:
+            if getattr(current.sidecar.upstream, "shared", False) != self.shared:
+                # Its plan moved it between shared and process while this request was
+                # checked: signed with the key of the isolation it left. Rare: retry.
+                raise Unavailable("tenant isolation changed", headers={"Retry-After": "1"},
+                                  detail="the tenant is moving; retry shortly")
             # Checked against the previous bundle while a new one came in: the current
             # process answers (same tenant, same derived key), never the replaced one.
             return await current.sidecar.upstream.send(method, path, headers, body,
@@ -218,14 +241,14 @@ class TenantUpstream(Upstream):
                               detail="the tenant's runtime is not available") from None
         proc.inflight += 1
         try:
-            return await super().send(method, path, headers, body, timeout=timeout,
-                                      deadline=deadline)
+            return await super().send(method, path, self.routed(headers), body,
+                                      timeout=timeout, deadline=deadline)
         finally:
             proc.inflight -= 1
             proc.last_used = time.monotonic()
 
     async def close(self) -> None:
-        if self.pool is not None:
+        if self.pool is not None and not self.shared:  # the shared pool is the owner's
             await self.pool.close()
 
 
@@ -238,8 +261,8 @@ class _Direct:
     async def send(self, method: str, path: str, headers: Iterable[tuple[str, str]],
                    body: bytes | None, *, timeout: float | None = None,
                    deadline: float | None = None) -> UpstreamReply:
-        return await Upstream.send(self.upstream, method, path, headers, body,
-                                   timeout=timeout, deadline=deadline)
+        return await Upstream.send(self.upstream, method, path, self.upstream.routed(headers),
+                                   body, timeout=timeout, deadline=deadline)
 
 
 @dataclass
@@ -249,6 +272,7 @@ class TenantState:
     bundle: Bundle
     sidecar: Sidecar
     closers: list[Any]
+    shared: bool = False  # isolation `shared`: served by the pool's shared process
 
 
 @dataclass
@@ -286,13 +310,62 @@ class PoolSidecar:
         self.states: dict[str, TenantState] = {}
         self.ready_starts = StartBudget()
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Isolation `shared`: the shared tenants whose webhook secret the shared process
+        # needs (tenant -> (name, value)), and per shared process its connections and
+        # its admission (one process: one budget of MTP_WORKERS x MTP_THREADS calls).
+        self.shared_secrets: dict[str, tuple[str, str]] = {}
+        self._shared: dict[int, tuple[Upstream, Admission]] = {}
 
     def background(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def tenant_settings(self, bundle: Bundle) -> Settings:
+    def is_shared(self, tenant_id: str) -> bool:
+        """Whether the tenant's plan (fleet registry) puts it in isolation `shared`."""
+        plan = self.fleet.view.plan_of(tenant_id) if self.fleet is not None else None
+        return plan is not None and plan.isolation == "shared"
+
+    def shared_stamp(self) -> tuple[object, ...]:
+        """The shared process's stamp: a shared tenant with a secret it was not handed
+        at its start changes it, so the process is replaced and the next one has it."""
+        return (shared_group.SHARED, *sorted(self.shared_secrets.items()))
+
+    def shared_upstream(self, proc: TenantProcess) -> Upstream:
+        """The connections to shared process ``proc`` (made once per process)."""
+        found = self._shared.get(proc.pid)
+        if found is None:
+            settings = dataclasses.replace(self.settings, upstream=str(proc.socket))
+            found = self._shared[proc.pid] = (Upstream(settings),
+                                              Admission.for_settings(settings))
+        return found[0]
+
+    def shared_env(self, sock: Path) -> tuple[dict[str, str], dict[str, str]]:
+        """The shared process's environment and secrets: the shared group's key and the
+        shared tenants' webhook secrets (``<NAME>__<TENANT>``); no Redis (RQ's key
+        prefix is one per process: shared tenants' jobs and usage stay in SQLite)."""
+        pool_env = self.settings.environ
+        env = {k: v for k, v in self.procs.zygote.environ.items()}
+        for name in ("MTP_LOG_LEVEL", "MTP_GRACE_SECONDS", "MTP_MAX_BODY", "MTP_MAX_RESULT",
+                     "MTP_JOB_RETENTION", "MTP_JOB_WORKERS", "MTP_JOB_QUEUE",
+                     "MTP_POOL_SHARED_APPS", "MTP_POOL_IDLE"):
+            if pool_env.get(name):
+                env[name] = pool_env[name]
+        env.update({
+            "MTP_POOL_BUNDLES": str(self.bundles.root),
+            "MTP_POOL_TENANTS": str(self.settings.data_dir / "tenants"),
+            "MTP_DATA_DIR": str(self.settings.data_dir / "shared"),
+            "MTP_UPSTREAM": f"unix:{sock}",
+            "MTP_WORKERS": str(self.settings.workers),
+            "MTP_THREADS": str(self.settings.threads),
+        })
+        if self.settings.config_overlay:
+            env["MTP_CONFIG_OVERLAY"] = self.settings.config_overlay  # the directory
+        secrets = {"MTP_SIDECAR_SECRET": shared_group.shared_key(self.pool_secret).decode()}
+        secrets.update(dict(self.shared_secrets.values()))
+        return env, secrets
+
+    def tenant_settings(self, bundle: Bundle, shared: bool = False) -> Settings:
         """The pool's settings as one tenant's Sidecar sees them (its key, its secrets)."""
         config = bundle.config
         names = {config.jwt.secret_env, config.ldap.bind_password_env}
@@ -301,7 +374,8 @@ class PoolSidecar:
         return dataclasses.replace(
             self.settings, tenant_dir=bundle.path, config_overlay=self.overlay(config.tenant_id),
             data_dir=self.settings.data_dir / "tenants" / config.tenant_id,
-            sidecar_secret=derive_key(self.pool_secret, config.tenant_id),
+            sidecar_secret=shared_group.shared_key(self.pool_secret) if shared
+            else derive_key(self.pool_secret, config.tenant_id),
             environ={k: v for k, v in own.items() if v})
 
     def overlay(self, tenant_id: str) -> str:
@@ -312,6 +386,8 @@ class PoolSidecar:
     def process_env(self, tenant_id: str, bundle: Path, sock: Path
                     ) -> tuple[dict[str, str], dict[str, str]]:
         """A tenant process's environment (nothing secret) and its own secrets."""
+        if tenant_id == shared_group.SHARED:
+            return self.shared_env(sock)
         pool_env = self.settings.environ
         env = {k: v for k, v in self.procs.zygote.environ.items()}
         for name in ("MTP_LOG_LEVEL", "MTP_GRACE_SECONDS", "MTP_MAX_BODY", "MTP_MAX_RESULT",
@@ -382,7 +458,8 @@ class PoolSidecar:
 
     def _build(self, bundle: Bundle) -> TenantState:
         config: TenantConfig = bundle.config
-        settings = self.tenant_settings(bundle)
+        shared = self.is_shared(config.tenant_id)
+        settings = self.tenant_settings(bundle, shared)
         from framework.jwt_keys import load_public_key
 
         secret = jwt_secret(config, settings)  # ConfigError: the tenant has no secret here
@@ -390,7 +467,7 @@ class PoolSidecar:
         ids = _identity_modules(config, settings)
         tokens = TokenVerifier(config.jwt, secret=secret, public_key=public_key,
                                keys=ids["keys"])
-        upstream = TenantUpstream(self, bundle, settings)
+        upstream = TenantUpstream(self, bundle, settings, shared)
         sidecar = Sidecar(
             settings=settings, tenant=config,
             authenticator=Authenticator(config.tenant_id, tokens, ApiKeys(config.api_keys),
@@ -408,7 +485,7 @@ class PoolSidecar:
             closers.append(watcher.close)
         if ids["directory"] is not None:
             closers.append(ids["directory"].close)
-        return TenantState(bundle, sidecar, closers)
+        return TenantState(bundle, sidecar, closers, shared)
 
     def state(self, tenant_id: str) -> TenantState:
         """The tenant's state, built on first use and rebuilt when its bundle changed."""
@@ -422,10 +499,13 @@ class PoolSidecar:
             if current is not None:
                 self.forget(tenant_id)
             raise UnknownTenant(f"no bundle for {tenant_id!r} in this pool")
-        if current is not None and current.bundle.stamp == bundle.stamp:
+        shared = self.is_shared(tenant_id)
+        if (current is not None and current.bundle.stamp == bundle.stamp
+                and current.shared == shared):
             return current
         if current is not None:
-            self.forget(tenant_id)
+            self.forget(tenant_id)  # replaced bundle, or moved between shared and process
+        self._note_secret(bundle, shared)
         try:
             state = self._build(bundle)
         except ConfigError as exc:
@@ -434,11 +514,23 @@ class PoolSidecar:
         self.states[tenant_id] = state
         return state
 
+    def _note_secret(self, bundle: Bundle, shared: bool) -> None:
+        """Keep :attr:`shared_secrets` to the shared tenants with a webhook secret."""
+        name = bundle.config.billing.webhook_secret_env
+        value = tenant_secret(self.settings.environ, name, bundle.tenant_id)
+        if shared and value:
+            self.shared_secrets[bundle.tenant_id] = (secret_name(name, bundle.tenant_id), value)
+        else:
+            self.shared_secrets.pop(bundle.tenant_id, None)
+
     async def wake(self, tenant_id: str) -> None:
         """Start a stopped tenant's process for its event deliveries now due."""
         try:
             state = self.state(tenant_id)
-            await state.sidecar.upstream.ready()  # type: ignore[attr-defined]
+            upstream: Any = state.sidecar.upstream
+            await upstream.ready()
+            if upstream.shared:  # its app in the shared process is built by a call
+                await self.after_start(upstream)
         except (SidecarError, PoolFull, StartFailed, ConfigError, OSError) as exc:
             log.warning("tenant process not woken for its event deliveries: %s", exc,
                         extra={"tenant": tenant_id})
@@ -448,6 +540,21 @@ class PoolSidecar:
     def process_stopped(self, proc: TenantProcess) -> None:
         """A tenant's process is stopping (idle, LRU): its state goes too (memory stays
         bounded by the live tenants); the next request builds it again."""
+        if proc.tenant_id == shared_group.SHARED:
+            found = self._shared.pop(proc.pid, None)
+            if found is not None:
+                async def later() -> None:  # its last calls finish first
+                    await asyncio.sleep(self.settings.grace_seconds + 5)
+                    await found[0].close()
+                self.background(later())
+            for tenant_id, state in list(self.states.items()):
+                if state.shared and getattr(state.sidecar.upstream, "process", None) is proc:
+                    wake = self.procs.wake
+                    at = wake.due(tenant_id) if wake is not None else None
+                    if wake is not None and at is not None:  # its app's event deliveries
+                        wake.later(tenant_id, at)
+                    self.forget(tenant_id)
+            return
         state = self.states.get(proc.tenant_id)
         if state is not None and getattr(state.sidecar.upstream, "process", None) is proc:
             self.forget(proc.tenant_id)
@@ -476,7 +583,11 @@ class PoolSidecar:
         if state is None or state.sidecar.upstream is not upstream:
             return
         sidecar = state.sidecar
-        sidecar.admission = Admission.for_settings(sidecar.settings)
+        if upstream.shared and upstream.process is not None:
+            self.shared_upstream(upstream.process)  # made, if the process is new
+            sidecar.admission = self._shared[upstream.process.pid][1]
+        else:
+            sidecar.admission = Admission.for_settings(sidecar.settings)
 
         def install(catalog: Any) -> None:
             sidecar.catalog = catalog
@@ -497,6 +608,8 @@ class PoolSidecar:
                 bundle = self.bundles.get(tenant_id)
             except ConfigError:
                 bundle = None
+            if bundle is None:
+                self.shared_secrets.pop(tenant_id, None)
             if bundle is None or bundle.stamp != state.bundle.stamp:
                 log.info("bundle changed", extra={"tenant": tenant_id})
                 self.forget(tenant_id)
@@ -533,6 +646,8 @@ class PoolSidecar:
 
     async def close(self) -> None:
         await self.procs.close()
+        for upstream, _admission in self._shared.values():
+            await upstream.close()
         for state in self.states.values():
             for closer in state.closers:
                 with contextlib.suppress(Exception):

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from framework.pool.shared import SHARED
+
 if TYPE_CHECKING:
     from framework.pool.wake import Wakeups
 
@@ -188,7 +190,9 @@ class ProcessManager:
         self.make_room()
         sock = self.runtime_dir / f"{tenant_id}-{next(self._seq)}.sock"
         env, secrets = self.env_for(tenant_id, bundle, sock)
-        spec = {"tenant_dir": str(bundle), "env": env}
+        spec: dict[str, object] = {"tenant_dir": str(bundle), "env": env}
+        if tenant_id == SHARED:  # the shared group's process (framework/pool/shared.py)
+            spec["shared"] = True
         pid = await asyncio.to_thread(self.zygote.spawn, spec, secrets)
         self.starts += 1
         proc = TenantProcess(tenant_id, pid, sock, stamp)

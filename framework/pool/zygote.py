@@ -37,6 +37,7 @@ def warm_up() -> None:
 
     import framework.app
     import framework.cli.serve
+    import framework.pool.shared
     import framework.worker  # noqa: F401
 
 
@@ -61,7 +62,8 @@ def _not_dumpable() -> None:
 
 
 def child(spec: dict[str, Any], secrets_fd: int) -> None:  # pragma: no cover - forked child
-    """In the forked child: become the tenant's `mtp framework` (gunicorn master)."""
+    """In the forked child: become the tenant's `mtp framework` (gunicorn master), or
+    the pool's shared process (spec ``shared``: framework/pool/shared.py)."""
     import shutil
 
     from framework import logs
@@ -77,6 +79,11 @@ def child(spec: dict[str, Any], secrets_fd: int) -> None:  # pragma: no cover - 
     secrets = read_handed_secrets(str(secrets_fd))
     os.environ.clear()
     os.environ.update(env)  # nothing secret: tenant code reads this
+    if spec.get("shared"):  # isolation `shared`: several tenants' apps in this process
+        from framework.pool.shared import serve_shared
+
+        serve_shared(env, secrets)
+        return
     settings = Settings.from_env(environ={**env, **secrets}, tenant_dir=spec["tenant_dir"])
     del secrets
     tenant = settings.load_tenant()
