@@ -451,6 +451,8 @@ class PoolSidecar:
     def tenant_redis_url(self, tenant_id: str) -> str:
         """The Redis URL the tenant's processes use ("" for none): its ACL user's, given
         by the operator or made by the pool (framework/pool/redis_users.py)."""
+        if tenant_id == shared_group.SHARED or self.is_shared(tenant_id):
+            return ""  # the shared process has no Redis: its tenants' usage is in SQLite
         given = tenant_secret(self.settings.environ, "MTP_REDIS_URL", tenant_id)
         if given or self.redis_users is None:
             return given

@@ -41,6 +41,7 @@ class PoolSettings:
     idle: int = 300
     max_procs: int = 100
     run_dir: Path | None = None  # the tenant processes' sockets (MTP_POOL_RUN_DIR)
+    shared_apps: int = 64  # tenant apps the shared process keeps built (MTP_POOL_SHARED_APPS)
 
     @classmethod
     def from_env(cls, name: str, bundles: Path, environ: Mapping[str, str]) -> PoolSettings:
@@ -52,6 +53,8 @@ class PoolSettings:
                    domain=environ.get("MTP_POOL_DOMAIN", "").strip().strip(".").lower(),
                    idle=_int(environ, "MTP_POOL_IDLE", 300, minimum=1),
                    max_procs=_int(environ, "MTP_POOL_MAX_PROCS", 100, minimum=1),
+                   # Checked here: a bad value must stop the pool, not 503 shared tenants.
+                   shared_apps=_int(environ, "MTP_POOL_SHARED_APPS", 64, minimum=1),
                    run_dir=Path(environ["MTP_POOL_RUN_DIR"]) if environ.get(
                        "MTP_POOL_RUN_DIR") else None)
 

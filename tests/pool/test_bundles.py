@@ -124,6 +124,8 @@ def test_derived_keys_are_per_tenant_and_stable() -> None:
     (["--name", "p", "--bundles", "."], {}, "MTP_SIDECAR_SECRET"),
     (["--name", "p", "--bundles", "."], {"MTP_SIDECAR_SECRET": "s" * 32,
                                          "MTP_POOL_IDLE": "soon"}, "MTP_POOL_IDLE"),
+    (["--name", "p", "--bundles", "."], {"MTP_SIDECAR_SECRET": "s" * 32,
+                                         "MTP_POOL_SHARED_APPS": "0"}, "MTP_POOL_SHARED_APPS"),
 ])
 def test_the_command_refuses_a_wrong_setup_in_one_line(args, env, message) -> None:
     r = subprocess.run([sys.executable, "-m", "framework", "pool", *args],

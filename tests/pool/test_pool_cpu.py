@@ -16,12 +16,17 @@ from tests.helpers import eventually
 from tests.pool.support import Pool, Tenant, start_pool, stop_pool
 from tests.pool.test_pool import bearer, problem_type
 
-ACME, GLOBEX = Tenant("acme"), Tenant("globex")
+ACME, GLOBEX, INITECH = Tenant("acme"), Tenant("globex"), Tenant("initech")
 DOMAIN = "fleet.test"
 
 PLANS = """
 [plans.capped]
 isolation = "process"
+services = ["*"]
+limits = { rate = 1000, burst = 1000, daily_cpu_seconds = 0.3 }
+
+[plans.capped-shared]
+isolation = "shared"
 services = ["*"]
 limits = { rate = 1000, burst = 1000, daily_cpu_seconds = 0.3 }
 
@@ -48,11 +53,13 @@ def fleet(request, tmp_path_factory) -> Iterator[tuple[Pool, ControlPlane]]:
              if url else {"MTP_DATA_DIR": str(cp.data_dir)})
     pool = None
     try:
-        for tenant in (ACME, GLOBEX):
+        for tenant, plan in ((ACME, "capped"), (GLOBEX, "capped"),
+                             (INITECH, "capped-shared")):
             assert cp.call("POST", "/admin/tenants", {
-                "id": tenant.id, "name": tenant.id, "plan": "capped",
+                "id": tenant.id, "name": tenant.id, "plan": plan,
                 "placement": "pool:alpha"}).status == 201
-        pool = start_pool(base / "alpha", "alpha", [ACME, GLOBEX], MTP_POOL_DOMAIN=DOMAIN,
+        pool = start_pool(base / "alpha", "alpha", [ACME, GLOBEX, INITECH],
+                          MTP_POOL_DOMAIN=DOMAIN,
                           MTP_LOG_LEVEL="INFO", **store)
         yield pool, cp
     finally:
@@ -84,3 +91,13 @@ def test_each_tenants_cpu_caps_that_tenant_alone(fleet) -> None:
     assert cp.call("PATCH", "/admin/tenants/acme", {"plan": "std"}).status == 200
     eventually(lambda: call(pool, ACME, {}).status == 200, timeout=30)
     assert "Traceback" not in pool.log.read_text(errors="replace")
+
+
+def test_a_shared_tenants_cpu_is_read_where_the_shared_process_writes_it(fleet) -> None:
+    pool, _cp = fleet
+    eventually(lambda: call(pool, INITECH, {}).status == 200)
+    for _ in range(4):  # its usage in its SQLite, even in a pool with Redis
+        assert call(pool, INITECH, {"burn": 0.1}).status == 200
+    refused = eventually(lambda: (r := call(pool, INITECH, {})).status == 429 and r,
+                         timeout=30)
+    assert problem_type(refused).endswith("too-many-requests")
