@@ -32,6 +32,7 @@ from framework.jobs import FAILED, INTERRUPTED, SUCCEEDED, Job, JobStore, new_jo
 from framework.problem import problem
 from framework.registry import ServiceSpec
 from framework.tenant_config import TenantConfig
+from framework.ticker import REAPER, Cancel
 
 log = logging.getLogger("mtp.framework.jobs")
 
@@ -325,8 +326,7 @@ class Reaper:
                  adopt: Callable[[], int] | None = None) -> None:
         self.store, self.retention, self.interval = store, retention, interval
         self.adopt = adopt
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._sweeping: Cancel | None = None  # its chore on the process's reaper thread
         self._failing = False
 
     def sweep(self) -> int:
@@ -354,14 +354,11 @@ class Reaper:
         return failed
 
     def start(self) -> None:
-        """Sweep now, then every ``interval`` seconds on a daemon thread."""
+        """Sweep now, then every ``interval`` seconds on the process's reaper thread."""
         self.sweep()
-        self._thread = threading.Thread(target=self._loop, name="mtp-reaper", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sweep()
+        self._sweeping = REAPER.every(self.interval, self.sweep)
 
     def stop(self) -> None:
-        self._stop.set()
+        if self._sweeping is not None:
+            self._sweeping()
+            self._sweeping = None

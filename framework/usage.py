@@ -34,6 +34,7 @@ from prometheus_client import Counter
 
 from framework.diskfull import schema_failed
 from framework.tenant_config import BillingSettings
+from framework.ticker import USAGE_FLUSH, Cancel
 
 log = logging.getLogger("mtp.usage")
 
@@ -287,8 +288,7 @@ class UsageMeter:
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._pending: dict[tuple[int, str, str, str], list[float]] = {}
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._flushing: Cancel | None = None  # its chore on the process's flush thread
         self._failing = False
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: (m := ref()) and m._after_fork())
@@ -309,7 +309,7 @@ class UsageMeter:
                     first = False
                     self._pending[key] = [1, status >= 500, wall_seconds, cpu_seconds,
                                           bytes_in, bytes_out, queue_seconds]
-                    if self._thread is None:
+                    if self._flushing is None:
                         self._start()
                     return
             else:
@@ -356,11 +356,11 @@ class UsageMeter:
             return len(rows)
 
     def close(self) -> None:
-        """Stop the flush thread and write what is left (what cannot be is counted lost)."""
-        self._stop.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=5)
+        """Stop the periodic flush and write what is left (what cannot be is counted lost)."""
+        with self._lock:
+            flushing, self._flushing = self._flushing, _closed
+        if flushing is not None:
+            flushing()  # a flush running now finishes first: flush() takes its lock
         self.flush()
         with self._lock:
             pending, self._pending = self._pending, {}
@@ -377,22 +377,19 @@ class UsageMeter:
                     mine[i] += value
 
     def _start(self) -> None:
-        # Called with self._lock held, so only one thread starts the flusher.
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="mtp-usage-flush", daemon=True)
-        self._thread.start()
+        # Called with self._lock held, so the flush is registered once.
+        self._flushing = USAGE_FLUSH.every(self.flush_interval, self.flush)
         atexit.register(self.close)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.flush_interval):
-            self.flush()
 
     def _after_fork(self) -> None:
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._pending = {}
-        self._thread = None
-        self._stop = threading.Event()
+        self._flushing = None
+
+
+def _closed() -> None:
+    """The flush of a closed meter: nothing to cancel, and no new one starts."""
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,10 @@ A sync handler runs on the gunicorn thread that took the request and cannot be
 stopped (Python threads cannot be killed). The sidecar answers the client 504 at
 the deadline; here, the call is counted as a deadline miss (circuit breaker,
 log) as soon as the deadline passes, not only when, or if, the handler returns.
-One daemon thread per worker scans the deadlines (start + timeout) of the calls
-in flight every ``interval`` seconds: no timer or thread per call, and a call costs two dict
-operations under an uncontended lock.
+The process's one watchdog thread (framework/ticker.py) scans the deadlines (start +
+timeout) of the calls in flight every ``interval`` seconds: no timer or thread per
+call (nor per tenant app in a shared process), and a call costs two dict operations
+under an uncontended lock.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import count
+
+from framework.ticker import WATCHDOG, Cancel
 
 log = logging.getLogger("mtp.framework.watchdog")
 
@@ -46,8 +49,7 @@ class InFlight:
         self._calls: dict[int, Entry] = {}
         self._ids = count()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._scanning: Cancel | None = None  # its chore on the process's watchdog thread
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -55,7 +57,7 @@ class InFlight:
     def enter(self, service: str, operation: str | None, deadline: float,
               request_id: str = "") -> int:
         """Register a call; the returned key goes to :meth:`leave`."""
-        if self._thread is None:
+        if self._scanning is None:
             self._start()
         key = next(self._ids)
         entry = Entry(service, operation, deadline, request_id)
@@ -96,16 +98,16 @@ class InFlight:
 
     def _start(self) -> None:
         with self._lock:
-            if self._thread is not None:
-                return
-            self._thread = threading.Thread(target=self._loop, name="mtp-watchdog",
-                                            daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.scan()
+            if self._scanning is None:
+                self._scanning = WATCHDOG.every(self.interval, self.scan)
 
     def stop(self) -> None:
-        """End the scanning thread (tests; a worker process simply exits)."""
-        self._stop.set()
+        """End the scanning (an app closed in a shared process; tests)."""
+        with self._lock:
+            scanning, self._scanning = self._scanning, _stopped
+        if scanning is not None:
+            scanning()
+
+
+def _stopped() -> None:
+    """The scan of a stopped watchdog: nothing to cancel, and no new one starts."""
