@@ -48,12 +48,12 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued", "running", "succeeded", "failed", "cancelled")
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+INTERRUPTED = "interrupted"
 
 
 def redis_index(tenant: str) -> str:
     """The prefix of a tenant's job index in Redis (one sorted set per status after it)."""
     return f"mtp:{tenant}:jobs:"
-INTERRUPTED = "interrupted"
 
 
 @dataclass
