@@ -357,10 +357,12 @@ def test_cpu_watch_reads_todays_cpu_and_survives_a_broken_store(monkeypatch,
         "isolation": "shared", "services": ["*"], "limits": {"daily_cpu_seconds": 1.0}}}})
     path = tmp_path / "usage.db"
     path.mkdir()  # a directory where the database should be: the store cannot be opened
-    watch = CpuWatch(view, lambda _tenant: UsageStore(path)).start()
+    watch = CpuWatch(view, lambda _tenant: UsageStore(path))
+    assert not watch.over("acme", view.plan_of("acme"))  # asked: read from now on
+    watch.read({})  # a round by hand: the store fails, the reading stays as it was
+    assert watch.used == {} and not watch.over("acme", view.plan_of("acme"))
+    watch.start()
     try:
-        time.sleep(0.1)
-        assert watch.used == {} and not watch.over("acme", view.plan_of("acme"))
         path.rmdir()
         UsageStore(path).add([usage_row("acme", 3, cpu=1.5), usage_row("other", 3, cpu=9.0)])
         wait(view, lambda v: watch.used.get("acme") == 1.5)
