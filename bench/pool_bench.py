@@ -18,7 +18,7 @@ by the pool's one shared process, whose tenant apps are kept up to
 shared process's PSS and threads instead of the per-tenant processes'.
 
 Usage: .venv/bin/python bench/pool_bench.py [--tenants 10000] [--active 200] [--wrk 20]
-       [--shared [--shared-apps N]] [--threads 4]
+       [--shared [--shared-apps N]] [--workers 1] [--threads 4]
 The machine is shared: a short run is e.g. --tenants 1000 --active 10.
 """
 
@@ -170,6 +170,8 @@ def main() -> None:
     ap.add_argument("--wrk", type=int, default=0, metavar="SECONDS",
                     help="then wrk (2 threads, 32 connections) round-robin over the active "
                          "tenants for SECONDS: requests/s and non-2xx answers")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="MTP_WORKERS of every tenant process (and the shared one)")
     ap.add_argument("--threads", type=int, default=4,
                     help="MTP_THREADS of every tenant process (and the shared one)")
     ap.add_argument("--shared", action="store_true",
@@ -193,7 +195,7 @@ def main() -> None:
                    MTP_POOL_SHARED_APPS=str(args.shared_apps or args.active),
                    # Admission is MTP_WORKERS x MTP_THREADS per process: one shared
                    # process needs more threads than a tenant's own for wrk's connections.
-                   MTP_THREADS=str(args.threads))
+                   MTP_THREADS=str(args.threads), MTP_WORKERS=str(args.workers))
     def start() -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "framework", "pool", "--name", "bench",
                                  "--bundles", str(tmp / "bundles")], env=env,

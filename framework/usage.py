@@ -1,7 +1,7 @@
 """Usage metering: every call counted into hourly buckets in SQLite, then priced.
 
 Recording is in memory (a dict of accumulators under one lock, a few µs per
-call); a daemon thread flushes the per-process totals every ``flush_interval``
+call); the process's flush thread (framework/ticker.py) writes the totals every ``flush_interval``
 seconds with one UPSERT transaction, so several gunicorn workers can share one
 database (WAL) without a write per request. A bucket is keyed by
 (tenant, hour, service, operation, user); a call is counted in the hour it ended.
@@ -37,6 +37,8 @@ from framework.tenant_config import BillingSettings
 from framework.ticker import USAGE_FLUSH, Cancel
 
 log = logging.getLogger("mtp.usage")
+
+FLUSH_SECONDS = 1.0  # a meter's flush interval (a pool's shared process sets its own)
 
 MAX_PENDING = 10000  # buckets kept in memory while the store refuses flushes
 DROPPED = Counter("mtp_usage_dropped", "Calls whose usage could not be stored (lost).",
@@ -276,12 +278,12 @@ class UsageMeter:
     the parent flushes those).
     """
 
-    def __init__(self, store: UsageStore, tenant: str, *, flush_interval: float = 1.0,
+    def __init__(self, store: UsageStore, tenant: str, *, flush_interval: float | None = None,
                  clock: Callable[[], float] = time.time, max_pending: int = MAX_PENDING
                  ) -> None:
         self.store = store
         self.tenant = tenant
-        self.flush_interval = flush_interval
+        self.flush_interval = flush_interval or FLUSH_SECONDS
         self.max_pending = max_pending
         self.lost = 0  # calls dropped since the store last took a flush
         self._clock = clock
