@@ -272,7 +272,8 @@ def install(app: Flask, rt: Runtime) -> Operations:
     holder, watcher = live_config(rt.tenant, settings.config_overlay, versions)
     store = open_store(settings)  # shared by every replica when MTP_REDIS_URL is set
     ops = Operations(rt=rt, holder=holder, watcher=watcher, store=store,
-                     meter=UsageMeter(store, rt.tenant.tenant_id),  # type: ignore[arg-type]
+                     meter=UsageMeter(store, rt.tenant.tenant_id,  # type: ignore[arg-type]
+                                      flush_interval=settings.usage_flush),
                      versions=versions,
                      prices=PlanPrices(settings.redis_url, settings.data_dir))
     rt.set_tenant(holder.current)

@@ -93,6 +93,10 @@ class Settings:
     grace_seconds: int = 25  # SIGTERM to exit; every layer's drain derives from it
     health_interval: int = 5  # `mtp run` asks each child's /healthz this often
     health_misses: int = 3  # missed answers in a row that make a child hung
+    # Not from the environment: a pool's shared process, which holds an app per tenant,
+    # sets its own (framework/pool/shared.py).
+    usage_flush: float = 1.0  # seconds between writes of a usage meter's totals
+    events_poll: float = 0.05  # idle poll of the event engine (another worker's events)
     environ: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod

@@ -38,8 +38,6 @@ from framework.ticker import USAGE_FLUSH, Cancel
 
 log = logging.getLogger("mtp.usage")
 
-FLUSH_SECONDS = 1.0  # a meter's flush interval (a pool's shared process sets its own)
-
 MAX_PENDING = 10000  # buckets kept in memory while the store refuses flushes
 DROPPED = Counter("mtp_usage_dropped", "Calls whose usage could not be stored (lost).",
                   ["tenant"])
@@ -278,12 +276,12 @@ class UsageMeter:
     the parent flushes those).
     """
 
-    def __init__(self, store: UsageStore, tenant: str, *, flush_interval: float | None = None,
+    def __init__(self, store: UsageStore, tenant: str, *, flush_interval: float = 1.0,
                  clock: Callable[[], float] = time.time, max_pending: int = MAX_PENDING
                  ) -> None:
         self.store = store
         self.tenant = tenant
-        self.flush_interval = flush_interval or FLUSH_SECONDS
+        self.flush_interval = flush_interval
         self.max_pending = max_pending
         self.lost = 0  # calls dropped since the store last took a flush
         self._clock = clock

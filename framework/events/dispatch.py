@@ -39,7 +39,6 @@ from framework.runtime import Runtime
 if TYPE_CHECKING:
     from framework.events.store_redis import RedisEventStore
 
-POLL_SECONDS = 0.05  # idle poll: events published by another worker of the tenant
 SINK_TIMEOUT = 10.0
 PRUNE_SECONDS = 3600.0  # how often delivered events are forgotten
 KEEP_SECONDS = 7 * 24 * 3600  # delivered events are kept a week
@@ -59,6 +58,7 @@ class Dispatcher:
     store: EventStore | RedisEventStore
     audit: EventAudit
     capacity: int = 4
+    poll: float = 0.05  # idle poll (Settings.events_poll): another worker's events
     owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:"
                                                f"{uuid.uuid4().hex[:8]}")
     wake: threading.Event = field(default_factory=threading.Event)
@@ -119,7 +119,7 @@ class Dispatcher:
                 assert self._pool is not None
                 self._pool.submit(self._run, delivery)
             if not batch:
-                self.wake.wait(POLL_SECONDS)
+                self.wake.wait(self.poll)
                 self.wake.clear()
 
     def _run(self, d: Delivery) -> None:

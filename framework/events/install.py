@@ -119,7 +119,8 @@ def start_delivery(rt: Runtime, background: bool = True) -> Events:
     store = open_store(settings, rt.tenant.tenant_id)
     audit = EventAudit(settings.audit_file, rt.tenant.tenant_id)
     events = Events(rt, store, audit,
-                    Dispatcher(rt, store, audit, capacity=settings.job_workers))
+                    Dispatcher(rt, store, audit, capacity=settings.job_workers,
+                               poll=settings.events_poll))
     rt.executor.call = events.with_emit(rt.executor.call)
     if background:
         store.prune(KEEP_SECONDS)

@@ -47,7 +47,7 @@ log = logging.getLogger("mtp.pool.shared")
 SHARED = "~shared"
 ROUTE = "X-Sidecar-Route-Tenant"  # stripped from clients (x-sidecar-*): the sidecar's own
 ROUTE_WSGI = "HTTP_" + ROUTE.upper().replace("-", "_")
-MAX_APPS = 64  # MTP_POOL_SHARED_APPS: tenant apps kept built (each holds ~6 threads)
+MAX_APPS = 64  # MTP_POOL_SHARED_APPS: tenant apps kept built (each with its event engine thread)
 RECHECK = 1.0  # seconds between two looks at a tenant's bundle stamp
 # Each app's event engine polls its database when idle (50 ms in a tenant process).
 # Measured: 50 idle apps cost 7.8% of a core at 50 ms, 2.3% at 1 s (~0.05% per app:
@@ -416,18 +416,16 @@ def serve_shared(env: Mapping[str, str],
     """In the forked child: the shared process (gunicorn serving :class:`SharedApps`)."""
     import shutil
 
-    import framework.events.dispatch
-    import framework.usage
     from framework.cli.serve import prepare
     from framework.pool.zygote import serve_alone
 
     logs.share(SHARED)
-    framework.events.dispatch.POLL_SECONDS = EVENTS_POLL  # this process only (see above)
-    framework.usage.FLUSH_SECONDS = USAGE_FLUSH_SECONDS  # likewise
     environ = dict(env)
     overlay_dir = environ.pop("MTP_CONFIG_OVERLAY", "")
-    settings = Settings.from_env(environ={**environ, **secrets},
-                                 tenant_dir=env["MTP_POOL_BUNDLES"])
+    # Every tenant app's Settings derive from these (SharedApps.settings_for).
+    settings = dataclasses.replace(
+        Settings.from_env(environ={**environ, **secrets}, tenant_dir=env["MTP_POOL_BUNDLES"]),
+        events_poll=EVENTS_POLL, usage_flush=USAGE_FLUSH_SECONDS)
     metrics_dir = prepare(settings)
     logs.setup(settings.log_level, SHARED).info(
         "starting pool shared process", extra={"bundles": env["MTP_POOL_BUNDLES"]})

@@ -10,6 +10,8 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -210,3 +212,38 @@ def start_pool(tmp: Path, name: str, tenants: list[Tenant], **env: str) -> Pool:
 
 def stop_pool(pool: Pool) -> None:
     stop(pool.proc, timeout=30)
+
+
+def fleet_store(request) -> str:
+    """The fleet's store of a fixture parametrized "redis" / "sqlite": a flushed
+    redis-server's URL, or "" (the control plane's SQLite in its data dir)."""
+    if request.param != "redis":
+        return ""
+    from redis import Redis
+
+    url = request.getfixturevalue("redis_server").url
+    Redis.from_url(url).flushdb()
+    return url
+
+
+@contextmanager
+def fleet_pool(base: Path, plans: str, placed: list[tuple[Tenant, str, str]],
+               tenants: list[Tenant], redis_url: str = "", **env: str) -> Iterator[tuple]:
+    """A real `mtp control` (on ``redis_url``, else SQLite) registering each of ``placed``
+    (tenant, plan, placement), and pool ``alpha`` in that fleet with ``tenants``' bundles."""
+    from tests.control.fleet import ControlPlane
+
+    cp = ControlPlane(base / "control", redis_url=redis_url, plans=plans).start()
+    store = {"MTP_REDIS_URL": redis_url} if redis_url else {"MTP_DATA_DIR": str(cp.data_dir)}
+    pool = None
+    try:
+        for tenant, plan, placement in placed:
+            assert cp.call("POST", "/admin/tenants", {
+                "id": tenant.id, "name": tenant.id, "plan": plan,
+                "placement": placement}).status == 201
+        pool = start_pool(base / "alpha", "alpha", tenants, **{**store, **env})
+        yield pool, cp
+    finally:
+        if pool is not None:
+            stop_pool(pool)
+        cp.stop()

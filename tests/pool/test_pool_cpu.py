@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from framework.pool.keys import secret_name
 from tests.control.fleet import ControlPlane
 from tests.helpers import eventually
-from tests.pool.support import Pool, Tenant, start_pool, stop_pool
+from tests.pool.support import Pool, Tenant, fleet_pool, fleet_store
 from tests.pool.test_pool import bearer, problem_type
 
 ACME, GLOBEX, INITECH = Tenant("acme"), Tenant("globex"), Tenant("initech")
@@ -39,33 +38,15 @@ limits = { rate = 1000, burst = 1000 }
 
 @pytest.fixture(scope="module", params=["sqlite", "redis"])
 def fleet(request, tmp_path_factory) -> Iterator[tuple[Pool, ControlPlane]]:
-    url = ""
-    if request.param == "redis":
-        from redis import Redis
-
-        url = request.getfixturevalue("redis_server").url
-        Redis.from_url(url).flushdb()
-    base: Path = tmp_path_factory.mktemp("pool-cpu")
-    cp = ControlPlane(base / "control", redis_url=url, plans=PLANS).start()
+    url = fleet_store(request)
     # Redis: the pool's limits there, and each tenant's process its own URL (jobs, usage).
-    store = ({"MTP_REDIS_URL": url, **{secret_name("MTP_REDIS_URL", t.id): url
-                                       for t in (ACME, GLOBEX)}}
-             if url else {"MTP_DATA_DIR": str(cp.data_dir)})
-    pool = None
-    try:
-        for tenant, plan in ((ACME, "capped"), (GLOBEX, "capped"),
-                             (INITECH, "capped-shared")):
-            assert cp.call("POST", "/admin/tenants", {
-                "id": tenant.id, "name": tenant.id, "plan": plan,
-                "placement": "pool:alpha"}).status == 201
-        pool = start_pool(base / "alpha", "alpha", [ACME, GLOBEX, INITECH],
-                          MTP_POOL_DOMAIN=DOMAIN,
-                          MTP_LOG_LEVEL="INFO", **store)
-        yield pool, cp
-    finally:
-        if pool is not None:
-            stop_pool(pool)
-        cp.stop()
+    own = {secret_name("MTP_REDIS_URL", t.id): url for t in (ACME, GLOBEX)} if url else {}
+    with fleet_pool(tmp_path_factory.mktemp("pool-cpu"), PLANS,
+                    [(ACME, "capped", "pool:alpha"), (GLOBEX, "capped", "pool:alpha"),
+                     (INITECH, "capped-shared", "pool:alpha")],
+                    [ACME, GLOBEX, INITECH], url, MTP_POOL_DOMAIN=DOMAIN,
+                    MTP_LOG_LEVEL="INFO", **own) as started:
+        yield started
 
 
 def call(pool: Pool, tenant: Tenant, payload: dict):

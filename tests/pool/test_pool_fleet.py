@@ -9,7 +9,6 @@ the plan's entitlements apply. Plus the placement decision itself (unit level).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +16,7 @@ from framework.control.registry_view import RegistryView
 from framework.pool.placement import RegistryPlacement, serves
 from tests.control.fleet import ControlPlane
 from tests.helpers import eventually as wait_until
-from tests.pool.support import Pool, Tenant, start_pool, stop_pool
+from tests.pool.support import Pool, Tenant, fleet_pool, fleet_store
 from tests.pool.test_pool import bearer, problem_type
 
 ACME, GLOBEX, INITECH = Tenant("acme"), Tenant("globex"), Tenant("initech")
@@ -64,28 +63,11 @@ def test_the_placement_of_a_pool_follows_the_view() -> None:
 @pytest.fixture(scope="module", params=["redis", "sqlite"])
 def fleet(request, tmp_path_factory) -> Iterator[tuple[Pool, ControlPlane]]:
     """The fleet's store: Redis, or on one machine the control plane's MTP_DATA_DIR."""
-    url = ""
-    if request.param == "redis":
-        from redis import Redis
-
-        url = request.getfixturevalue("redis_server").url
-        Redis.from_url(url).flushdb()
-    base: Path = tmp_path_factory.mktemp("pool-fleet")
-    cp = ControlPlane(base / "control", redis_url=url, plans=PLANS).start()
-    store = {"MTP_REDIS_URL": url} if url else {"MTP_DATA_DIR": str(cp.data_dir)}
-    pool = None
-    try:
-        for tenant, placement in ((ACME, "pool:alpha"), (GLOBEX, "pool:beta")):
-            assert cp.call("POST", "/admin/tenants", {
-                "id": tenant.id, "name": tenant.id, "plan": "std",
-                "placement": placement}).status == 201
-        pool = start_pool(base / "alpha", "alpha", [ACME, GLOBEX, INITECH],
-                          MTP_POOL_DOMAIN=DOMAIN, **store)
-        yield pool, cp
-    finally:
-        if pool is not None:
-            stop_pool(pool)
-        cp.stop()
+    with fleet_pool(tmp_path_factory.mktemp("pool-fleet"), PLANS,
+                    [(ACME, "std", "pool:alpha"), (GLOBEX, "std", "pool:beta")],
+                    [ACME, GLOBEX, INITECH], fleet_store(request),
+                    MTP_POOL_DOMAIN=DOMAIN) as started:
+        yield started
 
 
 def whoami(pool: Pool, tenant: Tenant, service: str = "whoami"):

@@ -29,9 +29,8 @@ from tests.pool.support import (
     POOL_SECRET,
     Pool,
     Tenant,
+    fleet_pool,
     publish,
-    start_pool,
-    stop_pool,
     write_source,
 )
 from tests.pool.test_pool import bearer, gone, problem_type
@@ -124,24 +123,14 @@ def publish_with_forge(root: Path, tenant: Tenant) -> None:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory) -> Iterator[tuple[Pool, ControlPlane]]:
     base: Path = tmp_path_factory.mktemp("pool-shared")
-    cp = ControlPlane(base / "control", plans=PLANS).start()
-    pool = None
-    try:
-        for tenant, plan in ((ACME, "trusted"), (INITECH, "trusted"), (GLOBEX, "std")):
-            assert cp.call("POST", "/admin/tenants", {
-                "id": tenant.id, "name": tenant.id, "plan": plan,
-                "placement": "pool:alpha"}).status == 201
-        (base / "overlays").mkdir()
-        pool = start_pool(base / "alpha", "alpha", [ACME, GLOBEX, INITECH],
-                          MTP_POOL_DOMAIN=DOMAIN, MTP_DATA_DIR=str(cp.data_dir),
-                          MTP_POOL_IDLE="4", MTP_LOG_LEVEL="INFO",
-                          MTP_CONFIG_OVERLAY=str(base / "overlays"))
-        publish_with_forge(pool.bundles, ACME)
-        yield pool, cp
-    finally:
-        if pool is not None:
-            stop_pool(pool)
-        cp.stop()
+    (base / "overlays").mkdir()
+    with fleet_pool(base, PLANS, [(ACME, "trusted", "pool:alpha"),
+                                  (INITECH, "trusted", "pool:alpha"),
+                                  (GLOBEX, "std", "pool:alpha")],
+                    [ACME, GLOBEX, INITECH], MTP_POOL_DOMAIN=DOMAIN, MTP_POOL_IDLE="4",
+                    MTP_LOG_LEVEL="INFO", MTP_CONFIG_OVERLAY=str(base / "overlays")) as started:
+        publish_with_forge(started[0].bundles, ACME)
+        yield started
 
 
 def call(pool: Pool, tenant: Tenant, service: str = "whoami", payload: dict | None = None,
@@ -508,22 +497,12 @@ def parent_of(pid: int) -> int:
 
 
 def test_mtp_workers_apply_to_the_shared_process(tmp_path: Path) -> None:
-    cp = ControlPlane(tmp_path / "control", plans=PLANS).start()
-    pool = None
-    try:
-        for tenant in (ACME, INITECH):
-            assert cp.call("POST", "/admin/tenants", {
-                "id": tenant.id, "name": tenant.id, "plan": "trusted",
-                "placement": "pool:alpha"}).status == 201
-        pool = start_pool(tmp_path / "alpha", "alpha", [ACME, INITECH], MTP_WORKERS="2",
-                          MTP_POOL_DOMAIN=DOMAIN, MTP_DATA_DIR=str(cp.data_dir))
+    with fleet_pool(tmp_path, PLANS, [(ACME, "trusted", "pool:alpha"),
+                                      (INITECH, "trusted", "pool:alpha")],
+                    [ACME, INITECH], MTP_WORKERS="2", MTP_POOL_DOMAIN=DOMAIN) as (pool, _cp):
         eventually(lambda: call(pool, ACME).status == 200, timeout=60)
         pid_of(pool, INITECH)  # its webhook secret replaced the process once
         masters = {parent_of(pid_of(pool, tenant)) for tenant in (ACME, INITECH, ACME)}
         # A gunicorn master and its workers: every answer from a worker of one master.
         assert len(masters) == 1
         assert len(list(pool.run_dir.glob(f"{SHARED}-*.sock"))) == 1
-    finally:
-        if pool is not None:
-            stop_pool(pool)
-        cp.stop()
